@@ -1,0 +1,128 @@
+"""Reading and writing weights: clipmoe's safetensors files (weights + config, never pickle) and
+open_clip / OpenAI checkpoints (.safetensors, .bin, .pt, .pth; TorchScript archives from OpenAI)."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import adapter
+from .architectures import model_config_from_dict
+from .config import ModelConfig, to_dict
+from .errors import ClipmoeError
+from .model import CLIP
+
+FORMAT = "clipmoe/1"
+
+
+def save(model: CLIP, path: str | Path) -> Path:
+    """Writes `model`'s weights and config to one safetensors file (loadable with `clipmoe.load`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "config": json.dumps(to_dict(model.config))}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)  # a crash mid-write never leaves a half file under the final name
+    return path
+
+
+def read_safetensors(path: str | Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file, with a one-line error for anything unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClipmoeError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ClipmoeError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    return tensors, meta
+
+
+def _config_from_metadata(path, meta: dict) -> ModelConfig:
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise ClipmoeError(f"{path}: not a clipmoe checkpoint (no clipmoe config in its metadata); "
+                           "open_clip weights load with clipmoe.create_model(ARCH, pretrained=PATH)")
+    try:
+        return model_config_from_dict(json.loads(meta["config"]))
+    except (json.JSONDecodeError, ClipmoeError) as e:
+        raise ClipmoeError(f"{path}: broken config in metadata ({_first_line(e)})") from None
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig stored in a clipmoe checkpoint, without reading its tensors."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ClipmoeError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    return _config_from_metadata(path, meta)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> CLIP:
+    """Reads a model written by `clipmoe.save`; never unpickles anything."""
+    tensors, meta = read_safetensors(path)
+    model = CLIP(_config_from_metadata(path, meta))
+    load_weights(model, tensors, str(path))
+    return model.to(device).eval()
+
+
+def load_weights(model: CLIP, state_dict: dict, source: str) -> None:
+    """Loads a clipmoe or open_clip state dict into `model`, with one-line errors on mismatch."""
+    if adapter.is_open_clip_state_dict(state_dict):
+        state_dict = adapter.from_open_clip(state_dict)
+    if "logit_scale" in state_dict:
+        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model.logit_scale.shape)
+    adapter.check_compatible(model, state_dict, source)
+    model.load_state_dict(state_dict)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A state dict from any checkpoint file, without executing code from it.
+
+    .safetensors through safetensors; everything else with `torch.load(weights_only=True)`, except
+    OpenAI's TorchScript archives, whose tensors are read with `torch.jit.load`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ClipmoeError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)[0]
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file; all mean "unreadable"
+        if _is_torchscript(path):
+            return _read_torchscript(path)
+        raise ClipmoeError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ClipmoeError(f"{path}: holds no state dict of tensors")
+    return obj
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _read_torchscript(path: Path) -> dict:
+    try:
+        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+    except Exception as e:
+        raise ClipmoeError(f"{path}: not a readable TorchScript checkpoint ({_first_line(e)})") from None
+    return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__

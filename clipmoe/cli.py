@@ -1,0 +1,110 @@
+"""`clipmoe` command line: thin wrappers over the Python API. Errors print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from loaders import DataError
+
+from .errors import ClipmoeError
+
+
+def _quickstart(args) -> None:
+    from .quickstart import format_table, quickstart
+
+    summary = quickstart(args.out, overrides=args.set, seed=args.seed)
+    print(format_table(summary["results"]))
+    print(f"\nfinished in {summary['seconds']:.0f} s; data: {summary['data']}")
+    for name, path in summary["files"].items():
+        print(f"  {name:<17} {path}")
+
+
+def _train(args) -> None:
+    from .config import load_run_config
+    from .train import train
+
+    result = train(load_run_config(args.config, args.set))
+    last = result.history[-1]
+    print(f"step {last['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step"))
+    print(f"data: {result.data_stats}")
+    for name, path in result.files.items():
+        print(f"  {name:<17} {path}")
+
+
+def _upcycle(args) -> None:
+    from .checkpoint import save
+    from .factory import create_model
+    from .upcycle import upcycle
+
+    source = create_model(args.arch, pretrained=args.input) if args.arch else args.input
+    towers = tuple(t.strip() for t in args.towers.split(","))
+    model = upcycle(source, num_experts=args.experts, top_k=args.top_k, every=args.every, towers=towers,
+                    capacity_factor=args.capacity_factor)
+    print(f"wrote {save(model, args.output)}")
+
+
+def _encode(args) -> None:
+    import torch
+
+    from .encode import encode_image, encode_text
+
+    if bool(args.text) == bool(args.image):
+        raise ClipmoeError("give --text or --image (one or more values)")
+    features = encode_text(args.text, model=args.model) if args.text else encode_image(args.image, model=args.model)
+    if args.out:
+        torch.save(features, args.out)  # a plain tensor; read back with torch.load(weights_only=True)
+        print(f"wrote {tuple(features.shape)} embeddings to {args.out}")
+    else:
+        print(json.dumps([[round(v, 6) for v in row] for row in features.tolist()]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipmoe", description="CLIP pretraining with sparse Mixture-of-Experts")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quickstart", help="make shards, pretrain a small MoE CLIP, zero-shot evaluate")
+    q.add_argument("--out", default="quickstart_out", help="output folder (default: quickstart_out)")
+    q.add_argument("--seed", type=int, default=0, help="data seed")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    q.set_defaults(func=_quickstart)
+
+    t = sub.add_parser("train", help="train from a YAML run config")
+    t.add_argument("config", help="YAML file (see configs/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=10")
+    t.set_defaults(func=_train)
+
+    u = sub.add_parser("upcycle", help="turn a dense checkpoint into an MoE one")
+    u.add_argument("input", help="a clipmoe .safetensors file, or an open_clip checkpoint with --arch")
+    u.add_argument("output", help="clipmoe .safetensors file to write")
+    u.add_argument("--arch", help="architecture of an open_clip checkpoint (e.g. ViT-B-32)")
+    u.add_argument("--experts", type=int, default=8)
+    u.add_argument("--top-k", type=int, default=2)
+    u.add_argument("--every", type=int, default=2)
+    u.add_argument("--towers", default="image,text")
+    u.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
+    u.set_defaults(func=_upcycle)
+
+    e = sub.add_parser("encode", help="print or save L2-normalised embeddings")
+    e.add_argument("--model", required=True, help="a clipmoe .safetensors file")
+    e.add_argument("--text", nargs="+", help="texts to embed")
+    e.add_argument("--image", nargs="+", help="image files to embed")
+    e.add_argument("--out", help="write a .pt tensor instead of printing JSON")
+    e.set_defaults(func=_encode)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ClipmoeError, DataError) as e:
+        print(f"clipmoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"clipmoe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

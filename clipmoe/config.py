@@ -1,0 +1,355 @@
+"""Typed configuration: model, MoE, data, loss, optimiser and training sections, read from YAML.
+
+Flow: YAML file (with `base:` derivation) -> `--set a.b=c` overrides -> `from_dict` validation into the
+dataclasses below -> each builder gets only its own section.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class MoEConfig:
+    """Which blocks of a tower get a sparse MoE MLP, and how tokens are routed to experts."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    # Placement: exactly one of `every` (blocks every-1, 2*every-1, ...), `last` (the last n blocks)
+    # or `blocks` (explicit indices) decides; `blocks` wins over `last`, `last` over `every`.
+    every: int = 2
+    last: Optional[int] = None
+    blocks: Optional[list[int]] = None
+    capacity_factor: Optional[float] = 1.25  # None: dropless
+    # None (dropless) at evaluation keeps embeddings independent of what else is in the batch;
+    # ST-MoE evaluates at 2.0.
+    eval_capacity_factor: Optional[float] = None
+    min_capacity: int = 4
+    # k = 1 only: "multiply" scales the expert output by its gate (Switch); "straight_through" keeps the
+    # value 1 with the gate's gradient, so an upcycled model equals its dense source at step 0.
+    k1_gate: str = "multiply"
+    expert_mlp_ratio: Optional[float] = None  # expert hidden width / tower width; None: the tower's
+
+    def __post_init__(self):
+        _check(self.num_experts >= 1, "num_experts", self.num_experts, "must be >= 1")
+        _check(1 <= self.top_k <= self.num_experts, "top_k", self.top_k, "must be in 1..num_experts")
+        _check(self.every >= 1, "every", self.every, "must be >= 1")
+        _check(self.last is None or self.last >= 1, "last", self.last, "must be >= 1")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, name, v, "must be > 0 or null (dropless)")
+        _check(self.min_capacity >= 0, "min_capacity", self.min_capacity, "must be >= 0")
+        _check(self.k1_gate in ("multiply", "straight_through"), "k1_gate", self.k1_gate,
+               "must be 'multiply' or 'straight_through'")
+        _check(self.expert_mlp_ratio is None or self.expert_mlp_ratio > 0, "expert_mlp_ratio",
+               self.expert_mlp_ratio, "must be > 0")
+
+    def moe_blocks(self, depth: int) -> list[int]:
+        """Indices of the blocks whose MLP is an MoE layer, in a tower of `depth` blocks."""
+        if self.blocks is not None:
+            return sorted(set(self.blocks))
+        if self.last is not None:
+            return list(range(max(0, depth - self.last), depth))
+        return [i for i in range(depth) if i % self.every == self.every - 1]
+
+
+@dataclass
+class VisionConfig:
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    image_size: int = 224
+    patch_size: int = 32
+    moe: Optional[MoEConfig] = None
+
+    def __post_init__(self):
+        _check_tower(self)
+        _check(self.image_size % self.patch_size == 0, "image_size", self.image_size,
+               f"must be a multiple of patch_size ({self.patch_size})")
+
+
+@dataclass
+class TextConfig:
+    width: int = 512
+    depth: int = 12
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    context_length: int = 77
+    vocab_size: int = 49408
+    moe: Optional[MoEConfig] = None
+
+    def __post_init__(self):
+        _check_tower(self)
+        _check(self.context_length >= 2, "context_length", self.context_length, "must be >= 2")
+
+
+@dataclass
+class ModelConfig:
+    """A CLIP architecture: the two towers, the shared embedding width and the activation."""
+
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    quick_gelu: bool = False
+    init_logit_scale: float = math.log(1 / 0.07)
+    name: str = ""
+
+    def __post_init__(self):
+        _check(self.embed_dim >= 1, "embed_dim", self.embed_dim, "must be >= 1")
+
+
+def _check_tower(cfg) -> None:
+    for name in ("width", "depth", "num_heads"):
+        _check(getattr(cfg, name) >= 1, name, getattr(cfg, name), "must be >= 1")
+    _check(cfg.width % cfg.num_heads == 0, "width", cfg.width,
+           f"must be divisible by num_heads ({cfg.num_heads})")
+    _check(cfg.mlp_ratio > 0, "mlp_ratio", cfg.mlp_ratio, "must be > 0")
+    if cfg.moe is not None and cfg.moe.blocks is not None:
+        bad = [b for b in cfg.moe.blocks if not 0 <= b < cfg.depth]
+        _check(not bad, "moe.blocks", cfg.moe.blocks, f"has indices outside 0..{cfg.depth - 1}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run
+
+
+@dataclass
+class ModelSection:
+    """The model of a run: an architecture by name, optional weights, overrides and upcycling."""
+
+    arch: str = "ViT-B-32"
+    pretrained: Optional[str] = None
+    overrides: dict = field(default_factory=dict)  # merged into the architecture's ModelConfig
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # shard spec: brace pattern, comma-free path list or a single tar
+    eval: Optional[str] = None
+    batch_size: int = 256
+    num_workers: int = 0
+    resampled: bool = False
+    shuffle: bool = True
+    strict: bool = False
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+
+
+@dataclass
+class LossConfig:
+    balance_coef: float = 0.01  # Switch load-balancing loss
+    z_coef: float = 0.0  # ST-MoE router z-loss (1e-3 is the paper's value)
+    local_loss: bool = True
+    gather_with_grad: bool = True
+
+    def __post_init__(self):
+        for name in ("balance_coef", "z_coef"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    grad_clip: Optional[float] = 1.0
+
+    def __post_init__(self):
+        _check(self.lr > 0, "lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
+        _check(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
+        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast; router and losses stay fp32)
+    seed: int = 0
+    log_every: int = 10
+    out_dir: str = "runs/default"
+    device: str = "auto"
+
+    def __post_init__(self):
+        _check(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        _check(self.precision in ("fp32", "bf16"), "precision", self.precision, "must be fp32 or bf16")
+        _check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
+
+
+class _FieldError(ValueError):
+    """Raised inside __post_init__; `from_dict` prefixes the section path to make a ConfigError."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise _FieldError(key, f"{value!r} {why}")
+
+
+def from_dict(cls, data: Any, path: str = ""):
+    """Builds dataclass `cls` from a plain dict, checking keys, types and values.
+
+    Raises ConfigError naming the dotted key (e.g. `model.overrides.vision.moe.top_k`).
+    """
+    if dataclasses.is_dataclass(data) and isinstance(data, cls):
+        data = dataclasses.asdict(data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{_join(path, key)}: unknown key (expected one of: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(hints[k], v, _join(path, k)) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except _FieldError as e:
+        raise ConfigError(f"{_join(path, e.key)}: {e}") from None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _coerce(tp, value: Any, path: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {path}")  # a bug in this module, not user input
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# YAML files, `base:` derivation and `--set` overrides
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """Returns `base` updated by `update`; nested mappings merge, everything else is replaced."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """Reads a YAML config, resolving `base:` (a path relative to the file) recursively."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: `base:` chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    return deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Applies `a.b.c=value` strings; values are parsed as YAML scalars (`1e-3`, `true`, `null`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """YAML file -> `base:` chain -> overrides -> validated RunConfig."""
+    data = apply_overrides(read_yaml(path), list(overrides))
+    return from_dict(RunConfig, data)

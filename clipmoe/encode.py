@@ -1,0 +1,101 @@
+"""Embeddings for applications: `encode_text(texts, model=...)` and `encode_image(images, model=...)`.
+
+L2-normalised float32 rows, one per input, in input order, computed in batches. A model given by path
+is loaded once and cached (keyed by path, modification time and device).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .checkpoint import load
+from .errors import ClipmoeError
+from .factory import create_transforms, get_tokenizer
+from .model import CLIP
+
+ModelRef = Union[str, Path, CLIP]
+
+
+@lru_cache(maxsize=4)
+def _cached_model(path: str, mtime_ns: int, device: str) -> CLIP:
+    return load(path, device=device)
+
+
+def resolve_model(model: ModelRef, device: Optional[Union[str, torch.device]] = None) -> CLIP:
+    """A CLIP model from a model or a `clipmoe.save` path (cached). A given model is not moved."""
+    if isinstance(model, CLIP):
+        return model
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise ClipmoeError(f"model not found: {path}")
+    dev = str(device) if device is not None else "cpu"
+    return _cached_model(str(path.resolve()), path.stat().st_mtime_ns, dev)
+
+
+def _device_of(model: CLIP) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def encode_text(texts: Union[str, Sequence[str]], model: ModelRef, batch_size: int = 256,
+                device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+    """Text embeddings (N, D), L2-normalised float32 on the CPU; `texts` taken literally."""
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise ClipmoeError(f"encode_text takes strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    clip = resolve_model(model, device)
+    tokenizer = get_tokenizer(clip)
+    return _encode(texts, batch_size, clip, lambda chunk: tokenizer(chunk), clip.encode_text)
+
+
+@torch.no_grad()
+def encode_image(images: Union[Iterable, torch.Tensor], model: ModelRef, batch_size: int = 64,
+                 device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+    """Image embeddings (N, D), L2-normalised float32 on the CPU.
+
+    `images`: PIL images, file paths, preprocessed (3, H, W) tensors, or one (N, 3, H, W) tensor.
+    """
+    clip = resolve_model(model, device)
+    items = list(images.unbind(0)) if isinstance(images, torch.Tensor) and images.ndim == 4 else list(images)
+    _, eval_tf = create_transforms(clip.config)
+
+    def prepare(chunk):
+        return torch.stack([x if isinstance(x, torch.Tensor) else eval_tf(_open(x)) for x in chunk])
+
+    return _encode(items, batch_size, clip, prepare, clip.encode_image)
+
+
+def _open(item) -> Image.Image:
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    if isinstance(item, (str, Path)):
+        try:
+            with Image.open(item) as img:
+                return img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ClipmoeError(f"cannot read image {item}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    raise ClipmoeError(f"encode_image takes PIL images, paths or tensors, not {type(item).__name__}")
+
+
+def _encode(items: list, batch_size: int, clip: CLIP, prepare, encode) -> torch.Tensor:
+    was_training = clip.training
+    clip.eval()  # eval capacity and no dropout, whatever the caller's mode
+    device = _device_of(clip)
+    out = []
+    try:
+        for i in range(0, len(items), batch_size):
+            features = encode(prepare(items[i:i + batch_size]).to(device))
+            out.append(F.normalize(features.float(), dim=-1).cpu())
+    finally:
+        clip.train(was_training)
+    if not out:
+        return torch.zeros(0, clip.config.embed_dim)
+    return torch.cat(out)

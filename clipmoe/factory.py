@@ -1,0 +1,103 @@
+"""`create_model` and friends: architectures by name, weights from files or open_clip tags,
+open_clip's preprocessing and tokenizer."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional, Union
+
+from open_clip.transform import image_transform
+
+from .architectures import get_model_config
+from .checkpoint import load, load_weights, read_checkpoint, read_config
+from .config import ModelConfig, deep_merge, from_dict, to_dict
+from .errors import ClipmoeError
+from .model import CLIP
+from .tokenizer import Tokenizer
+
+# open_clip's CLIP models all normalise with OpenAI's statistics.
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def create_model(spec: Union[str, ModelConfig], pretrained: Optional[str] = None, **overrides) -> CLIP:
+    """Builds a CLIP model.
+
+    Args:
+        spec: an architecture name (`clipmoe.list_architectures()`), a ModelConfig, or the path of a
+            file written by `clipmoe.save`.
+        pretrained: an open_clip / OpenAI checkpoint file (.safetensors, .bin, .pt, .pth) or one of
+            open_clip's pretrained tags for this architecture (fetched by open_clip's loader).
+        **overrides: nested ModelConfig fields, e.g. `vision={"moe": {"num_experts": 8}}`, `quick_gelu=True`.
+    Returns:
+        the model in eval mode, on the CPU.
+    """
+    if isinstance(spec, (str, Path)) and Path(spec).suffix == ".safetensors" and Path(spec).is_file():
+        model = load(spec)
+        if overrides or pretrained:
+            raise ClipmoeError("overrides and pretrained= do not apply to a saved clipmoe model")
+        return model
+    if isinstance(spec, ModelConfig):
+        cfg = from_dict(ModelConfig, deep_merge(to_dict(spec), overrides), "model") if overrides else spec
+    else:
+        cfg = get_model_config(str(spec), overrides or None)
+    model = CLIP(cfg)
+    if pretrained:
+        path = _resolve_pretrained(cfg.name, pretrained)
+        load_weights(model, read_checkpoint(path), str(path))
+    return model.eval()
+
+
+def _resolve_pretrained(arch: str, pretrained: str) -> Path:
+    """A local file as is; anything else is an open_clip tag, handed to open_clip's downloader."""
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return path
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model
+
+    cfg = get_pretrained_cfg(arch, pretrained)
+    if not cfg:
+        if path.suffix or "/" in pretrained:
+            raise ClipmoeError(f"pretrained checkpoint not found: {pretrained}")
+        tags = list_pretrained_tags_by_model(arch)
+        raise ClipmoeError(f"unknown pretrained tag {pretrained!r} for {arch} "
+                           f"(open_clip knows: {', '.join(tags) if tags else 'none'})")
+    try:
+        file = download_pretrained(cfg)
+    except Exception as e:  # offline: huggingface_hub / urllib raise many types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ClipmoeError(f"could not fetch open_clip pretrained weights {arch}/{pretrained!r}: "
+                           f"{type(e).__name__}: {reason}") from None
+    if not file:
+        raise ClipmoeError(f"could not fetch open_clip pretrained weights {arch}/{pretrained!r}")
+    return Path(file)
+
+
+def create_transforms(cfg: ModelConfig):
+    """(train_transform, eval_transform): open_clip's preprocessing for this image size."""
+    size = cfg.vision.image_size
+    return (image_transform(size, is_train=True, mean=MEAN, std=STD),
+            image_transform(size, is_train=False, mean=MEAN, std=STD))
+
+
+def create_model_and_transforms(spec: Union[str, ModelConfig], pretrained: Optional[str] = None, **overrides):
+    """`(model, train_transform, eval_transform)`, as open_clip's function of the same name."""
+    model = create_model(spec, pretrained=pretrained, **overrides)
+    return (model, *create_transforms(model.config))
+
+
+def get_tokenizer(spec: Union[str, ModelConfig, CLIP] = "ViT-B-32") -> Tokenizer:
+    """open_clip's CLIP tokenizer for an architecture (its context length), text taken literally."""
+    if isinstance(spec, CLIP):
+        spec = spec.config
+    if isinstance(spec, ModelConfig):
+        return _tokenizer(spec.text.context_length)
+    if Path(str(spec)).suffix == ".safetensors" and Path(str(spec)).is_file():
+        return _tokenizer(read_config(spec).text.context_length)
+    return _tokenizer(get_model_config(str(spec)).text.context_length)
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(context_length: int) -> Tokenizer:
+    return Tokenizer(context_length)
+

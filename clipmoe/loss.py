@@ -1,0 +1,70 @@
+"""Training losses: the CLIP contrastive loss (InfoNCE both ways), gathered across ranks with
+gradients, plus the MoE auxiliary terms weighted by the loss config (Switch balance, ST-MoE z-loss)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+
+from .config import LossConfig
+from .model import CLIPOutput
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_features(features: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    """All ranks' features, concatenated in rank order. With grad, gradients flow to every rank."""
+    rank, world = _world()
+    if world == 1:
+        return features
+    if with_grad:
+        return torch.cat(dist_fn.all_gather(features), dim=0)
+    parts = [torch.empty_like(features) for _ in range(world)]
+    dist.all_gather(parts, features.detach())
+    parts[rank] = features  # keep the local gradient path
+    return torch.cat(parts, dim=0)
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+              local_loss: bool = True, gather_with_grad: bool = True) -> torch.Tensor:
+    """Mean of image->text and text->image cross-entropy over the global batch.
+
+    With `local_loss`, each rank scores its own rows against all columns (memory B_local x B_global);
+    with `gather_with_grad` too, the rank-mean loss and DDP-averaged gradients equal the full batch's.
+    """
+    rank, world = _world()
+    scale = logit_scale.clamp(max=100.0)
+    if world == 1:
+        logits = scale * image_features @ text_features.t()
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    all_image = gather_features(image_features, gather_with_grad)
+    all_text = gather_features(text_features, gather_with_grad)
+    B = image_features.shape[0]
+    if local_loss:
+        logits_i = scale * image_features @ all_text.t()
+        logits_t = scale * text_features @ all_image.t()
+        labels = torch.arange(B, device=logits_i.device) + rank * B
+    else:
+        logits_i = scale * all_image @ all_text.t()
+        logits_t = logits_i.t()
+        labels = torch.arange(logits_i.shape[0], device=logits_i.device)
+    return (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
+
+
+def total_loss(output: CLIPOutput, cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """Named loss terms and their weighted sum under "loss". MoE terms are summed over layers."""
+    terms = {"contrastive": clip_loss(output.image_features.float(), output.text_features.float(),
+                                      output.logit_scale.float(), cfg.local_loss, cfg.gather_with_grad)}
+    loss = terms["contrastive"]
+    if output.aux:
+        terms["balance"] = torch.stack([a.balance_loss for a in output.aux]).sum()
+        terms["z"] = torch.stack([a.z_loss for a in output.aux]).sum()
+        loss = loss + cfg.balance_coef * terms["balance"] + cfg.z_coef * terms["z"]
+    terms["loss"] = loss
+    return terms

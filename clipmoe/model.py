@@ -1,0 +1,183 @@
+"""The CLIP model (Radford et al. 2021): a ViT image tower and a causal text transformer, whose
+blocks take either a dense MLP or a sparse MoE layer (clipmoe.moe), chosen per block by the config.
+
+Shapes: B batch, L sequence length, D tower width, H heads, P embedding width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, MoEConfig, TextConfig, VisionConfig
+from .moe import MoE, MoEAux
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): what OpenAI's checkpoints were trained with (`-quickgelu` archs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_BLD: torch.Tensor, causal: bool) -> torch.Tensor:
+        B, L, D = x_BLD.shape
+        qkv = self.qkv(x_BLD).view(B, L, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, D/H)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.proj(o.transpose(1, 2).reshape(B, L, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act_layer: Callable[[], nn.Module]):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
+        return self.fc2(self.act(self.fc1(x))), None
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. `mlp` is an Mlp or an MoE; both return (y, aux-or-None)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp: nn.Module):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, causal: bool = False, token_mask: Optional[torch.Tensor] = None):
+        x = x + self.attn(self.norm1(x), causal)
+        y, aux = self.mlp(self.norm2(x), token_mask)
+        return x + y, aux
+
+
+def make_mlp(dim: int, mlp_ratio: float, moe: Optional[MoEConfig], act_layer, tower: str, block: int) -> nn.Module:
+    if moe is None:
+        return Mlp(dim, int(dim * mlp_ratio), act_layer)
+    hidden = int(dim * (moe.expert_mlp_ratio or mlp_ratio))
+    return MoE(dim, hidden, moe, act_layer, tower=tower, block=block)
+
+
+def build_blocks(cfg, act_layer, tower: str) -> nn.ModuleList:
+    moe_at = set(cfg.moe.moe_blocks(cfg.depth)) if cfg.moe is not None else set()
+    return nn.ModuleList(
+        Block(cfg.width, cfg.num_heads,
+              make_mlp(cfg.width, cfg.mlp_ratio, cfg.moe if i in moe_at else None, act_layer, tower, i))
+        for i in range(cfg.depth))
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, act_layer):
+        super().__init__()
+        grid = cfg.image_size // cfg.patch_size
+        scale = cfg.width ** -0.5
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=False)
+        self.cls_token = nn.Parameter(scale * torch.randn(cfg.width))
+        self.pos_embed = nn.Parameter(scale * torch.randn(grid * grid + 1, cfg.width))
+        self.norm_pre = nn.LayerNorm(cfg.width)
+        self.blocks = build_blocks(cfg, act_layer, "image")
+        self.norm = nn.LayerNorm(cfg.width)
+        self.proj = nn.Parameter(scale * torch.randn(cfg.width, embed_dim))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[MoEAux]]:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, L-1, D)
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = self.norm_pre(torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype))
+        aux = []
+        for blk in self.blocks:
+            x, a = blk(x)
+            if a is not None:
+                aux.append(a)
+        return self.norm(x[:, 0]) @ self.proj, aux
+
+
+class TextTower(nn.Module):
+    """Causal transformer over CLIP BPE tokens, pooled at the end-of-text token (the largest id)."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int, act_layer):
+        super().__init__()
+        self.context_length = cfg.context_length
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.blocks = build_blocks(cfg, act_layer, "text")
+        self.norm = nn.LayerNorm(cfg.width)
+        self.proj = nn.Parameter(torch.empty(cfg.width, embed_dim))
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+        nn.init.normal_(self.proj, std=cfg.width ** -0.5)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[MoEAux]]:
+        eot_B = tokens.argmax(dim=-1)
+        # With a causal mask nothing after the end token reaches it, so each batch runs only up to its
+        # longest sequence: identical features, far less work for short prompts.
+        length = int(eot_B.max()) + 1 if tokens.numel() else 1
+        tokens = tokens[:, :length]
+        mask_BL = torch.arange(length, device=tokens.device) <= eot_B.unsqueeze(1)  # padding is not routed
+        x = self.token_embed(tokens) + self.pos_embed[:length]
+        aux = []
+        for blk in self.blocks:
+            x, a = blk(x, causal=True, token_mask=mask_BL)
+            if a is not None:
+                aux.append(a)
+        x = self.norm(x[torch.arange(x.shape[0], device=x.device), eot_B])
+        return x @ self.proj, aux
+
+
+@dataclass
+class CLIPOutput:
+    """What `CLIP.forward` returns, always: L2-normalised features, the exp'd scale and MoE reports."""
+
+    image_features: torch.Tensor  # (B, P)
+    text_features: torch.Tensor  # (B, P)
+    logit_scale: torch.Tensor  # scalar, exp(log scale)
+    aux: list[MoEAux] = field(default_factory=list)  # one per MoE layer, image tower first
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        act_layer = QuickGELU if cfg.quick_gelu else nn.GELU
+        self.image = VisionTower(cfg.vision, cfg.embed_dim, act_layer)
+        self.text = TextTower(cfg.text, cfg.embed_dim, act_layer)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.apply(_init_linear)
+
+    @property
+    def context_length(self) -> int:
+        return self.config.text.context_length
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features, _ = self.image(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features, _ = self.text(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> CLIPOutput:
+        image_features, image_aux = self.image(images)
+        text_features, text_aux = self.text(tokens)
+        return CLIPOutput(F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1),
+                          self.logit_scale.exp(), image_aux + text_aux)
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,164 @@
+"""Sparse Mixture-of-Experts MLP: fp32 router, token-choice top-k routing with capacity or dropless,
+expert computation, and the auxiliary terms (Switch load balance, ST-MoE router z-loss, entropy).
+
+This is the only module that knows about experts. Papers: Switch Transformer (Fedus et al. 2021),
+GShard (Lepikhin et al. 2020), ST-MoE (Zoph et al. 2022), Sparse Upcycling (Komatsuzaki et al. 2022).
+
+Shape legend: N routed tokens, D width, F expert hidden width, E experts, K top-k, A = N*K assignments,
+S assignments kept after capacity (S <= A).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+
+
+@dataclass
+class MoEAux:
+    """What one MoE layer reports about its last forward. Loss terms are raw (no coefficients)."""
+
+    tower: str
+    block: int
+    balance_loss: torch.Tensor  # scalar, E * sum_i f_i * P_i; 1 when balanced
+    z_loss: torch.Tensor  # scalar, mean(logsumexp(logits)^2)
+    entropy: torch.Tensor  # scalar, mean router entropy per token (nats), detached
+    tokens_per_expert: torch.Tensor  # (E,) assignments routed to each expert before capacity, detached
+    dropped_fraction: torch.Tensor  # scalar, fraction of assignments dropped by capacity, detached
+
+
+def capacity(num_tokens: int, num_experts: int, top_k: int, factor: Optional[float], minimum: int) -> Optional[int]:
+    """C = ceil(k * T / E * factor), at least `minimum`; None (dropless) when factor is None."""
+    if factor is None:
+        return None
+    return max(minimum, math.ceil(top_k * num_tokens / num_experts * factor))
+
+
+class Experts(nn.Module):
+    """E two-layer MLPs with weights stacked as (E, D, F) and (E, F, D).
+
+    The seam for execution strategies: takes tokens already sorted by expert plus per-expert counts,
+    returns their outputs in the same order. Expert parallelism slots in around this call.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, act_layer: Callable[[], nn.Module]):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+        self.act = act_layer()
+        # the same init as the dense Mlp's Linears (see model._init_linear), so swapping is neutral
+        nn.init.trunc_normal_(self.w1, std=0.02)
+        nn.init.trunc_normal_(self.w2, std=0.02)
+
+    def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        w1, w2 = self.w1.to(x_SD.dtype), self.w2.to(x_SD.dtype)
+        if x_SD.is_cuda and hasattr(F, "grouped_mm") and x_SD.dtype == torch.bfloat16:
+            offs_E = counts_E.cumsum(0).to(torch.int32)
+            b1_SF = self.b1.to(x_SD.dtype).repeat_interleave(counts_E, dim=0, output_size=x_SD.shape[0])
+            b2_SD = self.b2.to(x_SD.dtype).repeat_interleave(counts_E, dim=0, output_size=x_SD.shape[0])
+            h_SF = self.act(F.grouped_mm(x_SD, w1, offs=offs_E) + b1_SF)
+            return F.grouped_mm(h_SF, w2, offs=offs_E) + b2_SD
+        # One matmul per expert on its contiguous slice: exactly the FLOPs the routing asks for.
+        outs = []
+        for e, x_cD in enumerate(x_SD.split(counts_E.tolist())):
+            if x_cD.shape[0]:
+                h_cF = self.act(torch.addmm(self.b1[e].to(x_SD.dtype), x_cD, w1[e]))
+                outs.append(torch.addmm(self.b2[e].to(x_SD.dtype), h_cF, w2[e]))
+        return torch.cat(outs) if outs else x_SD.new_zeros(x_SD.shape)
+
+
+class MoE(nn.Module):
+    """A drop-in replacement for a block's MLP: `forward(x, token_mask) -> (y, MoEAux)`.
+
+    Tokens where `token_mask` is False (text padding) are not routed, take no capacity, are not counted
+    in the statistics and get y = 0 (the residual carries them). A token dropped by capacity also gets
+    zero from the assignment that was dropped.
+    """
+
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, act_layer: Callable[[], nn.Module],
+                 tower: str = "", block: int = -1):
+        super().__init__()
+        self.cfg = cfg
+        self.tower, self.block = tower, block
+        self.router = nn.Linear(dim, cfg.num_experts, bias=False)
+        nn.init.normal_(self.router.weight, std=0.02)
+        self.experts = Experts(cfg.num_experts, dim, hidden, act_layer)
+
+    def capacity(self, num_tokens: int) -> Optional[int]:
+        factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+        return capacity(num_tokens, self.cfg.num_experts, self.cfg.top_k, factor, self.cfg.min_capacity)
+
+    def route(self, x_ND: torch.Tensor):
+        """fp32 router under any autocast: returns logits (N, E), probs (N, E), gates (N, K), experts (N, K)."""
+        with torch.autocast(device_type=x_ND.device.type, enabled=False):
+            logits_NE = F.linear(x_ND.float(), self.router.weight.float())
+        probs_NE = logits_NE.softmax(dim=-1)
+        gates_NK, experts_NK = probs_NE.topk(self.cfg.top_k, dim=-1)
+        if self.cfg.top_k > 1:
+            gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True)
+        elif self.cfg.k1_gate == "straight_through":
+            gates_NK = gates_NK - gates_NK.detach() + 1.0  # value 1, gradient of the gate
+        return logits_NE, probs_NE, gates_NK, experts_NK
+
+    def dispatch_order(self, experts_NK: torch.Tensor, cap: Optional[int]):
+        """Which assignments run, sorted by expert: returns (order_S, kept_counts_E, counts_E).
+
+        Assignments are numbered choice-major (all first choices, then all second choices, each in
+        token order), so with capacity earlier choices and earlier tokens win slots (GShard, Switch).
+        """
+        E = self.cfg.num_experts
+        expert_A = experts_NK.t().reshape(-1)
+        counts_E = torch.bincount(expert_A, minlength=E)
+        order_A = torch.argsort(expert_A, stable=True)
+        if cap is None:
+            return order_A, counts_E, counts_E
+        starts_E = counts_E.cumsum(0) - counts_E
+        rank_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E[expert_A[order_A]]
+        return order_A[rank_A < cap], counts_E.clamp(max=cap), counts_E
+
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
+        shape = x.shape
+        x_ND = x.reshape(-1, shape[-1])
+        keep_N = None
+        if token_mask is not None:
+            keep_N = token_mask.reshape(-1).nonzero().squeeze(1)
+            x_ND = x_ND.index_select(0, keep_N)
+        N = x_ND.shape[0]
+
+        logits_NE, probs_NE, gates_NK, experts_NK = self.route(x_ND)
+        order_S, kept_E, counts_E = self.dispatch_order(experts_NK, self.capacity(N))
+        token_S = order_S % N  # assignment a = choice * N + token
+        gate_S = gates_NK.t().reshape(-1)[order_S]
+
+        h_SD = self.experts(x_ND.index_select(0, token_S), kept_E)
+        h_SD = h_SD * gate_S.unsqueeze(1).to(h_SD.dtype)
+        y_ND = torch.zeros_like(x_ND, dtype=h_SD.dtype).index_add_(0, token_S, h_SD)
+
+        if keep_N is not None:
+            y = torch.zeros(shape[:-1].numel(), shape[-1], dtype=y_ND.dtype, device=x.device)
+            y = y.index_copy(0, keep_N, y_ND)
+        else:
+            y = y_ND
+        return y.reshape(shape).to(x.dtype), self._aux(logits_NE, probs_NE, experts_NK, counts_E, order_S)
+
+    def _aux(self, logits_NE, probs_NE, experts_NK, counts_E, order_S) -> MoEAux:
+        N, E = probs_NE.shape
+        if N == 0:
+            zero = probs_NE.sum()
+            return MoEAux(self.tower, self.block, zero, zero, zero.detach(), counts_E, zero.detach())
+        f_E = torch.bincount(experts_NK[:, 0], minlength=E).to(probs_NE.dtype) / N
+        balance = E * (f_E * probs_NE.mean(0)).sum()
+        z = torch.logsumexp(logits_NE, dim=-1).pow(2).mean()
+        with torch.no_grad():
+            entropy = -(probs_NE * probs_NE.clamp_min(1e-20).log()).sum(-1).mean()
+            dropped = 1.0 - order_S.numel() / experts_NK.numel()
+        return MoEAux(self.tower, self.block, balance, z, entropy, counts_E.detach(),
+                      torch.tensor(dropped, device=probs_NE.device))

@@ -1,0 +1,48 @@
+"""PNG plots of a run: loss curves and each MoE layer's expert load."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_losses(history: list[dict], path: str | Path) -> Path:
+    """One panel per loss term over training steps."""
+    terms = [k for k in history[0] if k not in ("step", "lr")] if history else []
+    fig, axes = plt.subplots(1, max(1, len(terms)), figsize=(4 * max(1, len(terms)), 3.2), squeeze=False)
+    steps = [r["step"] for r in history]
+    for ax, term in zip(axes[0], terms):
+        ax.plot(steps, [r[term] for r in history])
+        ax.set_title(term)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_expert_load(load: dict[str, list[float]], path: str | Path) -> Path:
+    """Bar chart per MoE layer of the fraction of routed assignments each expert took."""
+    names = sorted(load, key=lambda k: (k.split(".")[0], int(k.split(".")[1])))
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        fractions = load[name]
+        ax.bar(range(len(fractions)), fractions, color="tab:blue" if name.startswith("image") else "tab:orange")
+        ax.axhline(1 / len(fractions), color="k", lw=0.8, ls="--")
+        ax.set_title(f"{name.replace('.', ' block ')}")
+        ax.set_xlabel("expert")
+        ax.set_ylim(0, max(max(fractions) * 1.15, 2 / len(fractions)))
+    fig.suptitle("expert load (fraction of routed tokens; dashed: uniform)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

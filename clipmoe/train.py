@@ -1,0 +1,161 @@
+"""The training loop: data, model, AdamW with warmup + cosine, optional bf16 autocast and DDP (torchrun).
+
+`train(cfg)` is what `clipmoe train` calls. It knows the loader only through `loaders.image_text_loader`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+import loaders
+
+from .checkpoint import save
+from .config import OptimConfig, RunConfig
+from .errors import ClipmoeError
+from .factory import create_model, create_transforms, get_tokenizer
+from .loss import total_loss
+from .model import CLIP
+from .moe import MoE
+from .plots import plot_expert_load, plot_losses
+
+
+@dataclass
+class TrainResult:
+    model: CLIP
+    history: list[dict]  # one row per logged step: step, lr and every loss term
+    expert_load: dict[str, list[float]]  # "image.3" -> fraction of assignments per expert, whole run
+    data_stats: dict
+    out_dir: Path
+    files: dict = field(default_factory=dict)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, steps: int):
+    """AdamW without weight decay on gains, biases and the logit scale (as open_clip)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            # expert biases are stacked (E, F): 2-D, but biases all the same
+            (no_decay if p.ndim < 2 or name.endswith((".b1", ".b2")) else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+
+    def schedule(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def _batches(loader: loaders.ImageTextLoader):
+    """Endless batches, epoch after epoch (each epoch a new seeded shuffle)."""
+    for epoch in count():
+        loader.set_epoch(epoch)
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ClipmoeError(f"the training data yielded no samples in epoch {epoch}: {loader.stats()}")
+
+
+def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -> TrainResult:
+    """Trains `model` (or the one `cfg.model` names) on `cfg.data.train` for `cfg.train.steps` steps."""
+    tc = cfg.train
+    device = _device(tc.device)
+    rank, world = _distributed(device)
+    torch.manual_seed(tc.seed + rank)
+    random.seed(tc.seed + rank)
+    if model is None:
+        model = create_model(cfg.model.arch, pretrained=cfg.model.pretrained, **cfg.model.overrides)
+    model = model.to(device).train()
+    if not cfg.data.train:
+        raise ClipmoeError("data.train: no training shards given")
+    train_tf, _ = create_transforms(model.config)
+    loader = loaders.image_text_loader(
+        cfg.data.train, batch_size=cfg.data.batch_size, transform=train_tf, tokenize=get_tokenizer(model),
+        num_workers=cfg.data.num_workers, rank=rank, world_size=world, resampled=cfg.data.resampled,
+        seed=tc.seed, shuffle=cfg.data.shuffle, strict=cfg.data.strict, drop_last=True,
+        samples_per_epoch=None, pin_memory=device.type == "cuda")
+    has_moe = any(isinstance(m, MoE) for m in model.modules())  # idle experts get no gradient
+    net = DistributedDataParallel(model, find_unused_parameters=has_moe) if world > 1 else model
+    opt, sched = build_optimizer(model, cfg.optim, tc.steps)
+
+    out_dir = Path(tc.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    history, load_sums = [], {}
+    bar = tqdm(total=tc.steps, desc="train", disable=not progress or rank != 0, dynamic_ncols=True)
+    batches = _batches(loader)
+    for step in range(tc.steps):
+        batch = next(batches)
+        images = batch["image"].to(device, non_blocking=True)
+        tokens = batch["text"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+            out = net(images, tokens)
+        terms = total_loss(out, cfg.loss)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+            for a in out.aux:
+                key = f"{a.tower}.{a.block}"
+                load_sums[key] = load_sums.get(key, 0) + a.tokens_per_expert.float()
+        if step % tc.log_every == 0 or step == tc.steps - 1:
+            row = {"step": step, "lr": sched.get_last_lr()[0], **{k: v.item() for k, v in terms.items()}}
+            if not math.isfinite(row["loss"]):
+                raise ClipmoeError(f"loss is {row['loss']} at step {step}; lower optim.lr or use precision fp32")
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+        bar.update(1)
+    bar.close()
+
+    expert_load = {k: (v / v.sum()).tolist() for k, v in load_sums.items()}
+    result = TrainResult(model.eval(), history, expert_load, loader.stats(), out_dir)
+    if rank == 0:
+        result.files = write_run_outputs(result)
+    return result
+
+
+def write_run_outputs(result: TrainResult) -> dict:
+    """Model, metrics and plots of a finished run, in its output folder."""
+    out = result.out_dir
+    files = {
+        "model": save(result.model, out / "model.safetensors"),
+        "metrics": out / "metrics.jsonl",
+        "loss_plot": plot_losses(result.history, out / "loss.png"),
+    }
+    files["metrics"].write_text("".join(json.dumps(r) + "\n" for r in result.history))
+    if result.expert_load:
+        files["expert_load_plot"] = plot_expert_load(result.expert_load, out / "expert_load.png")
+    return files

@@ -1,0 +1,261 @@
+"""Image-text batches from WebDataset tar shards (img2dataset layout), for any rank and worker count.
+
+Shards are split by (rank, worker) after a seeded shuffle; samples pass a seeded shuffle buffer. Only
+the image and caption members are read (`.pyd`/`.pth`/`.pkl` members are never touched, so nothing is
+unpickled). Bad samples are skipped and counted by reason, or raise in strict mode.
+This package is a leaf: it takes `transform` and `tokenize` callables and never imports clipmoe.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+import warnings
+from collections import Counter
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from PIL import Image
+from webdataset import tariterators
+from webdataset.shardlists import expand_urls
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_MEMBERS = set(IMAGE_EXTS) | {"txt", "json"}
+MAX_CAPTION_CHARS = 10_000
+
+
+class DataError(Exception):
+    """A bad sample or shard in strict mode, or a loader set-up that cannot work. One-line message."""
+
+
+def expand_shards(urls) -> list[str]:
+    """A brace pattern (`/d/{000..009}.tar`), a `::`-separated string or a list -> list of shard URLs."""
+    if isinstance(urls, str):
+        return list(expand_urls(urls))
+    out = []
+    for u in urls:
+        out.extend(expand_urls(u))
+    return out
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+def decode_caption(sample: dict, caption_key: str) -> str:
+    raw = sample.get("txt")
+    if caption_key != "txt":  # a field of key.json
+        if "json" not in sample:
+            raise _Skip("missing_caption")
+        try:
+            raw = json.loads(sample["json"]).get(caption_key)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise _Skip("bad_json") from None
+        if isinstance(raw, list):
+            raw = raw[0] if raw else None
+    if raw is None:
+        raise _Skip("missing_caption")
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Skip("bad_caption_encoding") from None
+    text = str(raw).strip()
+    if not text:
+        raise _Skip("empty_caption")
+    if len(text) > MAX_CAPTION_CHARS:
+        raise _Skip("huge_caption")
+    return text
+
+
+def decode_meta(sample: dict) -> dict:
+    try:
+        meta = json.loads(sample["json"])
+    except (KeyError, json.JSONDecodeError, UnicodeDecodeError):
+        raise _Skip("bad_json") from None
+    if not isinstance(meta, dict):
+        raise _Skip("bad_json")
+    return meta
+
+
+def decode_image(sample: dict) -> Image.Image:
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise _Skip("missing_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(sample[ext]))
+            img.load()
+            return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _Skip("decompression_bomb") from None
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        raise _Skip("corrupt_image") from None
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Yields batches for one (rank, worker); each batch carries this worker's running counts."""
+
+    def __init__(self, loader: "ImageTextLoader"):
+        self.loader = loader
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return self.loader._worker_batches(worker, workers)
+
+
+class ImageTextLoader:
+    """Iterable of batches: dicts with `image` (B, 3, H, W), `text` (B, L) and `key` (list of str)."""
+
+    def __init__(self, urls, *, batch_size: int, transform: Callable, tokenize: Callable,
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1, resampled: bool = False,
+                 seed: int = 0, shuffle: bool = True, strict: bool = False, caption_key: str = "txt",
+                 shuffle_buffer: int = 1000, samples_per_epoch: Optional[int] = None, epoch: int = 0,
+                 drop_last: bool = False, pin_memory: bool = False, with_meta: bool = False):
+        self.shards = expand_shards(urls)
+        if not self.shards:
+            raise DataError(f"no shards in {urls!r}")
+        slots = world_size * max(1, num_workers)
+        if not resampled and len(self.shards) < slots:
+            raise DataError(
+                f"{len(self.shards)} shards cannot feed {world_size} ranks x {max(1, num_workers)} workers "
+                f"= {slots} readers in epoch mode: use at least {slots} shards, fewer workers, or resampled=True")
+        if resampled and not samples_per_epoch:
+            raise DataError("resampled=True needs samples_per_epoch (the size of one 'epoch')")
+        self.batch_size, self.transform, self.tokenize = batch_size, transform, tokenize
+        self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
+        self.resampled, self.seed, self.shuffle, self.strict = resampled, seed, shuffle, strict
+        self.caption_key, self.shuffle_buffer = caption_key, shuffle_buffer
+        self.samples_per_epoch, self.epoch, self.drop_last = samples_per_epoch, epoch, drop_last
+        self.pin_memory, self.with_meta = pin_memory, with_meta
+        self._counts: dict[int, Counter] = {}
+
+    # -- public -------------------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def stats(self) -> dict:
+        """`samples` delivered and `skipped` counts by reason, summed over this rank's workers."""
+        total = Counter()
+        for c in self._counts.values():
+            total.update(c)
+        samples = total.pop("samples", 0)
+        return {"samples": samples, "skipped": dict(total)}
+
+    def __iter__(self) -> Iterator[dict]:
+        self._counts = {}
+        if self.num_workers == 0:
+            source = self._worker_batches(0, 1)
+        else:
+            source = torch.utils.data.DataLoader(
+                _Stream(self), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        for batch in source:
+            worker, counts = batch.pop("__stats__")
+            self._counts[worker] = Counter(counts)
+            if batch["key"]:
+                yield batch
+
+    # -- per worker ---------------------------------------------------------------------------------
+
+    def _rng(self, worker: int, what: str) -> random.Random:
+        return random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{what}")
+
+    def _my_shards(self, worker: int, workers: int) -> Iterator[str]:
+        if self.resampled:
+            rng = self._rng(worker, "resample")
+            while True:
+                yield rng.choice(self.shards)
+        shards = list(self.shards)
+        if self.shuffle:  # same order on every rank and worker, then split
+            random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(shards)
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        yield from shards[slot::slots]
+
+    def _raw_samples(self, worker: int, workers: int, counts: Counter) -> Iterator[dict]:
+        def handler(exn: Exception) -> bool:
+            reason = "duplicate_key" if "duplicate file name" in str(exn) else (
+                "truncated_shard" if isinstance(exn, (tarfile.TarError, EOFError)) else "read_error")
+            if self.strict:
+                raise DataError(f"{reason}: {str(exn).splitlines()[0][:300]}") from exn
+            counts[reason] += 1
+            return True
+
+        urls = ({"url": u} for u in self._my_shards(worker, workers))
+        streams = tariterators.url_opener(urls, handler=handler)
+        files = tariterators.tar_file_expander(
+            streams, handler=handler, select_files=lambda name: name.rsplit(".", 1)[-1].lower() in _MEMBERS)
+        yield from tariterators.group_by_keys(files, handler=handler)
+
+    def _decoded(self, worker: int, workers: int, counts: Counter) -> Iterator[dict]:
+        for sample in self._raw_samples(worker, workers, counts):
+            try:
+                text = decode_caption(sample, self.caption_key)
+                image = decode_image(sample)
+                meta = decode_meta(sample) if self.with_meta else None
+            except _Skip as skip:
+                if self.strict:
+                    raise DataError(f"{skip.reason} in {sample.get('__url__')} key {sample.get('__key__')}") from None
+                counts[skip.reason] += 1
+                continue
+            yield {"key": sample["__key__"], "image": self.transform(image), "text": text, "meta": meta}
+
+    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        if not self.shuffle or self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buf: list[dict] = []
+        for s in samples:
+            buf.append(s)
+            if len(buf) >= self.shuffle_buffer:
+                i = rng.randrange(len(buf))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    def _worker_batches(self, worker: int, workers: int) -> Iterator[dict]:
+        counts: Counter = Counter()
+        limit = None
+        if self.resampled:
+            limit = self.samples_per_epoch // (self.world_size * workers)
+        samples = self._shuffled(self._decoded(worker, workers, counts), self._rng(worker, "samples"))
+        batch: list[dict] = []
+        for n, s in enumerate(samples):
+            if limit is not None and n >= limit:
+                break
+            batch.append(s)
+            if len(batch) == self.batch_size:
+                counts["samples"] += len(batch)
+                yield self._collate(batch, worker, counts)
+                batch = []
+        if batch and not self.drop_last:
+            counts["samples"] += len(batch)
+            yield self._collate(batch, worker, counts)
+        else:
+            yield {"key": [], "__stats__": (worker, dict(counts))}  # final counts, no samples
+
+    def _collate(self, batch: list[dict], worker: int, counts: Counter) -> dict[str, Any]:
+        out = {
+            "image": torch.stack([s["image"] for s in batch]),
+            "text": self.tokenize([s["text"] for s in batch]),
+            "key": [s["key"] for s in batch],
+            "__stats__": (worker, dict(counts)),
+        }
+        if self.with_meta:
+            out["meta"] = [s["meta"] for s in batch]
+        return out
+
+
+def image_text_loader(urls, *, batch_size: int, transform: Callable, tokenize: Callable, num_workers: int = 0,
+                      rank: int = 0, world_size: int = 1, resampled: bool = False, seed: int = 0,
+                      shuffle: bool = True, strict: bool = False, **kwargs) -> ImageTextLoader:
+    """Batches of (image, tokenized caption, key) from WebDataset shards; see ImageTextLoader."""
+    return ImageTextLoader(urls, batch_size=batch_size, transform=transform, tokenize=tokenize,
+                           num_workers=num_workers, rank=rank, world_size=world_size, resampled=resampled,
+                           seed=seed, shuffle=shuffle, strict=strict, **kwargs)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One entry point that sets everything up on a fresh machine, then runs a job:
+#   bash scripts/run.sh quickstart [--out DIR]   make shards, pretrain a small MoE CLIP, zero-shot evaluate
+#   bash scripts/run.sh test [pytest args]       the test suite (what CI runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${CLIPMOE_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+# Re-install only when the project's dependencies change.
+stamp="$VENV/.clipmoe-installed-$(sha1sum pyproject.toml | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+  rm -f "$VENV"/.clipmoe-installed-*
+  touch "$stamp"
+fi
+
+job=${1:-}
+shift || true
+case "$job" in
+  quickstart) exec "$VENV/bin/clipmoe" quickstart "$@" ;;
+  test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  *) echo "usage: bash scripts/run.sh quickstart|test [args]" >&2; exit 2 ;;
+esac

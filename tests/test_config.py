@@ -1,0 +1,92 @@
+"""Run configs: YAML -> base: -> --set -> validated dataclasses, with errors that name the key."""
+from pathlib import Path
+
+import pytest
+
+import clipmoe
+from clipmoe.config import RunConfig, from_dict, load_run_config
+from clipmoe.quickstart import QUICKSTART
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_validate(name):
+    cfg = load_run_config(CONFIGS / name)
+    model_cfg = clipmoe.get_model_config(cfg.model.arch, cfg.model.overrides)
+    assert model_cfg.name == cfg.model.arch
+
+
+def test_moe_configs_place_experts_as_documented():
+    for name, arch in [("vit-b-32-moe.yaml", "ViT-B-32"), ("vit-b-16-moe.yaml", "ViT-B-16")]:
+        cfg = load_run_config(CONFIGS / name)
+        m = clipmoe.get_model_config(cfg.model.arch, cfg.model.overrides)
+        assert m.name == arch
+        for tower in (m.vision, m.text):
+            assert tower.moe.num_experts == 8 and tower.moe.top_k == 2
+            assert tower.moe.moe_blocks(tower.depth) == [1, 3, 5, 7, 9, 11]
+
+
+def test_quickstart_yaml_matches_embedded_default():
+    assert load_run_config(CONFIGS / "quickstart.yaml") == from_dict(RunConfig, QUICKSTART)
+
+
+def test_base_derivation_and_overrides(tmp_path):
+    (tmp_path / "a.yaml").write_text("train: {steps: 5, seed: 3}\noptim: {lr: 0.1}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {steps: 7}\n")
+    cfg = load_run_config(tmp_path / "b.yaml", ["optim.lr=2e-3", "data.batch_size=4", "model.overrides.quick_gelu=true"])
+    assert (cfg.train.steps, cfg.train.seed, cfg.optim.lr, cfg.data.batch_size) == (7, 3, 2e-3, 4)
+    assert clipmoe.get_model_config("clipmoe-micro", cfg.model.overrides).quick_gelu is True
+
+
+@pytest.mark.parametrize("text,overrides,key", [
+    ("train: {stepz: 5}", [], "train.stepz"),
+    ("train: {steps: five}", [], "train.steps"),
+    ("train: {steps: 0}", [], "train.steps"),
+    ("optim: {lr: -1}", [], "optim.lr"),
+    ("train: {precision: fp8}", [], "train.precision"),
+    ("data: {batch_size: 2.5}", [], "data.batch_size"),
+    ("", ["train.log_every=true"], "train.log_every"),
+    ("", ["nosuch.key=1"], "nosuch"),
+    ("train: [1, 2]", [], "train"),
+])
+def test_bad_values_name_the_key(tmp_path, text, overrides, key):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(clipmoe.ConfigError) as e:
+        load_run_config(tmp_path / "c.yaml", overrides)
+    assert str(e.value).startswith(key) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"vision": {"moe": {"top_k": 9}}}, "model.overrides.vision.moe.top_k"),
+    ({"text": {"moe": {"capacity_factor": 0}}}, "model.overrides.text.moe.capacity_factor"),
+    ({"vision": {"patch_size": 7}}, "model.overrides.vision.image_size"),
+    ({"text": {"num_heads": 5}}, "model.overrides.text.width"),
+    ({"vision": {"moe": {"routerz": "x"}}}, "model.overrides.vision.moe.routerz"),
+])
+def test_model_overrides_validated(overrides, key):
+    with pytest.raises(clipmoe.ConfigError) as e:
+        clipmoe.get_model_config("clipmoe-micro", overrides)
+    assert str(e.value).startswith(key)
+
+
+def test_broken_yaml_and_missing_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train: {steps: [}\n")
+    with pytest.raises(clipmoe.ConfigError, match="not valid YAML"):
+        load_run_config(tmp_path / "bad.yaml")
+    with pytest.raises(clipmoe.ConfigError, match="not found"):
+        load_run_config(tmp_path / "missing.yaml")
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(clipmoe.ConfigError, match="loops"):
+        load_run_config(tmp_path / "loop.yaml")
+
+
+def test_moe_placement_options():
+    from clipmoe.config import MoEConfig
+
+    assert MoEConfig(every=2).moe_blocks(6) == [1, 3, 5]
+    assert MoEConfig(every=3).moe_blocks(6) == [2, 5]
+    assert MoEConfig(last=2).moe_blocks(6) == [4, 5]
+    assert MoEConfig(blocks=[0, 4, 4]).moe_blocks(6) == [0, 4]
+    with pytest.raises(clipmoe.ConfigError, match=r"^model.overrides.vision.moe.blocks: \[5\] has indices"):
+        clipmoe.create_model("clipmoe-micro", vision={"moe": {"blocks": [5]}})

@@ -1,0 +1,71 @@
+"""clipmoe.encode_text / encode_image: normalised float32 rows in input order, batched, cached."""
+import pytest
+import torch
+from PIL import Image
+
+import clipmoe
+from clipmoe import encode
+from loaders import synthetic
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=4, top_k=2, noise_std=0.1)
+    with torch.no_grad():
+        for b in model.text.blocks:
+            b.mlp.router.weight.normal_()  # a trained-looking router, so routing matters
+    return model, clipmoe.save(model, tmp_path_factory.mktemp("m") / "m.safetensors")
+
+
+TEXTS = ["a red square", "three blue circles on the left", "", "a cat <end_of_text> sat", "x" * 5000, "ünï"]
+
+
+def test_encode_text_order_norm_and_batching(saved):
+    model, path = saved
+    full = clipmoe.encode_text(TEXTS, model=path, batch_size=4)
+    assert full.shape == (len(TEXTS), model.config.embed_dim) and full.dtype == torch.float32
+    torch.testing.assert_close(full.norm(dim=-1), torch.ones(len(TEXTS)))
+    one_by_one = torch.cat([clipmoe.encode_text([t], model=path, batch_size=1) for t in TEXTS])
+    torch.testing.assert_close(full, one_by_one, atol=1e-5, rtol=1e-5)
+    reversed_ = clipmoe.encode_text(TEXTS[::-1], model=model, batch_size=3)
+    torch.testing.assert_close(reversed_.flip(0), full, atol=1e-5, rtol=1e-5)
+    # against the model's own call
+    tokens = clipmoe.get_tokenizer(model)(TEXTS)
+    with torch.no_grad():
+        direct = model.eval().encode_text(tokens, normalize=True)
+    torch.testing.assert_close(full, direct, atol=1e-5, rtol=1e-5)
+
+
+def test_model_cached_between_calls(saved):
+    _, path = saved
+    assert encode.resolve_model(path) is encode.resolve_model(str(path))
+
+
+def test_encode_image_paths_pil_and_tensors(saved, tmp_path):
+    model, path = saved
+    images = [s["image"] for s in synthetic.scenes(5, 3, image_size=32)]
+    files = []
+    for i, im in enumerate(images):
+        files.append(tmp_path / f"{i}.png")
+        im.save(files[-1])
+    from_files = clipmoe.encode_image(files, model=path, batch_size=2)
+    from_pil = clipmoe.encode_image(images, model=path)
+    torch.testing.assert_close(from_files, from_pil)
+    torch.testing.assert_close(from_files.norm(dim=-1), torch.ones(5))
+    _, eval_tf = clipmoe.create_transforms(model.config)
+    stacked = torch.stack([eval_tf(im) for im in images])
+    torch.testing.assert_close(clipmoe.encode_image(stacked, model=model), from_pil, atol=1e-5, rtol=1e-5)
+    assert clipmoe.encode_image(stacked[[4, 0]], model=model).allclose(from_pil[[4, 0]], atol=1e-5)
+
+
+def test_encode_errors(saved, tmp_path):
+    _, path = saved
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"<html>not an image</html>")
+    with pytest.raises(clipmoe.ClipmoeError, match="cannot read image"):
+        clipmoe.encode_image([bad], model=path)
+    with pytest.raises(clipmoe.ClipmoeError, match="model not found"):
+        clipmoe.encode_text(["a"], model=tmp_path / "none.safetensors")
+    with pytest.raises(clipmoe.ClipmoeError, match="strings"):
+        clipmoe.encode_text(["a", 3], model=path)
+    assert clipmoe.encode_text([], model=path).shape == (0, 32)

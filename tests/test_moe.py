@@ -1,0 +1,150 @@
+"""The MoE layer against a slow, obvious reference loop, and its auxiliary terms against formulas."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from clipmoe.config import MoEConfig
+from clipmoe.moe import MoE, capacity
+
+
+def reference_moe(layer: MoE, x_ND: torch.Tensor):
+    """Token-by-token top-k routing with capacity, assignments taken choice-major, in token order."""
+    cfg = layer.cfg
+    E, K = cfg.num_experts, cfg.top_k
+    logits = x_ND.float() @ layer.router.weight.float().t()
+    probs = logits.softmax(-1)
+    gates, experts = probs.topk(K, dim=-1)
+    if K > 1:
+        gates = gates / gates.sum(-1, keepdim=True)
+    elif cfg.k1_gate == "straight_through":
+        gates = gates - gates.detach() + 1
+    cap = layer.capacity(x_ND.shape[0])
+    used = [0] * E
+    rows = [torch.zeros(x_ND.shape[1]) for _ in range(x_ND.shape[0])]
+    dropped = 0
+    ex = layer.experts
+    for k in range(K):
+        for n in range(x_ND.shape[0]):
+            e = int(experts[n, k])
+            if cap is not None and used[e] >= cap:
+                dropped += 1
+                continue
+            used[e] += 1
+            h = ex.act(x_ND[n] @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e]
+            rows[n] = rows[n] + gates[n, k] * h
+    return torch.stack(rows), dropped
+
+
+def make_layer(E=4, K=2, cf=None, k1_gate="multiply", D=8, F=16, seed=0):
+    torch.manual_seed(seed)
+    cfg = MoEConfig(num_experts=E, top_k=K, capacity_factor=cf, eval_capacity_factor=cf, min_capacity=1,
+                    k1_gate=k1_gate)
+    layer = MoE(D, F, cfg, nn.GELU)
+    nn.init.normal_(layer.router.weight, std=1.0)  # confident, unbalanced routing
+    nn.init.normal_(layer.experts.b1, std=0.1)
+    nn.init.normal_(layer.experts.b2, std=0.1)
+    return layer
+
+
+def _grads(layer, x, out):
+    torch.manual_seed(1)
+    w = torch.randn_like(out)
+    params = [x, layer.router.weight, layer.experts.w1, layer.experts.b1, layer.experts.w2, layer.experts.b2]
+    return torch.autograd.grad((out * w).sum(), params)
+
+
+@pytest.mark.parametrize("K,k1_gate", [(1, "multiply"), (1, "straight_through"), (2, "multiply"), (3, "multiply")])
+@pytest.mark.parametrize("cf", [None, 0.5, 1.0, 1.25])
+def test_matches_reference_loop(K, cf, k1_gate):
+    layer = make_layer(E=4, K=K, cf=cf, k1_gate=k1_gate).train()
+    x = torch.randn(37, 8, requires_grad=True)
+    y, aux = layer(x)
+    y_ref, dropped = reference_moe(layer, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    assert math.isclose(aux.dropped_fraction.item(), dropped / (37 * K), abs_tol=1e-6)
+    if cf is None:
+        assert dropped == 0 and aux.dropped_fraction.item() == 0
+    elif cf < 1:
+        assert dropped > 0  # total capacity E*C is below the K*N assignments
+    for g, g_ref in zip(_grads(layer, x, y), _grads(layer, x, y_ref)):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_capacity_rule():
+    assert capacity(100, 8, 2, 1.25, 4) == math.ceil(2 * 100 / 8 * 1.25)
+    assert capacity(4, 8, 1, 1.0, 4) == 4
+    assert capacity(100, 8, 2, None, 4) is None
+
+
+def test_dropped_tokens_get_zero_and_counts_follow_capacity():
+    layer = make_layer(E=2, K=1, cf=0.5).train()
+    x = torch.randn(40, 8)
+    y, aux = layer(x)
+    cap = layer.capacity(40)
+    _, experts = layer.router(x).softmax(-1).topk(1)
+    kept = torch.zeros(40, dtype=torch.bool)
+    for e in range(2):
+        idx = (experts[:, 0] == e).nonzero().squeeze(1)
+        kept[idx[:cap]] = True
+    assert torch.all(y[~kept] == 0)
+    assert torch.all(y[kept].abs().sum(-1) > 0)
+    assert aux.tokens_per_expert.tolist() == torch.bincount(experts[:, 0], minlength=2).tolist()
+
+
+def test_token_mask_rows_not_routed():
+    layer = make_layer(E=4, K=2, cf=1.0).train()
+    x = torch.randn(2, 10, 8)
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, :3] = mask[1, :7] = True
+    y, aux = layer(x, mask)
+    assert torch.all(y[~mask] == 0)
+    assert aux.tokens_per_expert.sum().item() == 10 * 2  # 10 routed tokens, 2 choices each
+    y_ref, _ = reference_moe(layer, x[mask])
+    torch.testing.assert_close(y[mask], y_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_one_expert_equals_dense_mlp():
+    from clipmoe.model import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(8, 16, nn.GELU)
+    layer = MoE(8, 16, MoEConfig(num_experts=1, top_k=1, capacity_factor=None), nn.GELU)
+    with torch.no_grad():
+        layer.experts.w1[0] = mlp.fc1.weight.t()
+        layer.experts.b1[0] = mlp.fc1.bias
+        layer.experts.w2[0] = mlp.fc2.weight.t()
+        layer.experts.b2[0] = mlp.fc2.bias
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(layer(x)[0], mlp(x)[0], atol=1e-6, rtol=1e-6)
+
+
+def test_aux_terms_against_formulas():
+    E = 4
+    layer = MoE(8, 16, MoEConfig(num_experts=E, top_k=2, capacity_factor=None), nn.GELU)
+    nn.init.zeros_(layer.router.weight)  # uniform router
+    _, aux = layer(torch.randn(16, 8))
+    assert aux.balance_loss.item() == pytest.approx(1.0)
+    assert aux.z_loss.item() == pytest.approx(math.log(E) ** 2)
+    assert aux.entropy.item() == pytest.approx(math.log(E))
+    # Hand-computed case: all tokens prefer expert 0 with probability p.
+    nn.init.zeros_(layer.router.weight)
+    with torch.no_grad():
+        layer.router.weight[0, 0] = 1.0
+    x = torch.zeros(10, 8)
+    x[:, 0] = 2.0
+    _, aux = layer(x)
+    p0 = math.exp(2) / (math.exp(2) + 3)
+    assert aux.balance_loss.item() == pytest.approx(E * 1.0 * p0, rel=1e-5)
+    assert aux.z_loss.item() == pytest.approx(math.log(math.exp(2) + 3) ** 2, rel=1e-5)
+
+
+def test_router_is_fp32_under_bf16_autocast():
+    layer = make_layer(E=4, K=2, cf=1.25).train()
+    x = torch.randn(32, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, probs, gates, _ = layer.route(x)
+        y, aux = layer(x)
+    assert logits.dtype == probs.dtype == gates.dtype == torch.float32
+    assert aux.z_loss.dtype == torch.float32 and torch.isfinite(y).all()

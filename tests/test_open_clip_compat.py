@@ -1,0 +1,113 @@
+"""Same weights, same embeddings: clipmoe against open_clip's own model, both ways through the adapter."""
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import clipmoe
+from clipmoe import adapter
+
+
+def _open_clip_model(arch):
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch, pretrained=None).eval()
+    with torch.no_grad():  # non-zero biases and gains everywhere, so no key can go unnoticed
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _inputs(arch):
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 224, 224)
+    tokens = open_clip.get_tokenizer(arch)(["a photo of a cat", "a diagram of a sparse mixture of experts layer"])
+    return images, tokens
+
+
+@pytest.mark.parametrize("arch,fmt", [("ViT-B-32", ".bin"), ("ViT-B-32", ".safetensors"),
+                                      ("ViT-B-16-quickgelu", ".pt")])
+def test_same_embeddings_as_open_clip(tmp_path, arch, fmt):
+    ref = _open_clip_model(arch)
+    path = tmp_path / f"weights{fmt}"
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    if fmt == ".safetensors":
+        save_file(sd, str(path))
+    elif fmt == ".pt":
+        torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, path)  # DDP-style wrapper
+    else:
+        torch.save(sd, path)
+    model = clipmoe.create_model(arch, pretrained=str(path))
+    assert model.config.quick_gelu == arch.endswith("quickgelu")
+    images, tokens = _inputs(arch)
+    with torch.no_grad():
+        for ours, theirs in [(model.encode_image(images), ref.encode_image(images)),
+                             (model.encode_text(tokens), ref.encode_text(tokens)),
+                             (model.encode_text(tokens, normalize=True), ref.encode_text(tokens, normalize=True))]:
+            assert (ours - theirs).abs().max().item() < 1e-5
+        assert torch.allclose(model.logit_scale, ref.logit_scale)
+
+
+def test_state_dict_round_trip_to_open_clip():
+    ref = _open_clip_model("ViT-B-32")
+    ours = adapter.from_open_clip(ref.state_dict())
+    back = adapter.to_open_clip(ours)
+    expected = {k: v for k, v in ref.state_dict().items() if k != "attn_mask"}
+    assert set(back) == set(expected)
+    for k in expected:
+        assert torch.equal(back[k], expected[k]), k
+    fresh = open_clip.create_model("ViT-B-32", pretrained=None)
+    fresh.load_state_dict(back, strict=True)
+
+
+def test_moe_model_cannot_be_written_as_open_clip():
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=2)
+    with pytest.raises(clipmoe.ClipmoeError, match="MoE"):
+        adapter.to_open_clip(model.state_dict())
+
+
+def test_pretrained_tag_offline_is_one_line_error():
+    with pytest.raises(clipmoe.ClipmoeError) as e:
+        clipmoe.create_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
+    msg = str(e.value)
+    assert "laion2b_s34b_b79k" in msg and "\n" not in msg
+
+
+def test_unknown_tag_and_missing_file():
+    with pytest.raises(clipmoe.ClipmoeError, match="unknown pretrained tag 'nope'"):
+        clipmoe.create_model("clipmoe-micro", pretrained="nope")
+    with pytest.raises(clipmoe.ClipmoeError, match="not found"):
+        clipmoe.create_model("clipmoe-micro", pretrained="/no/such/file.bin")
+
+
+def test_mismatched_checkpoint_is_one_line_error(tmp_path):
+    path = tmp_path / "b32.bin"
+    torch.save(_open_clip_model("ViT-B-32").state_dict(), path)
+    with pytest.raises(clipmoe.ClipmoeError) as e:
+        clipmoe.create_model("ViT-B-16", pretrained=str(path))
+    assert "does not match ViT-B-16" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_corrupt_checkpoint_is_one_line_error(tmp_path):
+    path = tmp_path / "broken.bin"
+    path.write_bytes(b"\x80\x04not a checkpoint at all" * 10)
+    with pytest.raises(clipmoe.ClipmoeError) as e:
+        clipmoe.create_model("clipmoe-micro", pretrained=str(path))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("arch", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14", "ViT-B-32-quickgelu",
+                                  "ViT-B-16-quickgelu", "ViT-L-14-quickgelu", "ViT-H-14-quickgelu"])
+def test_architectures_match_open_clip_shapes(arch):
+    cfg = clipmoe.get_model_config(arch)
+    oc = open_clip.get_model_config(arch)
+    assert cfg.embed_dim == oc["embed_dim"]
+    assert cfg.vision.depth == oc["vision_cfg"]["layers"] and cfg.text.depth == oc["text_cfg"]["layers"]
+    assert cfg.quick_gelu == oc.get("quick_gelu", False)
+    assert arch in clipmoe.list_architectures()
+
+
+def test_unsupported_architecture_is_clear():
+    with pytest.raises(clipmoe.ConfigError, match="not a plain ViT CLIP"):
+        clipmoe.get_model_config("RN50")
+    with pytest.raises(clipmoe.ConfigError, match="unknown architecture"):
+        clipmoe.get_model_config("ViT-Q-99")

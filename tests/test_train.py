@@ -1,0 +1,79 @@
+"""A short real training run on procedural shards: the loss falls and the run's outputs are written."""
+import json
+
+import pytest
+import torch
+
+import clipmoe
+from clipmoe.config import RunConfig, from_dict
+from clipmoe.loss import clip_loss, total_loss
+from clipmoe.train import train
+
+
+def _cfg(tiny_shards, tmp_path, **train):
+    return from_dict(RunConfig, {
+        "model": {"arch": "clipmoe-micro", "overrides": {
+            "vision": {"moe": {"num_experts": 4, "top_k": 2, "every": 1}},
+            "text": {"moe": {"num_experts": 4, "top_k": 1, "every": 2, "capacity_factor": 1.0}}}},
+        "data": {"train": tiny_shards["train"], "batch_size": 32},
+        "loss": {"balance_coef": 0.01, "z_coef": 0.001},
+        "optim": {"lr": 2e-3, "warmup_steps": 5, "weight_decay": 0.0},
+        "train": {"steps": 60, "log_every": 5, "out_dir": str(tmp_path / "run"), **train},
+    })
+
+
+def test_loss_falls_and_outputs_written(tiny_shards, tmp_path):
+    result = train(_cfg(tiny_shards, tmp_path), progress=False)
+    losses = [r["contrastive"] for r in result.history]
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < first - 0.3, losses
+    assert all(k in result.history[0] for k in ("loss", "contrastive", "balance", "z", "lr"))
+    assert set(result.expert_load) == {"image.0", "image.1", "text.1"}
+    for fractions in result.expert_load.values():
+        assert len(fractions) == 4 and abs(sum(fractions) - 1) < 1e-5
+    # 60 steps x 32 samples over 256-sample epochs: every sample was seen, and counted
+    assert result.data_stats["samples"] == 60 * 32 and result.data_stats["skipped"] == {}
+    for key in ("model", "metrics", "loss_plot", "expert_load_plot"):
+        assert result.files[key].is_file()
+    assert result.files["loss_plot"].read_bytes()[:4] == b"\x89PNG"
+    assert len(result.files["metrics"].read_text().splitlines()) == len(result.history)
+    back = clipmoe.load(result.files["model"])
+    assert back.config == result.model.config
+
+
+def test_bf16_autocast_keeps_losses_finite(tiny_shards, tmp_path):
+    result = train(_cfg(tiny_shards, tmp_path, steps=20, precision="bf16"), progress=False)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+    assert result.model.image.blocks[0].mlp.router.weight.dtype == torch.float32
+
+
+def test_clip_loss_against_formula():
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    scale = torch.tensor(10.0)
+    logits = scale * img @ txt.t()
+    by_hand = 0.0
+    for i in range(6):
+        by_hand += -torch.log_softmax(logits[i], 0)[i] / 12 - torch.log_softmax(logits[:, i], 0)[i] / 12
+    assert clip_loss(img, txt, scale).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert clip_loss(img, txt, torch.tensor(1e4)).item() == pytest.approx(
+        clip_loss(img, txt, torch.tensor(100.0)).item())  # the scale is clamped at 100
+
+
+def test_aux_terms_weighted_by_config():
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=2).train()
+    out = model(torch.randn(4, 3, 16, 16), clipmoe.get_tokenizer(model)(["a", "b", "c", "d"]))
+    cfg = from_dict(RunConfig, {"loss": {"balance_coef": 0.5, "z_coef": 0.25}}).loss
+    terms = total_loss(out, cfg)
+    expected = terms["contrastive"] + 0.5 * sum(a.balance_loss for a in out.aux) + 0.25 * sum(a.z_loss for a in out.aux)
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_train_cli_bad_config_is_one_line(tmp_path, capsys):
+    from clipmoe.cli import main
+
+    (tmp_path / "c.yaml").write_text("train: {steps: -3}\n")
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("clipmoe train: error: train.steps") and "\n" not in err

@@ -1,0 +1,77 @@
+"""Sparse upcycling: experts copy the dense MLP, routers start at zero, and the model is unchanged."""
+import pytest
+import torch
+
+import clipmoe
+from clipmoe.moe import MoE
+
+
+def _outputs(model, images, tokens):
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(tokens)
+
+
+@pytest.fixture(scope="module")
+def dense_b32():
+    torch.manual_seed(0)
+    model = clipmoe.create_model("ViT-B-32")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _check_identity(dense, up, image_size, context):
+    torch.manual_seed(2)
+    images = torch.randn(3, 3, image_size, image_size)
+    tokens = clipmoe.get_tokenizer(dense)(["a red square", "two blue circles at the top", ""])[:, :context]
+    for mode in ("eval", "train"):
+        dense.train(mode == "train")
+        up.train(mode == "train")
+        for a, b in zip(_outputs(dense, images, tokens), _outputs(up, images, tokens)):
+            assert (a - b).abs().max().item() < 1e-5, mode
+    dense.eval()
+
+
+@pytest.mark.parametrize("k,every", [(2, 2), (2, 1), (3, 3)])
+def test_upcycled_vit_b32_equals_dense(dense_b32, k, every):
+    up = clipmoe.upcycle(dense_b32, num_experts=4, top_k=k, every=every)
+    moe_blocks = [i for i, b in enumerate(up.image.blocks) if isinstance(b.mlp, MoE)]
+    assert moe_blocks == [i for i in range(12) if i % every == every - 1]
+    assert all(isinstance(b.mlp, MoE) == (i in moe_blocks) for i, b in enumerate(up.text.blocks))
+    _check_identity(dense_b32, up, 224, 77)
+
+
+def test_top1_straight_through_equals_dense():
+    dense = clipmoe.create_model("clipmoe-tiny")
+    up = clipmoe.upcycle(dense, num_experts=4, top_k=1, every=1)
+    _check_identity(dense, up, 64, 32)
+
+
+def test_experts_are_copies_and_router_zero():
+    dense = clipmoe.create_model("clipmoe-micro")
+    up = clipmoe.upcycle(dense, num_experts=3, top_k=2, every=1, towers=("text",))
+    assert not any(isinstance(b.mlp, MoE) for b in up.image.blocks)
+    for db, ub in zip(dense.text.blocks, up.text.blocks):
+        assert torch.count_nonzero(ub.mlp.router.weight) == 0
+        for e in range(3):
+            assert torch.equal(ub.mlp.experts.w1[e], db.mlp.fc1.weight.t())
+            assert torch.equal(ub.mlp.experts.b2[e], db.mlp.fc2.bias)
+    # the source model is untouched and the upcycled one trains
+    assert not any(isinstance(m, MoE) for m in dense.modules())
+    out = up.train()(torch.randn(2, 3, 16, 16), clipmoe.get_tokenizer(up)(["a", "b"]))
+    assert len(out.aux) == 2 and all(a.tower == "text" for a in out.aux)
+
+
+def test_noise_breaks_symmetry():
+    up = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=2, every=1, noise_std=0.01)
+    w1 = up.image.blocks[0].mlp.experts.w1
+    assert not torch.equal(w1[0], w1[1])
+
+
+def test_upcycle_rejects_bad_towers_and_moe_source():
+    dense = clipmoe.create_model("clipmoe-micro")
+    with pytest.raises(clipmoe.ClipmoeError, match="towers"):
+        clipmoe.upcycle(dense, towers=("audio",))
+    with pytest.raises(clipmoe.ClipmoeError, match="already has MoE"):
+        clipmoe.upcycle(clipmoe.upcycle(dense, num_experts=2), num_experts=2)
