@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
 from loaders import DataError
 
 from .errors import ClipmoeError
@@ -33,13 +35,12 @@ def _train(args) -> None:
 
 def _upcycle(args) -> None:
     from .checkpoint import save
-    from .factory import create_model
     from .upcycle import upcycle
 
-    source = create_model(args.arch, pretrained=args.input) if args.arch else args.input
     towers = tuple(t.strip() for t in args.towers.split(","))
-    model = upcycle(source, num_experts=args.experts, top_k=args.top_k, every=args.every, towers=towers,
-                    capacity_factor=args.capacity_factor)
+    model = upcycle(args.input, num_experts=args.experts, top_k=args.top_k, every=args.every, towers=towers,
+                    router=args.router, capacity_factor=args.capacity_factor, batch_priority=args.batch_priority,
+                    noise_std=args.noise_std, reinit_fraction=args.reinit_fraction, arch=args.arch, seed=args.seed)
     print(f"wrote {save(model, args.output)}")
 
 
@@ -56,6 +57,19 @@ def _encode(args) -> None:
         print(f"wrote {tuple(features.shape)} embeddings to {args.out}")
     else:
         print(json.dumps([[round(v, 6) for v in row] for row in features.tolist()]))
+
+
+def _analyze_routing(args) -> None:
+    from .analysis import analyze_routing
+    from .encode import resolve_model
+
+    report = analyze_routing(resolve_model(args.model), args.data, args.out, num_batches=args.batches)
+    for name, entry in report.items():
+        load = " ".join(f"{x:.2f}" for x in entry["load"])
+        print(f"{name:<9} load {load}")
+        for e, top in enumerate(entry.get("top_words", [])):
+            print(f"    expert {e}: " + ", ".join(w for w, _ in top[:8]))
+    print(f"wrote {Path(args.out) / 'routing.png'} and {Path(args.out) / 'routing.json'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--top-k", type=int, default=2)
     u.add_argument("--every", type=int, default=2)
     u.add_argument("--towers", default="image,text")
+    u.add_argument("--router", choices=["topk", "expert_choice"], default="topk")
     u.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
+    u.add_argument("--batch-priority", action="store_true", help="Batch Prioritized Routing")
+    u.add_argument("--noise-std", type=float, default=0.0, help="relative noise on the expert copies")
+    u.add_argument("--reinit-fraction", type=float, default=0.0, help="Drop-Upcycling: hidden units re-initialised")
+    u.add_argument("--seed", type=int, default=0)
     u.set_defaults(func=_upcycle)
 
     e = sub.add_parser("encode", help="print or save L2-normalised embeddings")
@@ -90,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image", nargs="+", help="image files to embed")
     e.add_argument("--out", help="write a .pt tensor instead of printing JSON")
     e.set_defaults(func=_encode)
+
+    a = sub.add_parser("analyze-routing", help="expert load per layer, and which words / patches each expert takes")
+    a.add_argument("--model", required=True, help="a clipmoe .safetensors file")
+    a.add_argument("--data", required=True, help="shards, e.g. 'DIR/{00000..00009}.tar'")
+    a.add_argument("--out", default="routing", help="output folder (default: routing)")
+    a.add_argument("--batches", type=int, default=4, help="batches of 64 to route")
+    a.set_defaults(func=_analyze_routing)
     return p
 
 

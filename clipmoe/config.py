@@ -42,6 +42,12 @@ class MoEConfig:
     # value 1 with the gate's gradient, so an upcycled model equals its dense source at step 0.
     k1_gate: str = "multiply"
     expert_mlp_ratio: Optional[float] = None  # expert hidden width / tower width; None: the tower's
+    # "topk": tokens choose experts; "expert_choice": each expert takes its top C tokens (Zhou et al.
+    # 2022), C = ceil(N * capacity_factor / E) with capacity_factor 2.0 when null.
+    router: str = "topk"
+    batch_priority: bool = False  # V-MoE's Batch Prioritized Routing: confident tokens claim slots first
+    jitter: float = 0.0  # Switch: router inputs times U(1 - jitter, 1 + jitter) in training
+    shared_expert: bool = False  # an always-on dense MLP beside the experts
 
     def __post_init__(self):
         _check(self.num_experts >= 1, "num_experts", self.num_experts, "must be >= 1")
@@ -56,6 +62,8 @@ class MoEConfig:
                "must be 'multiply' or 'straight_through'")
         _check(self.expert_mlp_ratio is None or self.expert_mlp_ratio > 0, "expert_mlp_ratio",
                self.expert_mlp_ratio, "must be > 0")
+        _check(self.router in ("topk", "expert_choice"), "router", self.router, "must be 'topk' or 'expert_choice'")
+        _check(0 <= self.jitter < 1, "jitter", self.jitter, "must be in [0, 1)")
 
     def moe_blocks(self, depth: int) -> list[int]:
         """Indices of the blocks whose MLP is an MoE layer, in a tower of `depth` blocks."""
@@ -152,9 +160,26 @@ class DataConfig:
 
 
 @dataclass
+class EntropyLossConfig:
+    """LIMoE's per-modality entropy losses (Mustafa et al. 2022), for one tower's MoE layers."""
+
+    local_coef: float = 0.0  # times mean_i H(p(.|x_i)): confident routing per token
+    global_coef: float = 0.0  # times max(0, threshold - H(mean_i p(.|x_i))): use enough experts
+    global_threshold: Optional[float] = None  # nats; null: log(num_experts)
+
+    def __post_init__(self):
+        for name in ("local_coef", "global_coef"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        _check(self.global_threshold is None or self.global_threshold >= 0, "global_threshold",
+               self.global_threshold, "must be >= 0")
+
+
+@dataclass
 class LossConfig:
     balance_coef: float = 0.01  # Switch load-balancing loss
-    z_coef: float = 0.0  # ST-MoE router z-loss (1e-3 is the paper's value)
+    z_coef: float = 1e-3  # ST-MoE router z-loss
+    image_entropy: EntropyLossConfig = field(default_factory=EntropyLossConfig)
+    text_entropy: EntropyLossConfig = field(default_factory=EntropyLossConfig)
     local_loss: bool = True
     gather_with_grad: bool = True
 
@@ -277,6 +302,11 @@ def _coerce(tp, value: Any, path: str):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)

@@ -1,6 +1,10 @@
 """Training losses: the CLIP contrastive loss (InfoNCE both ways), gathered across ranks with
-gradients, plus the MoE auxiliary terms weighted by the loss config (Switch balance, ST-MoE z-loss)."""
+gradients, plus the MoE auxiliary terms weighted by the loss config (Switch balance, ST-MoE z-loss,
+LIMoE's per-tower local and global entropy)."""
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -9,6 +13,7 @@ import torch.nn.functional as F
 
 from .config import LossConfig
 from .model import CLIPOutput
+from .moe import MoEAux
 
 
 def _world() -> tuple[int, int]:
@@ -57,6 +62,19 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     return (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
 
 
+def entropy_terms(aux: list[MoEAux], tower: str, threshold: Optional[float] = None) -> dict[str, torch.Tensor]:
+    """LIMoE's terms for one tower, summed over its MoE layers: local = mean_i H(p(.|x_i)) and global =
+    max(0, threshold - H(mean_i p(.|x_i))), the threshold being log(num_experts) when None."""
+    layers = [a for a in aux if a.tower == tower]
+    if not layers:
+        return {}
+    local = torch.stack([a.entropy for a in layers]).sum()
+    glob = torch.stack([
+        F.relu((threshold if threshold is not None else math.log(a.tokens_per_expert.numel())) - a.marginal_entropy)
+        for a in layers]).sum()
+    return {f"{tower}_local_entropy": local, f"{tower}_global_entropy": glob}
+
+
 def total_loss(output: CLIPOutput, cfg: LossConfig) -> dict[str, torch.Tensor]:
     """Named loss terms and their weighted sum under "loss". MoE terms are summed over layers."""
     terms = {"contrastive": clip_loss(output.image_features.float(), output.text_features.float(),
@@ -66,5 +84,12 @@ def total_loss(output: CLIPOutput, cfg: LossConfig) -> dict[str, torch.Tensor]:
         terms["balance"] = torch.stack([a.balance_loss for a in output.aux]).sum()
         terms["z"] = torch.stack([a.z_loss for a in output.aux]).sum()
         loss = loss + cfg.balance_coef * terms["balance"] + cfg.z_coef * terms["z"]
+        for tower, ecfg in (("image", cfg.image_entropy), ("text", cfg.text_entropy)):
+            if ecfg.local_coef or ecfg.global_coef:
+                e = entropy_terms(output.aux, tower, ecfg.global_threshold)
+                if e:
+                    terms.update(e)
+                    loss = loss + ecfg.local_coef * e[f"{tower}_local_entropy"] \
+                        + ecfg.global_coef * e[f"{tower}_global_entropy"]
     terms["loss"] = loss
     return terms

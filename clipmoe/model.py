@@ -69,7 +69,8 @@ def make_mlp(dim: int, mlp_ratio: float, moe: Optional[MoEConfig], act_layer, to
     if moe is None:
         return Mlp(dim, int(dim * mlp_ratio), act_layer)
     hidden = int(dim * (moe.expert_mlp_ratio or mlp_ratio))
-    return MoE(dim, hidden, moe, act_layer, tower=tower, block=block)
+    shared = Mlp(dim, hidden, act_layer) if moe.shared_expert else None
+    return MoE(dim, hidden, moe, act_layer, tower=tower, block=block, shared=shared)
 
 
 def build_blocks(cfg, act_layer, tower: str) -> nn.ModuleList:

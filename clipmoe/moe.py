@@ -28,9 +28,11 @@ class MoEAux:
     block: int
     balance_loss: torch.Tensor  # scalar, E * sum_i f_i * P_i; 1 when balanced
     z_loss: torch.Tensor  # scalar, mean(logsumexp(logits)^2)
-    entropy: torch.Tensor  # scalar, mean router entropy per token (nats), detached
+    entropy: torch.Tensor  # scalar, LIMoE's local term: mean over tokens of H(p(.|x)) (nats)
+    marginal_entropy: torch.Tensor  # scalar, H(mean over tokens of p(.|x)); LIMoE's global term is -this
     tokens_per_expert: torch.Tensor  # (E,) assignments routed to each expert before capacity, detached
-    dropped_fraction: torch.Tensor  # scalar, fraction of assignments dropped by capacity, detached
+    top1: torch.Tensor  # (N,) each routed token's most probable expert, detached (routing analysis)
+    dropped_fraction: torch.Tensor  # scalar: token choice, assignments dropped; expert choice, tokens unserved
 
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, factor: Optional[float], minimum: int) -> Optional[int]:
@@ -84,45 +86,80 @@ class MoE(nn.Module):
     """
 
     def __init__(self, dim: int, hidden: int, cfg: MoEConfig, act_layer: Callable[[], nn.Module],
-                 tower: str = "", block: int = -1):
+                 tower: str = "", block: int = -1, shared: Optional[nn.Module] = None):
         super().__init__()
         self.cfg = cfg
         self.tower, self.block = tower, block
         self.router = nn.Linear(dim, cfg.num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=0.02)
         self.experts = Experts(cfg.num_experts, dim, hidden, act_layer)
+        self.shared = shared  # an always-on dense MLP (cfg.shared_expert), built by the caller
 
     def capacity(self, num_tokens: int) -> Optional[int]:
-        factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
-        return capacity(num_tokens, self.cfg.num_experts, self.cfg.top_k, factor, self.cfg.min_capacity)
+        cfg = self.cfg
+        factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+        if cfg.router == "expert_choice":  # there is no dropless expert choice: C = N * c / E
+            factor = factor or cfg.capacity_factor or 2.0
+            return min(num_tokens, max(cfg.min_capacity, math.ceil(num_tokens * factor / cfg.num_experts)))
+        return capacity(num_tokens, cfg.num_experts, cfg.top_k, factor, cfg.min_capacity)
 
-    def route(self, x_ND: torch.Tensor):
-        """fp32 router under any autocast: returns logits (N, E), probs (N, E), gates (N, K), experts (N, K)."""
+    def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 router logits (N, E) and probabilities (N, E), under any autocast."""
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
-            logits_NE = F.linear(x_ND.float(), self.router.weight.float())
-        probs_NE = logits_NE.softmax(dim=-1)
+            x_ND = x_ND.float()
+            if self.training and self.cfg.jitter > 0:
+                x_ND = x_ND * torch.empty_like(x_ND).uniform_(1 - self.cfg.jitter, 1 + self.cfg.jitter)
+            logits_NE = F.linear(x_ND, self.router.weight.float())
+        return logits_NE, logits_NE.softmax(dim=-1)
+
+    def top_k(self, probs_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gates (N, K) and experts (N, K) of token-choice routing."""
         gates_NK, experts_NK = probs_NE.topk(self.cfg.top_k, dim=-1)
         if self.cfg.top_k > 1:
             gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True)
         elif self.cfg.k1_gate == "straight_through":
             gates_NK = gates_NK - gates_NK.detach() + 1.0  # value 1, gradient of the gate
-        return logits_NE, probs_NE, gates_NK, experts_NK
+        return gates_NK, experts_NK
 
-    def dispatch_order(self, experts_NK: torch.Tensor, cap: Optional[int]):
+    def dispatch_order(self, experts_NK: torch.Tensor, cap: Optional[int], priority_N: Optional[torch.Tensor] = None):
         """Which assignments run, sorted by expert: returns (order_S, kept_counts_E, counts_E).
 
-        Assignments are numbered choice-major (all first choices, then all second choices, each in
-        token order), so with capacity earlier choices and earlier tokens win slots (GShard, Switch).
+        Assignment a = k * N + n is token n's k-th choice. Slots are taken choice-major (all first
+        choices before any second choice, GShard/Switch), within a choice in token order, or with
+        `priority_N` (Batch Prioritized Routing) in decreasing priority.
         """
-        E = self.cfg.num_experts
+        N, K = experts_NK.shape
+        E, A = self.cfg.num_experts, N * K
         expert_A = experts_NK.t().reshape(-1)
         counts_E = torch.bincount(expert_A, minlength=E)
-        order_A = torch.argsort(expert_A, stable=True)
+        slot_A = torch.arange(A, device=expert_A.device)
+        if priority_N is not None:
+            rank_N = torch.empty_like(priority_N, dtype=torch.long)
+            rank_N[torch.argsort(priority_N, descending=True, stable=True)] = torch.arange(N, device=rank_N.device)
+            slot_A = (torch.arange(K, device=rank_N.device).unsqueeze(1) * N + rank_N).reshape(-1)
+        order_A = torch.argsort(expert_A * A + slot_A)  # by expert, then by slot priority
         if cap is None:
             return order_A, counts_E, counts_E
         starts_E = counts_E.cumsum(0) - counts_E
-        rank_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E[expert_A[order_A]]
+        rank_A = torch.arange(A, device=order_A.device) - starts_E[expert_A[order_A]]
         return order_A[rank_A < cap], counts_E.clamp(max=cap), counts_E
+
+    def _token_choice(self, probs_NE: torch.Tensor, cap: Optional[int]):
+        N = probs_NE.shape[0]
+        gates_NK, experts_NK = self.top_k(probs_NE)
+        priority_N = probs_NE.max(dim=-1).values.detach() if self.cfg.batch_priority else None
+        order_S, kept_E, counts_E = self.dispatch_order(experts_NK, cap, priority_N)
+        dropped = 1.0 - order_S.numel() / max(1, experts_NK.numel())
+        return order_S % N, gates_NK.t().reshape(-1)[order_S], kept_E, counts_E, experts_NK[:, 0], dropped
+
+    def _expert_choice(self, probs_NE: torch.Tensor, cap: int):
+        N, E = probs_NE.shape
+        gates_EC, token_EC = probs_NE.t().topk(cap, dim=1)  # each expert's most confident tokens
+        counts_E = torch.full((E,), cap, dtype=torch.long, device=probs_NE.device)
+        served = torch.zeros(N, dtype=torch.bool, device=probs_NE.device)
+        served[token_EC.reshape(-1)] = True
+        dropped = 1.0 - served.float().mean().item() if N else 0.0  # tokens no expert took
+        return token_EC.reshape(-1), gates_EC.reshape(-1), counts_E, counts_E, probs_NE.argmax(-1), dropped
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
         shape = x.shape
@@ -133,32 +170,49 @@ class MoE(nn.Module):
             x_ND = x_ND.index_select(0, keep_N)
         N = x_ND.shape[0]
 
-        logits_NE, probs_NE, gates_NK, experts_NK = self.route(x_ND)
-        order_S, kept_E, counts_E = self.dispatch_order(experts_NK, self.capacity(N))
-        token_S = order_S % N  # assignment a = choice * N + token
-        gate_S = gates_NK.t().reshape(-1)[order_S]
+        logits_NE, probs_NE = self.route(x_ND)
+        choose = self._expert_choice if self.cfg.router == "expert_choice" else self._token_choice
+        token_S, gate_S, kept_E, counts_E, top1_N, dropped = choose(probs_NE, self.capacity(N))
 
+        # dispatch -> experts -> combine: the seam where expert parallelism's all-to-all slots in
         h_SD = self.experts(x_ND.index_select(0, token_S), kept_E)
         h_SD = h_SD * gate_S.unsqueeze(1).to(h_SD.dtype)
         y_ND = torch.zeros_like(x_ND, dtype=h_SD.dtype).index_add_(0, token_S, h_SD)
+        if self.shared is not None:
+            y_ND = y_ND + self.shared(x_ND)[0].to(y_ND.dtype)
 
         if keep_N is not None:
             y = torch.zeros(shape[:-1].numel(), shape[-1], dtype=y_ND.dtype, device=x.device)
             y = y.index_copy(0, keep_N, y_ND)
         else:
             y = y_ND
-        return y.reshape(shape).to(x.dtype), self._aux(logits_NE, probs_NE, experts_NK, counts_E, order_S)
+        return y.reshape(shape).to(x.dtype), self._aux(logits_NE, probs_NE, top1_N, counts_E, dropped)
 
-    def _aux(self, logits_NE, probs_NE, experts_NK, counts_E, order_S) -> MoEAux:
+    def _aux(self, logits_NE, probs_NE, top1_N, counts_E, dropped: float) -> MoEAux:
         N, E = probs_NE.shape
         if N == 0:
             zero = probs_NE.sum()
-            return MoEAux(self.tower, self.block, zero, zero, zero.detach(), counts_E, zero.detach())
-        f_E = torch.bincount(experts_NK[:, 0], minlength=E).to(probs_NE.dtype) / N
-        balance = E * (f_E * probs_NE.mean(0)).sum()
+            return MoEAux(self.tower, self.block, zero, zero, zero, zero, counts_E, top1_N, zero.detach())
+        f_E = torch.bincount(top1_N, minlength=E).to(probs_NE.dtype) / N
+        mean_p_E = probs_NE.mean(0)
+        balance = E * (f_E * mean_p_E).sum()
         z = torch.logsumexp(logits_NE, dim=-1).pow(2).mean()
-        with torch.no_grad():
-            entropy = -(probs_NE * probs_NE.clamp_min(1e-20).log()).sum(-1).mean()
-            dropped = 1.0 - order_S.numel() / experts_NK.numel()
-        return MoEAux(self.tower, self.block, balance, z, entropy, counts_E.detach(),
-                      torch.tensor(dropped, device=probs_NE.device))
+        local = -(probs_NE * probs_NE.clamp_min(1e-20).log()).sum(-1).mean()
+        marginal = -(mean_p_E * mean_p_E.clamp_min(1e-20).log()).sum()
+        return MoEAux(self.tower, self.block, balance, z, local, marginal, counts_E.detach(),
+                      probs_NE.detach().argmax(-1), torch.tensor(dropped, device=probs_NE.device))
+
+
+def moe_report(output) -> list[dict]:
+    """Per MoE layer of a forward (a CLIPOutput or a list of MoEAux): tower, block, tokens per expert,
+    fraction dropped, router entropy, balance and z loss, as plain Python numbers."""
+    aux = getattr(output, "aux", output)
+    return [{
+        "tower": a.tower,
+        "block": a.block,
+        "tokens_per_expert": a.tokens_per_expert.tolist(),
+        "dropped_fraction": a.dropped_fraction.item(),
+        "entropy": a.entropy.detach().item(),
+        "balance_loss": a.balance_loss.detach().item(),
+        "z_loss": a.z_loss.detach().item(),
+    } for a in aux]

@@ -46,3 +46,35 @@ def plot_expert_load(load: dict[str, list[float]], path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def plot_routing(report: dict, path: str | Path, grid: int) -> Path:
+    """Heat map of expert load per layer and tower, then where in the image each expert's tokens sit."""
+    import numpy as np
+
+    towers = [t for t in ("image", "text") if any(k.startswith(t) for k in report)]
+    image_layers = [k for k in report if "patch_map" in report[k]]
+    num_experts = max(len(v["load"]) for v in report.values())
+    rows = 1 + len(image_layers)
+    fig, axes = plt.subplots(rows, max(len(towers), num_experts), figsize=(2.2 * max(len(towers), num_experts), 2.4 * rows),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, tower in zip(axes[0], towers):
+        names = sorted((k for k in report if k.startswith(tower)), key=lambda k: int(k.split(".")[1]))
+        load = np.array([report[k]["load"] for k in names])
+        ax.axis("on")
+        im = ax.imshow(load, cmap="viridis", vmin=0, aspect="auto")
+        ax.set_yticks(range(len(names)), [f"block {k.split('.')[1]}" for k in names])
+        ax.set_xlabel("expert")
+        ax.set_title(f"{tower} tower load")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    for r, name in enumerate(image_layers, start=1):
+        for e, pmap in enumerate(report[name]["patch_map"]):
+            ax = axes[r][e]
+            ax.imshow(np.array(pmap[1:]).reshape(grid, grid), cmap="magma", vmin=0)
+            ax.set_title(f"{name} expert {e}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)

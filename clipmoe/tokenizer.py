@@ -3,8 +3,9 @@
 Same tokens as open_clip for ordinary text. Differences, all on input open_clip mishandles:
 - text is literal: `<end_of_text>` / `<start_of_text>` typed in a caption are ordinary characters, so
   they cannot end the sequence early (pooling happens at the first end token);
-- input is cut before BPE (to what `context_length` tokens can use), so a 1 MB string costs
-  milliseconds instead of BPE's quadratic time on one long word;
+- input is cut before BPE (to what `context_length` tokens can use) and words over 128 characters are
+  encoded in 128-character pieces, so a 1 MB string costs milliseconds instead of BPE's quadratic
+  time on one long word;
 - lone surrogates are dropped instead of raising; NUL and zero-width characters pass through.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from open_clip.tokenizer import SimpleTokenizer
 # open_clip's pre-tokeniser pattern without the special-token alternatives in front.
 _WORDS = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 _CHARS_PER_TOKEN = 64  # raw characters kept per context position; ordinary text needs far fewer
-_MAX_WORD = 256  # characters of one pre-token handed to BPE; a word this long fills the context
+_CHUNK = 128  # a longer pre-token is BPE-encoded in pieces of this many characters (BPE is quadratic)
 
 
 class Tokenizer:
@@ -42,10 +43,12 @@ class Tokenizer:
         ids: list[int] = []
         byte_encoder, encoder = self._bpe.byte_encoder, self._bpe.encoder
         for m in _WORDS.finditer(text):
-            word = "".join(byte_encoder[b] for b in m.group()[:_MAX_WORD].encode("utf-8"))
-            ids.extend(encoder[t] for t in self._bpe.bpe(word).split(" "))
-            if len(ids) >= max_tokens:
-                return ids[:max_tokens]
+            word = m.group()
+            for start in range(0, len(word), _CHUNK):
+                piece = "".join(byte_encoder[b] for b in word[start:start + _CHUNK].encode("utf-8"))
+                ids.extend(encoder[t] for t in self._bpe.bpe(piece).split(" "))
+                if len(ids) >= max_tokens:
+                    return ids[:max_tokens]
         return ids
 
     def __call__(self, texts: Union[str, Sequence[str]], context_length: int | None = None) -> torch.Tensor:

@@ -23,36 +23,47 @@ def upcycle(
     every: int = 2,
     towers: Sequence[str] = TOWERS,
     *,
-    last: Optional[int] = None,
-    blocks: Optional[list[int]] = None,
+    router: str = "topk",
     capacity_factor: Optional[float] = None,
     eval_capacity_factor: Optional[float] = None,
+    batch_priority: bool = False,
     min_capacity: int = 4,
+    jitter: float = 0.0,
+    last: Optional[int] = None,
+    blocks: Optional[list[int]] = None,
     noise_std: float = 0.0,
+    reinit_fraction: float = 0.0,
+    arch: Optional[str] = None,
     seed: int = 0,
 ) -> CLIP:
     """Returns a new MoE model upcycled from a dense one (`model` itself is not changed).
 
     Args:
-        model: a CLIP model or the path of a `clipmoe.save` file.
-        num_experts, top_k: experts per MoE layer and experts per token.
+        model: a CLIP model, the path of a `clipmoe.save` file, or an open_clip / OpenAI checkpoint
+            file together with `arch`.
+        num_experts, top_k: experts per MoE layer and experts per token (token-choice routing).
         every / last / blocks: placement, per tower (every n-th block, the last n, or explicit indices).
         towers: which towers get MoE layers ("image", "text").
+        router: "topk" (token choice) or "expert_choice".
         capacity_factor, eval_capacity_factor: None (default) is dropless, which keeps the model equal
-            to its source; a float drops tokens past capacity.
-        noise_std: relative std of Gaussian noise added to each expert copy to break their symmetry
-            (0 keeps the upcycled model exactly equal to the dense one).
+            to its source; a float drops tokens past capacity. For expert choice, C = N * factor / E
+            (factor = num_experts makes every expert take every token: again equal to the source).
+        batch_priority, min_capacity, jitter: as in MoEConfig.
+        noise_std: relative std of Gaussian noise added to each expert copy to break their symmetry.
+        reinit_fraction: Drop-Upcycling (Nakamura et al. 2025): this fraction of each expert's hidden
+            units is re-initialised from the dense weights' statistics, a different subset per expert.
+        With noise_std = reinit_fraction = 0 and no dropped token, the result computes what `model` did.
     """
-    if isinstance(model, (str, Path)):
-        from .checkpoint import load
-
-        model = load(model)
+    model = _source(model, arch)
     bad = [t for t in towers if t not in TOWERS]
     if bad or not towers:
         raise ClipmoeError(f"towers must be a non-empty subset of {TOWERS}, got {tuple(towers)}")
-    moe = MoEConfig(num_experts=num_experts, top_k=top_k, every=every, last=last, blocks=blocks,
+    if not 0 <= reinit_fraction <= 1:
+        raise ClipmoeError(f"reinit_fraction must be in [0, 1], got {reinit_fraction}")
+    moe = MoEConfig(num_experts=num_experts, top_k=top_k, every=every, last=last, blocks=blocks, router=router,
                     capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                    min_capacity=min_capacity, k1_gate="straight_through")
+                    batch_priority=batch_priority, min_capacity=min_capacity, jitter=jitter,
+                    k1_gate="straight_through")
     cfg = model.config
     tower_cfgs = {"image": cfg.vision, "text": cfg.text}
     for t in towers:
@@ -66,11 +77,42 @@ def upcycle(
     new = CLIP(new_cfg)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        new.load_state_dict(_upcycled_state(model, new, noise_std, generator))
+        new.load_state_dict(_upcycled_state(model, new, noise_std, reinit_fraction, generator))
     return new.train(model.training)
 
 
-def _upcycled_state(dense: CLIP, new: CLIP, noise_std: float, generator: torch.Generator) -> dict:
+def _source(model, arch: Optional[str]) -> CLIP:
+    if isinstance(model, CLIP):
+        return model
+    from .checkpoint import FORMAT, load
+    from .factory import create_model
+
+    path = Path(model)
+    if arch:
+        return create_model(arch, pretrained=str(path))
+    if path.suffix == ".safetensors":
+        return load(path)
+    raise ClipmoeError(f"{path}: give arch= (e.g. 'ViT-B-32') to upcycle an open_clip checkpoint; "
+                       f"only {FORMAT} files carry their architecture")
+
+
+def _drop_upcycle(w1, b1, w2, fraction: float, generator: torch.Generator):
+    """Re-initialises a random `fraction` of each expert's hidden units (w1 columns, b1, w2 rows) from
+    the dense weights' mean and std, so experts start different but keep most of the dense knowledge."""
+    E, _, F_ = w1.shape
+    n = int(round(fraction * F_))
+    if n == 0:
+        return
+    m1, s1, m2, s2 = w1.mean(), w1.std(), w2.mean(), w2.std()
+    for e in range(E):
+        idx = torch.randperm(F_, generator=generator)[:n].to(w1.device)
+        w1[e][:, idx] = (torch.randn(w1.shape[1], n, generator=generator) * s1 + m1).to(w1)
+        b1[e][idx] = 0
+        w2[e][idx, :] = (torch.randn(n, w2.shape[2], generator=generator) * s2 + m2).to(w2)
+
+
+def _upcycled_state(dense: CLIP, new: CLIP, noise_std: float, reinit_fraction: float,
+                    generator: torch.Generator) -> dict:
     state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
     for tower in TOWERS:
         dense_blocks, new_blocks = getattr(dense, tower).blocks, getattr(new, tower).blocks
@@ -85,11 +127,12 @@ def _upcycled_state(dense: CLIP, new: CLIP, noise_std: float, generator: torch.G
                 "w1": fc1.weight.t().expand(E, -1, -1), "b1": fc1.bias.expand(E, -1),
                 "w2": fc2.weight.t().expand(E, -1, -1), "b2": fc2.bias.expand(E, -1),
             }
-            for name, w in experts.items():
-                w = w.clone()
-                if noise_std > 0 and name.startswith("w"):
-                    noise = torch.randn(w.shape, generator=generator, dtype=w.dtype)
-                    w = w + noise.to(w.device) * noise_std * w.std()
-                state[prefix + "experts." + name] = w
+            experts = {name: w.clone() for name, w in experts.items()}
+            if noise_std > 0:
+                for name in ("w1", "w2"):
+                    w = experts[name]
+                    w += torch.randn(w.shape, generator=generator, dtype=w.dtype).to(w.device) * noise_std * w.std()
+            _drop_upcycle(experts["w1"], experts["b1"], experts["w2"], reinit_fraction, generator)
+            state.update({prefix + "experts." + name: w for name, w in experts.items()})
             state[prefix + "router.weight"] = torch.zeros_like(nb.mlp.router.weight)
     return state

@@ -133,7 +133,8 @@ class ImageTextLoader:
         self.caption_key, self.shuffle_buffer = caption_key, shuffle_buffer
         self.samples_per_epoch, self.epoch, self.drop_last = samples_per_epoch, epoch, drop_last
         self.pin_memory, self.with_meta = pin_memory, with_meta
-        self._counts: dict[int, Counter] = {}
+        self._counts: dict[tuple[int, int], Counter] = {}  # (pass over the data, worker) -> counts
+        self._passes = 0
 
     # -- public -------------------------------------------------------------------------------------
 
@@ -141,7 +142,7 @@ class ImageTextLoader:
         self.epoch = epoch
 
     def stats(self) -> dict:
-        """`samples` delivered and `skipped` counts by reason, summed over this rank's workers."""
+        """`samples` delivered and `skipped` counts by reason, over this rank's workers and all passes."""
         total = Counter()
         for c in self._counts.values():
             total.update(c)
@@ -149,7 +150,7 @@ class ImageTextLoader:
         return {"samples": samples, "skipped": dict(total)}
 
     def __iter__(self) -> Iterator[dict]:
-        self._counts = {}
+        self._passes += 1
         if self.num_workers == 0:
             source = self._worker_batches(0, 1)
         else:
@@ -157,7 +158,7 @@ class ImageTextLoader:
                 _Stream(self), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
         for batch in source:
             worker, counts = batch.pop("__stats__")
-            self._counts[worker] = Counter(counts)
+            self._counts[self._passes, worker] = Counter(counts)
             if batch["key"]:
                 yield batch
 

@@ -1,5 +1,6 @@
 """Procedural image-caption data for the quickstart and tests: scenes of 1-3 coloured shapes in one
-region of a noisy background, captioned in varied sentences that mention some of their attributes.
+region of a coloured, cluttered background, captioned in varied sentences that mention some of their
+attributes (colour, shape, count, position, background).
 
 Deterministic given the seed: sample i of split s depends only on (seed, s, i).
 """
@@ -16,11 +17,15 @@ COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 70, 230), "yellow": (240, 220, 30),
     "purple": (140, 40, 190), "orange": (250, 140, 20), "cyan": (40, 210, 220), "pink": (250, 130, 190),
 }
-SHAPES = ["circle", "square", "triangle", "cross", "star", "ring"]
+BACKGROUNDS = {
+    "white": (232, 232, 228), "black": (28, 28, 30), "grey": (128, 128, 128), "brown": (120, 78, 40),
+    "navy": (22, 32, 92), "olive": (104, 112, 42),
+}
+SHAPES = ["circle", "square", "triangle", "cross", "star", "ring", "diamond", "bar"]
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73)}
 COUNTS = [1, 2, 3]
 ATTRIBUTES = {"colour": list(COLOURS), "shape": SHAPES, "count": [str(c) for c in COUNTS],
-              "position": list(POSITIONS)}
+              "position": list(POSITIONS), "background": list(BACKGROUNDS)}
 
 _NUMBER = {1: ["one", "a single", "1"], 2: ["two", "a pair of", "2"], 3: ["three", "3"]}
 _WHERE = {
@@ -38,9 +43,11 @@ class Scene:
     shape: str
     count: int
     position: str
+    background: str
 
     def attributes(self) -> dict:
-        return {"colour": self.colour, "shape": self.shape, "count": str(self.count), "position": self.position}
+        return {"colour": self.colour, "shape": self.shape, "count": str(self.count), "position": self.position,
+                "background": self.background}
 
 
 def plural(shape: str, n: int = 2) -> str:
@@ -67,6 +74,10 @@ def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: flo
         d.polygon(_polygon(cx, cy + r * 0.15, r * 1.1, 3), fill=fill)
     elif shape == "star":
         d.polygon(_polygon(cx, cy, r * 1.15, 5, inner=r * 0.48), fill=fill)
+    elif shape == "diamond":
+        d.polygon(_polygon(cx, cy, r * 1.15, 4), fill=fill)
+    elif shape == "bar":
+        d.rectangle([cx - r * 1.1, cy - r * 0.4, cx + r * 1.1, cy + r * 0.4], fill=fill)
     elif shape == "cross":
         w = r * 0.38
         d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
@@ -76,18 +87,18 @@ def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: flo
 
 
 def render(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
-    grey = rng.randint(70, 150)
-    img = Image.new("RGB", (size, size), tuple(grey + rng.randint(-12, 12) for _ in range(3)))
+    bg = [min(255, max(0, c + rng.randint(-14, 14))) for c in BACKGROUNDS[scene.background]]
+    img = Image.new("RGB", (size, size), tuple(bg))
     d = ImageDraw.Draw(img)
     for _ in range(6):  # faint clutter so the background is not a constant
         x, y = rng.uniform(0, size), rng.uniform(0, size)
-        g = grey + rng.randint(-25, 25)
-        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(g, g, g))
+        shift = rng.randint(-22, 22)
+        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=tuple(min(255, max(0, c + shift)) for c in bg))
     px, py = POSITIONS[scene.position]
-    r = size * (0.11 if scene.count > 1 else 0.15) * rng.uniform(0.85, 1.15)
+    r = size * (0.13 if scene.count > 1 else 0.18) * rng.uniform(0.85, 1.15)
     # Objects sit side by side along the region's long axis (vertical for left/right).
     vertical = scene.position in ("left", "right")
-    step = 2.3 * r
+    step = 2.2 * r
     offsets = [(i - (scene.count - 1) / 2) * step for i in range(scene.count)]
     base = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[scene.colour])
     for off in offsets:
@@ -105,24 +116,31 @@ def caption(scene: Scene, rng: random.Random) -> str:
     shape = plural(scene.shape, n)
     where = rng.choice(_WHERE[scene.position])
     colour = scene.colour
-    # Every form names the shape; colour, count and position each appear in about half of them,
-    # so no single attribute tells captions apart and the towers must learn all of them.
-    forms = [
+    # Most captions name all four attributes (in varied words and orders), so in-batch negatives
+    # differ in any of them; the rest name a subset, as real alt-text does.
+    full = [
         f"{num} {colour} {shape} {where}",
         f"a picture of {num} {shape}, coloured {colour}, {where}.",
         f"{where}, {'there is' if n == 1 else 'there are'} {num} {colour} {shape}.",
         f"{num} {shape} {where}. {'it is' if n == 1 else 'they are'} {colour}.",
-        f"an image showing {num} {colour} {shape}",
-        f"a {colour} {scene.shape} {where}" if n == 1 else f"some {colour} {shape} {where}",
-        f"{colour} {shape} on a grey background",
-        f"a photo of {shape}.",
-        f"the {shape} are {colour}" if n > 1 else f"the {scene.shape} is {colour}",
-        f"{num} {shape}, {where}",
-        f"{shape} {where}",
-        f"a drawing of a {scene.shape}" if n == 1 else f"a drawing of {num} {shape}",
-        f"a {scene.shape}" if n == 1 else f"{shape}",
+        f"an image showing {num} {colour} {shape} {where}",
+        f"{colour} {plural(scene.shape)}: {n} of them, {where}",
+        f"{where} you can see {num} {shape} in {colour}",
     ]
+    partial = [
+        f"a {colour} {scene.shape}" if n == 1 else f"some {colour} {shape}",
+        f"{colour} {shape}",
+        f"a drawing of a {scene.shape}" if n == 1 else f"a drawing of {num} {shape}",
+        f"{num} {shape}, {where}",
+        f"something {colour} {where}",
+    ]
+    forms = full if rng.random() < 0.7 else partial
     text = rng.choice(forms)
+    if rng.random() < 0.7:
+        bg, text = scene.background, text.rstrip(".")
+        a = "an" if bg[0] in "aeiou" else "a"
+        text = rng.choice([f"{text}, on {a} {bg} background", f"on {a} {bg} background: {text}",
+                           f"{text} against {a} {bg} backdrop", f"{text}; the background is {bg}"])
     return text[0].upper() + text[1:] if rng.random() < 0.5 else text
 
 
@@ -130,7 +148,8 @@ def scenes(num: int, seed: int, split: str = "train", image_size: int = 64) -> I
     """`num` samples as dicts (`key`, `image`, `caption`, `meta` with the attributes)."""
     for i in range(num):
         rng = random.Random(f"{seed}/{split}/{i}")
-        scene = Scene(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(COUNTS), rng.choice(list(POSITIONS)))
+        scene = Scene(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(COUNTS), rng.choice(list(POSITIONS)),
+                      rng.choice(list(BACKGROUNDS)))
         yield {
             "key": f"{split}{i:07d}",
             "image": render(scene, rng, image_size),

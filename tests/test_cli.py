@@ -3,7 +3,10 @@ import json
 import subprocess
 import sys
 
+import torch
+
 import clipmoe
+from clipmoe.moe import MoE
 
 
 def _run(*args):
@@ -32,3 +35,28 @@ def test_errors_are_one_line(tmp_path):
     bad.write_bytes(b"garbage")
     r = _run("upcycle", str(bad), str(tmp_path / "o.safetensors"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+
+
+def test_analyze_routing_writes_heatmap_and_words(tmp_path, tiny_shards):
+    from clipmoe.analysis import analyze_routing
+
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=3, every=1, noise_std=0.1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.router.weight.normal_()
+    report = analyze_routing(model, tiny_shards["eval"], tmp_path, num_batches=2, batch_size=16)
+    assert set(report) == {"image.0", "image.1", "text.0", "text.1"}
+    for name, entry in report.items():
+        assert abs(sum(entry["load"]) - 1) < 1e-5
+    words = [w for top in report["text.0"]["top_words"] for w, _ in top]
+    assert words and all(isinstance(w, str) and w for w in words)
+    assert len(report["image.0"]["patch_map"]) == 3 and len(report["image.0"]["patch_map"][0]) == 2 * 2 + 1
+    assert (tmp_path / "routing.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "routing.json").read_text()).keys() == report.keys()
+    # and through the console script
+    path = clipmoe.save(model, tmp_path / "m.safetensors")
+    r = _run("analyze-routing", "--model", str(path), "--data", tiny_shards["eval"], "--out", str(tmp_path / "cli"),
+             "--batches", "1")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "cli" / "routing.png").is_file() and "expert 0:" in r.stdout

@@ -3,6 +3,7 @@ import io
 import json
 import threading
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -19,7 +20,7 @@ def _jpeg(colour=(200, 10, 10), size=(20, 20)):
 
 
 def _tf(img):
-    return torch.tensor(img.resize((8, 8)).getdata(), dtype=torch.float32).view(8, 8, 3).permute(2, 0, 1)
+    return torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)
 
 
 @pytest.fixture

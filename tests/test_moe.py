@@ -25,8 +25,11 @@ def reference_moe(layer: MoE, x_ND: torch.Tensor):
     rows = [torch.zeros(x_ND.shape[1]) for _ in range(x_ND.shape[0])]
     dropped = 0
     ex = layer.experts
+    tokens = list(range(x_ND.shape[0]))
+    if cfg.batch_priority:  # most confident first (top-1 probability), ties in token order
+        tokens.sort(key=lambda n: -probs[n].max().item())
     for k in range(K):
-        for n in range(x_ND.shape[0]):
+        for n in tokens:
             e = int(experts[n, k])
             if cap is not None and used[e] >= cap:
                 dropped += 1
@@ -37,10 +40,22 @@ def reference_moe(layer: MoE, x_ND: torch.Tensor):
     return torch.stack(rows), dropped
 
 
-def make_layer(E=4, K=2, cf=None, k1_gate="multiply", D=8, F=16, seed=0):
+def reference_expert_choice(layer: MoE, x_ND: torch.Tensor):
+    """Each expert takes its top-C tokens by router probability; outputs weighted by that probability."""
+    probs = (x_ND.float() @ layer.router.weight.float().t()).softmax(-1)
+    cap = layer.capacity(x_ND.shape[0])
+    ex = layer.experts
+    rows = [torch.zeros(x_ND.shape[1]) for _ in range(x_ND.shape[0])]
+    for e in range(layer.cfg.num_experts):
+        for n in probs[:, e].topk(cap).indices.tolist():
+            rows[n] = rows[n] + probs[n, e] * (ex.act(x_ND[n] @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e])
+    return torch.stack(rows), cap
+
+
+def make_layer(E=4, K=2, cf=None, k1_gate="multiply", D=8, F=16, seed=0, **kw):
     torch.manual_seed(seed)
     cfg = MoEConfig(num_experts=E, top_k=K, capacity_factor=cf, eval_capacity_factor=cf, min_capacity=1,
-                    k1_gate=k1_gate)
+                    k1_gate=k1_gate, **kw)
     layer = MoE(D, F, cfg, nn.GELU)
     nn.init.normal_(layer.router.weight, std=1.0)  # confident, unbalanced routing
     nn.init.normal_(layer.experts.b1, std=0.1)
@@ -70,6 +85,74 @@ def test_matches_reference_loop(K, cf, k1_gate):
         assert dropped > 0  # total capacity E*C is below the K*N assignments
     for g, g_ref in zip(_grads(layer, x, y), _grads(layer, x, y_ref)):
         torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+@pytest.mark.parametrize("cf", [0.3, 0.75])
+def test_batch_prioritized_routing_matches_reference(K, cf):
+    layer = make_layer(E=4, K=K, cf=cf, batch_priority=True).train()
+    x = torch.randn(41, 8, requires_grad=True)
+    y, aux = layer(x)
+    y_ref, dropped = reference_moe(layer, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    assert math.isclose(aux.dropped_fraction.item(), dropped / (41 * K), abs_tol=1e-6)
+    for g, g_ref in zip(_grads(layer, x, y), _grads(layer, x, y_ref)):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_priority_keeps_confident_tokens():
+    layer = make_layer(E=2, K=1, cf=0.25, batch_priority=True).train()
+    x = torch.randn(64, 8)
+    y, _ = layer(x)
+    probs = layer.router(x).softmax(-1)
+    conf, expert = probs.max(-1)
+    for e in range(2):
+        mine = (expert == e).nonzero().squeeze(1)
+        kept = mine[y[mine].abs().sum(-1) > 0]
+        lost = mine[y[mine].abs().sum(-1) == 0]
+        if len(kept) and len(lost):
+            assert conf[kept].min() >= conf[lost].max()
+
+
+@pytest.mark.parametrize("cf", [0.5, 1.0, 2.0])
+def test_expert_choice_matches_reference(cf):
+    layer = make_layer(E=4, cf=cf, router="expert_choice").train()
+    x = torch.randn(30, 8, requires_grad=True)
+    y, aux = layer(x)
+    y_ref, cap = reference_expert_choice(layer, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    assert aux.tokens_per_expert.tolist() == [cap] * 4  # every expert exactly its capacity
+    assert cap == max(1, math.ceil(30 * cf / 4))
+    for g, g_ref in zip(_grads(layer, x, y), _grads(layer, x, y_ref)):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_jitter_only_in_training_and_shared_expert_always_on():
+    layer = make_layer(E=4, K=2, cf=None, jitter=0.5)
+    x = torch.randn(20, 8)
+    layer.eval()
+    torch.testing.assert_close(layer(x)[0], layer(x)[0])
+    layer.train()
+    l1, _ = layer.route(x)
+    l2, _ = layer.route(x)
+    assert not torch.equal(l1, l2)
+    from clipmoe.model import Mlp
+
+    shared = Mlp(8, 16, nn.GELU)
+    with_shared = MoE(8, 16, MoEConfig(num_experts=4, top_k=2, capacity_factor=None), nn.GELU, shared=shared)
+    with_shared.load_state_dict({**make_layer(E=4, K=2).state_dict(), **{"shared." + k: v for k, v in shared.state_dict().items()}})
+    plain = make_layer(E=4, K=2)
+    torch.testing.assert_close(with_shared(x)[0], plain(x)[0] + shared(x)[0])
+
+
+def test_moe_report_keys():
+    from clipmoe import moe_report
+
+    layer = make_layer(E=4, K=2, cf=1.0).train()
+    _, aux = layer(torch.randn(16, 8))
+    (row,) = moe_report([aux])
+    assert set(row) == {"tower", "block", "tokens_per_expert", "dropped_fraction", "entropy", "balance_loss", "z_loss"}
+    assert sum(row["tokens_per_expert"]) == 32 and isinstance(row["entropy"], float)
 
 
 def test_capacity_rule():
@@ -128,6 +211,7 @@ def test_aux_terms_against_formulas():
     assert aux.balance_loss.item() == pytest.approx(1.0)
     assert aux.z_loss.item() == pytest.approx(math.log(E) ** 2)
     assert aux.entropy.item() == pytest.approx(math.log(E))
+    assert aux.marginal_entropy.item() == pytest.approx(math.log(E))
     # Hand-computed case: all tokens prefer expert 0 with probability p.
     nn.init.zeros_(layer.router.weight)
     with torch.no_grad():
@@ -144,7 +228,8 @@ def test_router_is_fp32_under_bf16_autocast():
     layer = make_layer(E=4, K=2, cf=1.25).train()
     x = torch.randn(32, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, probs, gates, _ = layer.route(x)
+        logits, probs = layer.route(x)
+        gates, _ = layer.top_k(probs)
         y, aux = layer(x)
     assert logits.dtype == probs.dtype == gates.dtype == torch.float32
     assert aux.z_loss.dtype == torch.float32 and torch.isfinite(y).all()

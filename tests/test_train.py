@@ -1,5 +1,6 @@
 """A short real training run on procedural shards: the loss falls and the run's outputs are written."""
 import json
+import math
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 import clipmoe
 from clipmoe.config import RunConfig, from_dict
 from clipmoe.loss import clip_loss, total_loss
+from clipmoe.moe import MoE
 from clipmoe.train import train
 
 
@@ -77,3 +79,49 @@ def test_train_cli_bad_config_is_one_line(tmp_path, capsys):
     assert main(["train", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("clipmoe train: error: train.steps") and "\n" not in err
+
+
+def test_limoe_entropy_terms_against_formula():
+    from clipmoe.loss import entropy_terms
+
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=4, every=1).train()
+    with torch.no_grad():
+        for b in model.text.blocks:
+            b.mlp.router.weight.normal_()
+    out = model(torch.randn(4, 3, 16, 16), clipmoe.get_tokenizer(model)(["a b c", "d", "e f", "g"]))
+    terms = entropy_terms(out.aux, "text", threshold=2.0)
+    text_aux = [a for a in out.aux if a.tower == "text"]
+    assert terms["text_local_entropy"].item() == pytest.approx(sum(a.entropy.item() for a in text_aux), rel=1e-6)
+    expected_global = sum(max(0.0, 2.0 - a.marginal_entropy.item()) for a in text_aux)
+    assert terms["text_global_entropy"].item() == pytest.approx(expected_global, rel=1e-6)
+    cfg = from_dict(RunConfig, {"loss": {"text_entropy": {"local_coef": 0.5, "global_coef": 2.0, "global_threshold": 2.0}}}).loss
+    total = total_loss(out, cfg)
+    assert total["text_local_entropy"].item() == pytest.approx(terms["text_local_entropy"].item())
+    extra = 0.5 * terms["text_local_entropy"] + 2.0 * terms["text_global_entropy"]
+    base = total["contrastive"] + cfg.balance_coef * total["balance"] + cfg.z_coef * total["z"]
+    assert total["loss"].item() == pytest.approx((base + extra).item(), rel=1e-6)
+    # the uniform router of a fresh upcycle has maximal entropy: local log E, global term 0
+    fresh = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=4, every=1).train()
+    out = fresh(torch.randn(2, 3, 16, 16), clipmoe.get_tokenizer(fresh)(["a", "b"]))
+    t = entropy_terms(out.aux, "image")
+    assert t["image_local_entropy"].item() == pytest.approx(2 * math.log(4), rel=1e-5)
+    assert t["image_global_entropy"].item() == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_bf16_quickstart_model_300_steps_finite(tiny_shards, tmp_path):
+    from clipmoe.quickstart import QUICKSTART
+
+    data = json.loads(json.dumps(QUICKSTART))
+    data["data"] = {"train": tiny_shards["train"], "batch_size": 32}
+    data["model"]["overrides"]["vision"]["image_size"] = 16  # the tiny shards are 16 px
+    data["model"]["overrides"]["vision"]["patch_size"] = 4
+    data["train"] = {"steps": 300, "precision": "bf16", "log_every": 1, "out_dir": str(tmp_path / "run")}
+    result = train(from_dict(RunConfig, data), progress=False)
+    assert len(result.history) == 300
+    for row in result.history:
+        assert all(math.isfinite(v) for v in row.values()), row
+    assert row["z"] > 0
+    for m in result.model.modules():
+        if isinstance(m, MoE):
+            assert m.router.weight.dtype == torch.float32

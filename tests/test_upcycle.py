@@ -42,10 +42,39 @@ def test_upcycled_vit_b32_equals_dense(dense_b32, k, every):
     _check_identity(dense_b32, up, 224, 77)
 
 
-def test_top1_straight_through_equals_dense():
+@pytest.mark.parametrize("kwargs", [
+    {"top_k": 1},  # straight-through gate: value 1
+    {"top_k": 2, "batch_priority": True},
+    {"top_k": 2, "capacity_factor": 4.0, "eval_capacity_factor": 4.0, "min_capacity": 10_000},
+    {"router": "expert_choice", "capacity_factor": 4.0, "eval_capacity_factor": 4.0},  # C = N: nothing dropped
+])
+def test_every_non_dropping_mode_equals_dense(kwargs):
     dense = clipmoe.create_model("clipmoe-tiny")
-    up = clipmoe.upcycle(dense, num_experts=4, top_k=1, every=1)
+    up = clipmoe.upcycle(dense, num_experts=4, every=1, **kwargs)
     _check_identity(dense, up, 64, 32)
+
+
+def test_drop_upcycling_reinitialises_a_fraction():
+    dense = clipmoe.create_model("clipmoe-micro")
+    up = clipmoe.upcycle(dense, num_experts=3, every=1, reinit_fraction=0.5)
+    w1, fc1 = up.image.blocks[0].mlp.experts.w1, dense.image.blocks[0].mlp.fc1.weight.t()
+    F_ = fc1.shape[1]
+    changed = [(w1[e] != fc1).any(dim=0) for e in range(3)]
+    assert all(int(c.sum()) == F_ // 2 for c in changed)
+    assert not torch.equal(changed[0], changed[1]) or not torch.equal(changed[1], changed[2])
+
+
+def test_upcycle_open_clip_checkpoint(tmp_path):
+    import open_clip
+
+    ref = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    torch.save(ref.state_dict(), tmp_path / "b32.bin")
+    up = clipmoe.upcycle(tmp_path / "b32.bin", arch="ViT-B-32", num_experts=2, every=6)
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (up.eval().encode_image(images) - ref.encode_image(images)).abs().max() < 1e-5
+    with pytest.raises(clipmoe.ClipmoeError, match="arch="):
+        clipmoe.upcycle(tmp_path / "b32.bin")
 
 
 def test_experts_are_copies_and_router_zero():

@@ -1,0 +1,69 @@
+"""Routing analysis: which experts take which caption words and image patches, per MoE layer."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import loaders
+
+from .factory import create_transforms, get_tokenizer
+from .model import CLIP
+from .plots import plot_routing
+
+
+@torch.no_grad()
+def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4, batch_size: int = 64,
+                    top_words: int = 10) -> dict:
+    """Routes `num_batches` batches of shards through `model` and writes `routing.json` and `routing.png`.
+
+    Returns per MoE layer ("image.3", "text.1", ...): `load` (fraction of routed tokens whose top-1 is
+    each expert), and for text layers `top_words` per expert (the words it takes most, with counts) or
+    for image layers `patch_map` per expert (fraction of its tokens at each grid position, CLS first).
+    """
+    model.eval()
+    _, eval_tf = create_transforms(model.config)
+    tokenizer = get_tokenizer(model)
+    loader = loaders.image_text_loader(urls, batch_size=batch_size, transform=eval_tf, tokenize=tokenizer,
+                                       shuffle=False)
+    grid_tokens = (model.config.vision.image_size // model.config.vision.patch_size) ** 2 + 1
+    words: dict[str, list[Counter]] = {}
+    patches: dict[str, torch.Tensor] = {}
+    loads: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(loader):
+        if i >= num_batches:
+            break
+        tokens = batch["text"]
+        out = model(batch["image"], tokens)
+        L = int(tokens.argmax(-1).max()) + 1
+        routed_ids = tokens[:, :L][torch.arange(L) <= tokens.argmax(-1, keepdim=True)]  # the text tower's order
+        for a in out.aux:
+            name = f"{a.tower}.{a.block}"
+            E = a.tokens_per_expert.numel()
+            loads[name] = loads.get(name, 0) + torch.bincount(a.top1, minlength=E).float()
+            if a.tower == "text":
+                counters = words.setdefault(name, [Counter() for _ in range(E)])
+                for tok, e in zip(routed_ids.tolist(), a.top1.tolist()):
+                    counters[e][tok] += 1
+            else:
+                pos = torch.arange(a.top1.numel()) % grid_tokens
+                hist = torch.zeros(E, grid_tokens).index_put_((a.top1, pos), torch.ones(pos.numel()), accumulate=True)
+                patches[name] = patches.get(name, 0) + hist
+    special = {0, tokenizer.sot_token_id, tokenizer.eot_token_id}
+    report = {}
+    for name, load in sorted(loads.items()):
+        entry = {"load": (load / load.sum()).tolist()}
+        if name in words:
+            entry["top_words"] = [[(tokenizer.decode([t]).strip(), n) for t, n in c.most_common(top_words + 3)
+                                   if t not in special][:top_words] for c in words[name]]
+        if name in patches:
+            hist = patches[name]
+            entry["patch_map"] = (hist / hist.sum(1, keepdim=True).clamp_min(1)).tolist()
+        report[name] = entry
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "routing.json").write_text(json.dumps(report, indent=1))
+    plot_routing(report, out_dir / "routing.png", grid=int((grid_tokens - 1) ** 0.5))
+    return report

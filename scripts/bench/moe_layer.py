@@ -1,0 +1,106 @@
+"""MoE layer benchmark: clipmoe's layer vs DeepSpeed's `deepspeed.moe.layer.MoE` vs k passes of one dense
+MLP (the compute no top-k layer can avoid), forward + backward, same process, same shapes.
+
+    python scripts/bench/moe_layer.py [--tokens 4096 16384] [--dtypes fp32 bf16] [--reps 3] [--device cpu]
+
+Prints one row per setting with times in ms and the ratios clipmoe / dense-k and DeepSpeed / clipmoe.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+from torch import nn
+
+from clipmoe.config import MoEConfig
+from clipmoe.model import Mlp
+from clipmoe.moe import MoE
+
+D, F_, E = 512, 2048, 8
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step, reps: int, device) -> float:
+    step()  # warm-up (allocations, kernels)
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def fwd_bwd(layer, x, out_of):
+    def step():
+        x.grad = None
+        y = out_of(layer(x))
+        y.float().sum().backward()
+    return step
+
+
+def deepspeed_layer(k: int, cf, device, dtype):
+    """DeepSpeed's MoE on one process (expert-parallel size 1); None when DeepSpeed is missing."""
+    try:
+        import deepspeed  # noqa: F401
+        from deepspeed.moe.layer import MoE as DSMoE
+    except Exception:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("gloo" if device.type == "cpu" else "nccl", rank=0, world_size=1)
+    expert = nn.Sequential(nn.Linear(D, F_), nn.GELU(), nn.Linear(F_, D))
+    drop = cf is not None
+    layer = DSMoE(hidden_size=D, expert=expert, num_experts=E, ep_size=1, k=k,
+                  capacity_factor=cf or 1.0, eval_capacity_factor=cf or 1.0, min_capacity=4,
+                  drop_tokens=drop, use_rts=False)
+    return layer.to(device=device, dtype=dtype).train()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--cfs", nargs="+", default=["1.25", "dropless"])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    print(f"# {date.today()} {platform.node()} {device} torch {torch.__version__} threads {torch.get_num_threads()}")
+    print(f"{'tokens':>6} {'dtype':>5} {'k':>2} {'cf':>8} | {'dense xk':>9} {'clipmoe':>9} {'deepspeed':>9} | "
+          f"{'ours/dense':>10} {'ds/ours':>8}")
+    for tokens in args.tokens:
+        for dt in args.dtypes:
+            dtype = torch.bfloat16 if dt == "bf16" else torch.float32
+            for k in args.ks:
+                for cf_s in args.cfs:
+                    cf = None if cf_s == "dropless" else float(cf_s)
+                    torch.manual_seed(0)
+                    x = torch.randn(tokens, D, device=device, dtype=dtype, requires_grad=True)
+                    dense = Mlp(D, F_, nn.GELU).to(device=device, dtype=dtype)
+                    t_dense = k * timed(fwd_bwd(dense, x, lambda o: o[0]), args.reps, device)
+                    cfg = MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, eval_capacity_factor=cf)
+                    ours = MoE(D, F_, cfg, nn.GELU).to(device=device, dtype=dtype).train()
+                    t_ours = timed(fwd_bwd(ours, x, lambda o: o[0]), args.reps, device)
+                    ds = deepspeed_layer(k, cf, device, dtype)
+                    t_ds = timed(fwd_bwd(ds, x.unsqueeze(0), lambda o: o[0]), args.reps, device) if ds else float("nan")
+                    print(f"{tokens:>6} {dt:>5} {k:>2} {cf_s:>8} | {t_dense:>9.1f} {t_ours:>9.1f} {t_ds:>9.1f} | "
+                          f"{t_ours / t_dense:>10.2f} {t_ds / t_ours:>8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

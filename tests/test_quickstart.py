@@ -1,0 +1,25 @@
+"""The main job end to end: shards -> MoE CLIP pretraining on the CPU -> zero-shot evaluation."""
+import json
+
+import pytest
+
+import clipmoe
+from clipmoe.quickstart import EVAL_ATTRIBUTES, quickstart
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_three_times_chance(tmp_path):
+    summary = quickstart(tmp_path, progress=False)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == set(EVAL_ATTRIBUTES) and len(results) >= 2
+    for attr, r in results.items():
+        assert r["chance"] == pytest.approx(1 / len(EVAL_ATTRIBUTES[attr]))
+        assert r["top1"] >= 3 * r["chance"], (attr, r)
+    assert summary["data"]["skipped"] == {}
+    model = clipmoe.load(tmp_path / "run" / "model.safetensors")
+    assert model.config.vision.moe is not None and model.config.text.moe is not None
+    for name in ("loss.png", "expert_load.png", "metrics.jsonl"):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    # the training data are shards in the img2dataset layout, with their manifest
+    assert (tmp_path / "shards" / "train" / "00000_stats.json").is_file()
+    assert json.loads((tmp_path / "shards" / "train" / "manifest.json").read_text())["num_samples"] == 24_000
