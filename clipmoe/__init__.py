@@ -1,6 +1,6 @@
 """clipmoe: CLIP-style contrastive image-text pretraining with sparse Mixture-of-Experts."""
 from .architectures import get_model_config, list_architectures
-from .checkpoint import load, save
+from .checkpoint import load, save, save_open_clip
 from .config import ModelConfig, MoEConfig, RunConfig, TextConfig, VisionConfig, load_run_config
 from .encode import encode_image, encode_text
 from .errors import ClipmoeError, ConfigError
@@ -15,5 +15,5 @@ __all__ = [
     "CLIP", "CLIPOutput", "ClipmoeError", "ConfigError", "ModelConfig", "MoEAux", "MoEConfig", "RunConfig",
     "TextConfig", "VisionConfig", "create_model", "create_model_and_transforms", "create_transforms",
     "encode_image", "encode_text", "get_model_config", "get_tokenizer", "list_architectures", "load",
-    "load_run_config", "moe_report", "save", "upcycle",
+    "load_run_config", "moe_report", "save", "save_open_clip", "upcycle",
 ]

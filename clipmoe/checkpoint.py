@@ -31,6 +31,19 @@ def save(model: CLIP, path: str | Path) -> Path:
     return path
 
 
+def save_open_clip(model: CLIP, path: str | Path) -> Path:
+    """Writes a dense model as an open_clip checkpoint (`open_clip.create_model(arch, pretrained=path)`
+    loads it): safetensors for a `.safetensors` path, else a plain `torch.save` state dict."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter.to_open_clip(model.state_dict()).items()}
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
 def read_safetensors(path: str | Path) -> tuple[dict, dict]:
     """(tensors, metadata) of a safetensors file, with a one-line error for anything unreadable."""
     path = Path(path)

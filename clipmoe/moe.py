@@ -61,19 +61,20 @@ class Experts(nn.Module):
         nn.init.trunc_normal_(self.w2, std=0.02)
 
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        w1, w2 = self.w1.to(x_SD.dtype), self.w2.to(x_SD.dtype)
-        if x_SD.is_cuda and hasattr(F, "grouped_mm") and x_SD.dtype == torch.bfloat16:
+        dt = x_SD.dtype
+        w1, b1, w2, b2 = (p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2))
+        if x_SD.is_cuda and hasattr(F, "grouped_mm") and dt == torch.bfloat16:
             offs_E = counts_E.cumsum(0).to(torch.int32)
-            b1_SF = self.b1.to(x_SD.dtype).repeat_interleave(counts_E, dim=0, output_size=x_SD.shape[0])
-            b2_SD = self.b2.to(x_SD.dtype).repeat_interleave(counts_E, dim=0, output_size=x_SD.shape[0])
-            h_SF = self.act(F.grouped_mm(x_SD, w1, offs=offs_E) + b1_SF)
-            return F.grouped_mm(h_SF, w2, offs=offs_E) + b2_SD
-        # One matmul per expert on its contiguous slice: exactly the FLOPs the routing asks for.
+            S = x_SD.shape[0]
+            h_SF = self.act(F.grouped_mm(x_SD, w1, offs=offs_E) + b1.repeat_interleave(counts_E, 0, output_size=S))
+            return F.grouped_mm(h_SF, w2, offs=offs_E) + b2.repeat_interleave(counts_E, 0, output_size=S)
+        # One matmul per expert on its contiguous slice: exactly the FLOPs the routing asks for. unbind
+        # (not w1[e]) so that backward stacks the E weight gradients once instead of E full-size adds.
         outs = []
-        for e, x_cD in enumerate(x_SD.split(counts_E.tolist())):
+        for x_cD, w1_e, b1_e, w2_e, b2_e in zip(x_SD.split(counts_E.tolist()), w1.unbind(0), b1.unbind(0),
+                                               w2.unbind(0), b2.unbind(0)):
             if x_cD.shape[0]:
-                h_cF = self.act(torch.addmm(self.b1[e].to(x_SD.dtype), x_cD, w1[e]))
-                outs.append(torch.addmm(self.b2[e].to(x_SD.dtype), h_cF, w2[e]))
+                outs.append(torch.addmm(b2_e, self.act(torch.addmm(b1_e, x_cD, w1_e)), w2_e))
         return torch.cat(outs) if outs else x_SD.new_zeros(x_SD.shape)
 
 

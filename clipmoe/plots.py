@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_losses(history: list[dict], path: str | Path) -> Path:
     """One panel per loss term over training steps."""
-    terms = [k for k in history[0] if k not in ("step", "lr")] if history else []
+    terms = [k for k in history[0] if k not in ("step", "lr", "moe")] if history else []
     fig, axes = plt.subplots(1, max(1, len(terms)), figsize=(4 * max(1, len(terms)), 3.2), squeeze=False)
     steps = [r["step"] for r in history]
     for ax, term in zip(axes[0], terms):

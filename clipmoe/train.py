@@ -26,14 +26,14 @@ from .errors import ClipmoeError
 from .factory import create_model, create_transforms, get_tokenizer
 from .loss import total_loss
 from .model import CLIP
-from .moe import MoE
+from .moe import MoE, moe_report
 from .plots import plot_expert_load, plot_losses
 
 
 @dataclass
 class TrainResult:
     model: CLIP
-    history: list[dict]  # one row per logged step: step, lr and every loss term
+    history: list[dict]  # one row per logged step: step, lr, every loss term and "moe" (moe_report)
     expert_load: dict[str, list[float]]  # "image.3" -> fraction of assignments per expert, whole run
     data_stats: dict
     out_dir: Path
@@ -133,6 +133,8 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                 load_sums[key] = load_sums.get(key, 0) + a.tokens_per_expert.float()
         if step % tc.log_every == 0 or step == tc.steps - 1:
             row = {"step": step, "lr": sched.get_last_lr()[0], **{k: v.item() for k, v in terms.items()}}
+            if out.aux:
+                row["moe"] = moe_report(out)
             if not math.isfinite(row["loss"]):
                 raise ClipmoeError(f"loss is {row['loss']} at step {step}; lower optim.lr or use precision fp32")
             history.append(row)

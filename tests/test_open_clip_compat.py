@@ -59,6 +59,20 @@ def test_state_dict_round_trip_to_open_clip():
     fresh.load_state_dict(back, strict=True)
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_save_open_clip_loads_in_open_clip(tmp_path, suffix):
+    ours = clipmoe.create_model("ViT-B-32")
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = clipmoe.save_open_clip(ours, tmp_path / f"oc{suffix}")
+    theirs = open_clip.create_model("ViT-B-32", pretrained=str(path)).eval()
+    images, tokens = _inputs("ViT-B-32")
+    with torch.no_grad():
+        assert (ours.encode_image(images) - theirs.encode_image(images)).abs().max() < 1e-5
+        assert (ours.encode_text(tokens) - theirs.encode_text(tokens)).abs().max() < 1e-5
+
+
 def test_moe_model_cannot_be_written_as_open_clip():
     model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=2)
     with pytest.raises(clipmoe.ClipmoeError, match="MoE"):

@@ -42,8 +42,12 @@ def timed(step, reps: int, device) -> float:
 
 
 def fwd_bwd(layer, x, out_of):
+    params = list(layer.parameters())
+
     def step():
         x.grad = None
+        for p in params:  # as an optimizer's zero_grad(set_to_none=True): no gradient accumulation
+            p.grad = None
         y = out_of(layer(x))
         y.float().sum().backward()
     return step
