@@ -150,12 +150,15 @@ class DataConfig:
     eval: Optional[str] = None
     batch_size: int = 256
     num_workers: int = 0
-    resampled: bool = False
+    resampled: bool = False  # shards drawn with replacement; an "epoch" is samples_per_epoch samples
+    samples_per_epoch: Optional[int] = None
     shuffle: bool = True
     strict: bool = False
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check(not self.resampled or (self.samples_per_epoch or 0) >= 1, "samples_per_epoch",
+               self.samples_per_epoch, "must be >= 1 with resampled: true")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
 
 

@@ -1,8 +1,10 @@
-"""Sparse Mixture-of-Experts MLP: fp32 router, token-choice top-k routing with capacity or dropless,
-expert computation, and the auxiliary terms (Switch load balance, ST-MoE router z-loss, entropy).
+"""Sparse Mixture-of-Experts MLP: fp32 router; token-choice top-k routing with capacity (position order or
+Batch Prioritized Routing) or dropless; expert-choice routing; the expert computation; and the raw
+auxiliary terms (Switch load balance, ST-MoE router z-loss, LIMoE's local and marginal entropies).
 
 This is the only module that knows about experts. Papers: Switch Transformer (Fedus et al. 2021),
-GShard (Lepikhin et al. 2020), ST-MoE (Zoph et al. 2022), Sparse Upcycling (Komatsuzaki et al. 2022).
+GShard (Lepikhin et al. 2020), V-MoE (Riquelme et al. 2021), Expert Choice (Zhou et al. 2022),
+ST-MoE (Zoph et al. 2022), LIMoE (Mustafa et al. 2022), Sparse Upcycling (Komatsuzaki et al. 2022).
 
 Shape legend: N routed tokens, D width, F expert hidden width, E experts, K top-k, A = N*K assignments,
 S assignments kept after capacity (S <= A).

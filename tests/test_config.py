@@ -49,6 +49,7 @@ def test_base_derivation_and_overrides(tmp_path):
     ("", ["train.log_every=true"], "train.log_every"),
     ("", ["nosuch.key=1"], "nosuch"),
     ("train: [1, 2]", [], "train"),
+    ("data: {resampled: true}", [], "data.samples_per_epoch"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, overrides, key):
     (tmp_path / "c.yaml").write_text(text)
