@@ -107,11 +107,11 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ClipmoeError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return read_safetensors(path)[0]
+    if _is_torchscript(path):
+        return _read_torchscript(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean "unreadable"
-        if _is_torchscript(path):
-            return _read_torchscript(path)
         raise ClipmoeError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

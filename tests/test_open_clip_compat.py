@@ -47,6 +47,17 @@ def test_same_embeddings_as_open_clip(tmp_path, arch, fmt):
         assert torch.allclose(model.logit_scale, ref.logit_scale)
 
 
+def test_openai_torchscript_archive(tmp_path):
+    ref = _open_clip_model("ViT-B-32")
+    images, tokens = _inputs("ViT-B-32")
+    archive = torch.jit.trace_module(ref, {"encode_image": images[:1]}, check_trace=False)
+    archive.save(str(tmp_path / "ViT-B-32.pt"))  # what OpenAI ships: a TorchScript archive
+    model = clipmoe.create_model("ViT-B-32", pretrained=str(tmp_path / "ViT-B-32.pt"))
+    with torch.no_grad():
+        assert (model.encode_image(images) - ref.encode_image(images)).abs().max() < 1e-5
+        assert (model.encode_text(tokens) - ref.encode_text(tokens)).abs().max() < 1e-5
+
+
 def test_state_dict_round_trip_to_open_clip():
     ref = _open_clip_model("ViT-B-32")
     ours = adapter.from_open_clip(ref.state_dict())
