@@ -100,13 +100,13 @@ def decode_image(sample: dict) -> Image.Image:
 class _Stream(torch.utils.data.IterableDataset):
     """Yields batches for one (rank, worker); each batch carries this worker's running counts."""
 
-    def __init__(self, loader: "ImageTextLoader"):
-        self.loader = loader
+    def __init__(self, loader: "ImageTextLoader", resume: dict):
+        self.loader, self.resume = loader, resume
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return self.loader._worker_batches(worker, workers)
+        return self.loader._worker_batches(worker, workers, self.resume.get(worker))
 
 
 class ImageTextLoader:
@@ -135,6 +135,9 @@ class ImageTextLoader:
         self.pin_memory, self.with_meta = pin_memory, with_meta
         self._counts: dict[tuple[int, int], Counter] = {}  # (pass over the data, worker) -> counts
         self._passes = 0
+        # Per worker of the current pass: items delivered, raw samples they consumed, their counts.
+        self._progress: dict[int, dict] = {}
+        self._resume: dict[int, dict] = {}
 
     # -- public -------------------------------------------------------------------------------------
 
@@ -149,16 +152,46 @@ class ImageTextLoader:
         samples = total.pop("samples", 0)
         return {"samples": samples, "skipped": dict(total)}
 
+    def state_dict(self) -> dict:
+        """Where this rank is in the data: resuming from it continues with the next unseen batch."""
+        return {"epoch": self.epoch, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "num_workers": self.num_workers, "resampled": self.resampled, "shards": len(self.shards),
+                "workers": {w: dict(p) for w, p in self._progress.items()}, "stats": self.stats()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`: the next pass starts with the first batch not yet delivered.
+
+        The same exactly-once guarantee needs the same shards, seed, ranks and workers; a change is
+        refused with an error naming it.
+        """
+        mine = self.state_dict()
+        changed = [f"{k} {state.get(k)!r} -> {mine[k]!r}" for k in
+                   ("seed", "rank", "world_size", "num_workers", "resampled", "shards") if state.get(k) != mine[k]]
+        if changed:
+            raise DataError(f"cannot resume this data position: {', '.join(changed)} changed since it was saved")
+        self.epoch = state["epoch"]
+        self._resume = {int(w): dict(p) for w, p in state["workers"].items()}
+        skipped = state["stats"]["skipped"]
+        self._counts = {(0, -1): Counter({"samples": state["stats"]["samples"], **skipped})}
+        for w, p in self._resume.items():  # counted again by the workers as they resume
+            self._counts[0, -1].subtract(p["counts"])
+
     def __iter__(self) -> Iterator[dict]:
         self._passes += 1
+        resume, self._resume = self._resume, {}
+        self._progress = {w: dict(p) for w, p in resume.items()}
         if self.num_workers == 0:
-            source = self._worker_batches(0, 1)
+            source = self._worker_batches(0, 1, resume.get(0))
         else:
-            source = torch.utils.data.DataLoader(
-                _Stream(self), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+            source = iter(torch.utils.data.DataLoader(
+                _Stream(self, resume), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory))
         for batch in source:
-            worker, counts = batch.pop("__stats__")
+            worker, counts, position = batch.pop("__stats__")
+            if batch.pop("__replayed__", False):
+                continue  # a batch delivered before the resume, replayed without decoding
             self._counts[self._passes, worker] = Counter(counts)
+            progress = self._progress.setdefault(worker, {"items": 0, "position": 0, "counts": {}})
+            progress.update(items=progress["items"] + 1, position=position, counts=dict(counts))
             if batch["key"]:
                 yield batch
 
@@ -193,18 +226,17 @@ class ImageTextLoader:
             streams, handler=handler, select_files=lambda name: name.rsplit(".", 1)[-1].lower() in _MEMBERS)
         yield from tariterators.group_by_keys(files, handler=handler)
 
-    def _decoded(self, worker: int, workers: int, counts: Counter) -> Iterator[dict]:
-        for sample in self._raw_samples(worker, workers, counts):
-            try:
-                text = decode_caption(sample, self.caption_key)
-                image = decode_image(sample)
-                meta = decode_meta(sample) if self.with_meta else None
-            except _Skip as skip:
-                if self.strict:
-                    raise DataError(f"{skip.reason} in {sample.get('__url__')} key {sample.get('__key__')}") from None
-                counts[skip.reason] += 1
-                continue
-            yield {"key": sample["__key__"], "image": self.transform(image), "text": text, "meta": meta}
+    def _decode(self, sample: dict, counts: Counter) -> Optional[dict]:
+        try:
+            text = decode_caption(sample, self.caption_key)
+            image = decode_image(sample)
+            meta = decode_meta(sample) if self.with_meta else None
+        except _Skip as skip:
+            if self.strict:
+                raise DataError(f"{skip.reason} in {sample.get('__url__')} key {sample.get('__key__')}") from None
+            counts[skip.reason] += 1
+            return None
+        return {"key": sample["__key__"], "image": self.transform(image), "text": text, "meta": meta}
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if not self.shuffle or self.shuffle_buffer <= 1:
@@ -220,33 +252,49 @@ class ImageTextLoader:
         rng.shuffle(buf)
         yield from buf
 
-    def _worker_batches(self, worker: int, workers: int) -> Iterator[dict]:
+    def _worker_batches(self, worker: int, workers: int, resume: Optional[dict] = None) -> Iterator[dict]:
+        """This worker's batches. Raw samples are shuffled before decoding, so a resume can skip the
+        samples already consumed without decoding them; each delivered batch is replayed as an empty
+        item, so that the DataLoader's round-robin over workers is the same as in the first run."""
         counts: Counter = Counter()
-        limit = None
-        if self.resampled:
-            limit = self.samples_per_epoch // (self.world_size * workers)
-        samples = self._shuffled(self._decoded(worker, workers, counts), self._rng(worker, "samples"))
+        raw = self._shuffled(self._raw_samples(worker, workers, counts), self._rng(worker, "samples"))
+        position, delivered = 0, 0
+        if resume:
+            for _ in range(resume["items"]):
+                yield {"key": [], "__replayed__": True, "__stats__": (worker, {}, 0)}
+            for _ in zip(range(resume["position"]), raw):
+                pass
+            position = resume["position"]
+            counts.clear()  # the handler in _raw_samples holds this very Counter
+            counts.update(resume["counts"])
+            delivered = counts["samples"]
+        limit = self.samples_per_epoch // (self.world_size * workers) if self.resampled else None
         batch: list[dict] = []
-        for n, s in enumerate(samples):
-            if limit is not None and n >= limit:
+        for sample in raw:
+            if limit is not None and delivered + len(batch) >= limit:
                 break
-            batch.append(s)
+            position += 1
+            decoded = self._decode(sample, counts)
+            if decoded is None:
+                continue
+            batch.append(decoded)
             if len(batch) == self.batch_size:
                 counts["samples"] += len(batch)
-                yield self._collate(batch, worker, counts)
+                delivered += len(batch)
+                yield self._collate(batch, worker, counts, position)
                 batch = []
         if batch and not self.drop_last:
             counts["samples"] += len(batch)
-            yield self._collate(batch, worker, counts)
+            yield self._collate(batch, worker, counts, position)
         else:
-            yield {"key": [], "__stats__": (worker, dict(counts))}  # final counts, no samples
+            yield {"key": [], "__stats__": (worker, dict(counts), position)}  # final counts, no samples
 
-    def _collate(self, batch: list[dict], worker: int, counts: Counter) -> dict[str, Any]:
+    def _collate(self, batch: list[dict], worker: int, counts: Counter, position: int) -> dict[str, Any]:
         out = {
             "image": torch.stack([s["image"] for s in batch]),
             "text": self.tokenize([s["text"] for s in batch]),
             "key": [s["key"] for s in batch],
-            "__stats__": (worker, dict(counts)),
+            "__stats__": (worker, dict(counts), position),
         }
         if self.with_meta:
             out["meta"] = [s["meta"] for s in batch]

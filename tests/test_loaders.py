@@ -106,3 +106,34 @@ def test_shard_writer_manifest(tiny_shards):
     assert manifest["num_samples"] == 256 and [s["count"] for s in manifest["shards"]] == [64] * 4
     stats = json.loads((tiny_shards["root"] / "train" / "00000_stats.json").read_text())
     assert stats["successes"] == 64
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_mid_epoch_resume_gives_the_same_following_batches(tiny_shards, workers, shuffle):
+    def make():
+        return loaders.image_text_loader(tiny_shards["train"], batch_size=10, transform=_tf,
+                                         tokenize=lambda t: torch.zeros(len(t), 2), num_workers=workers,
+                                         rank=1, world_size=2, seed=5, shuffle=shuffle, epoch=3, shuffle_buffer=50)
+
+    full = [b["key"] for b in make()]
+    first = make()
+    it = iter(first)
+    head = [next(it)["key"] for _ in range(5)]
+    state = first.state_dict()
+    del it
+    resumed = make()
+    resumed.load_state_dict(state)
+    tail = [b["key"] for b in resumed]
+    assert head + tail == full
+    assert resumed.stats()["samples"] == sum(len(k) for k in full) == 128
+
+
+def test_resume_refuses_a_changed_layout(tiny_shards):
+    def make(workers):
+        return loaders.image_text_loader(tiny_shards["train"], batch_size=10, transform=_tf, tokenize=len,
+                                         num_workers=workers)
+
+    state = make(0).state_dict()
+    with pytest.raises(loaders.DataError, match="num_workers 0 -> 2"):
+        make(2).load_state_dict(state)
