@@ -103,7 +103,8 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         cfg.data.train, batch_size=cfg.data.batch_size, transform=train_tf, tokenize=get_tokenizer(model),
         num_workers=cfg.data.num_workers, rank=rank, world_size=world, resampled=cfg.data.resampled,
         seed=tc.seed, shuffle=cfg.data.shuffle, strict=cfg.data.strict, drop_last=True,
-        samples_per_epoch=cfg.data.samples_per_epoch, pin_memory=device.type == "cuda")
+        samples_per_epoch=cfg.data.samples_per_epoch, pin_memory=device.type == "cuda",
+        draft_size=model.config.vision.image_size)
     has_moe = any(isinstance(m, MoE) for m in model.modules())  # idle experts get no gradient
     net = DistributedDataParallel(model, find_unused_parameters=has_moe) if world > 1 else model
     opt, sched = build_optimizer(model, cfg.optim, tc.steps)

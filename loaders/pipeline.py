@@ -12,13 +12,14 @@ import json
 import random
 import tarfile
 import warnings
-from collections import Counter
-from typing import Any, Callable, Iterator, Optional
+from collections import Counter, deque
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from PIL import Image
 from webdataset import tariterators
-from webdataset.shardlists import expand_urls
+
+from .sources import SpecError, expected_count, parse_sources
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _MEMBERS = set(IMAGE_EXTS) | {"txt", "json"}
@@ -30,13 +31,8 @@ class DataError(Exception):
 
 
 def expand_shards(urls) -> list[str]:
-    """A brace pattern (`/d/{000..009}.tar`), a `::`-separated string or a list -> list of shard URLs."""
-    if isinstance(urls, str):
-        return list(expand_urls(urls))
-    out = []
-    for u in urls:
-        out.extend(expand_urls(u))
-    return out
+    """Every shard URL of a spec (see loaders.sources), all sources together."""
+    return [u for src in parse_sources(urls) for u in src.shards]
 
 
 class _Skip(Exception):
@@ -81,7 +77,9 @@ def decode_meta(sample: dict) -> dict:
     return meta
 
 
-def decode_image(sample: dict) -> Image.Image:
+def decode_image(sample: dict, draft_size: Optional[int] = None) -> Image.Image:
+    """RGB image of a sample. With `draft_size`, a JPEG at least twice that size is decoded at a
+    reduced scale (PIL's draft), which the transform's resize makes invisible and much cheaper."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise _Skip("missing_image")
@@ -89,12 +87,37 @@ def decode_image(sample: dict) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(sample[ext]))
+            if draft_size and img.format == "JPEG" and min(img.size) >= 2 * draft_size:
+                img.draft("RGB", (draft_size, draft_size))
             img.load()
             return img.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _Skip("decompression_bomb") from None
     except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         raise _Skip("corrupt_image") from None
+
+
+class _CircuitBreaker:
+    """Aborts when more than `max_rate` of the last `window` samples were skipped: a broken source
+    should stop a run loudly, not quietly train on what is left of it."""
+
+    def __init__(self, max_rate: float, window: int):
+        self.max_rate, self.window = max_rate, window
+        self.recent: deque = deque(maxlen=window)
+        self.per_shard: Counter = Counter()
+
+    def record(self, url: str, skipped: bool) -> None:
+        self.recent.append((url, skipped))
+        if skipped:
+            self.per_shard[url] += 1
+        if len(self.recent) >= min(self.window, 200):
+            bad = sum(s for _, s in self.recent)
+            if bad > self.max_rate * len(self.recent):
+                worst = Counter(u for u, s in self.recent if s).most_common(3)
+                raise DataError(
+                    f"{bad} of the last {len(self.recent)} samples were bad ({bad / len(self.recent):.0%} > "
+                    f"max_skip_rate {self.max_rate:.0%}); worst shards: "
+                    + ", ".join(f"{u} ({n})" for u, n in worst))
 
 
 class _Stream(torch.utils.data.IterableDataset):
@@ -110,16 +133,24 @@ class _Stream(torch.utils.data.IterableDataset):
 
 
 class ImageTextLoader:
-    """Iterable of batches: dicts with `image` (B, 3, H, W), `text` (B, L) and `key` (list of str)."""
+    """Iterable of batches: dicts with `image` (B, 3, H, W), `text` (B, L) and `key` (list of str).
+
+    `urls`: see loaders.sources (weights apply to resampled mode; epoch mode reads every shard once).
+    `caption_key`: "txt", a field of key.json, or a list of them to choose from at random per sample.
+    `max_skip_rate` / `skip_window`: the circuit breaker. `draft_size`: the fast JPEG path's target.
+    """
 
     def __init__(self, urls, *, batch_size: int, transform: Callable, tokenize: Callable,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1, resampled: bool = False,
-                 seed: int = 0, shuffle: bool = True, strict: bool = False, caption_key: str = "txt",
+                 seed: int = 0, shuffle: bool = True, strict: bool = False, caption_key: Union[str, Sequence[str]] = "txt",
                  shuffle_buffer: int = 1000, samples_per_epoch: Optional[int] = None, epoch: int = 0,
-                 drop_last: bool = False, pin_memory: bool = False, with_meta: bool = False):
-        self.shards = expand_shards(urls)
-        if not self.shards:
-            raise DataError(f"no shards in {urls!r}")
+                 drop_last: bool = False, pin_memory: bool = False, with_meta: bool = False,
+                 max_skip_rate: float = 0.05, skip_window: int = 1000, draft_size: Optional[int] = None):
+        try:
+            self.sources = parse_sources(urls)
+        except SpecError as e:
+            raise DataError(str(e)) from None
+        self.shards = [u for src in self.sources for u in src.shards]
         slots = world_size * max(1, num_workers)
         if not resampled and len(self.shards) < slots:
             raise DataError(
@@ -133,6 +164,7 @@ class ImageTextLoader:
         self.caption_key, self.shuffle_buffer = caption_key, shuffle_buffer
         self.samples_per_epoch, self.epoch, self.drop_last = samples_per_epoch, epoch, drop_last
         self.pin_memory, self.with_meta = pin_memory, with_meta
+        self.max_skip_rate, self.skip_window, self.draft_size = max_skip_rate, skip_window, draft_size
         self._counts: dict[tuple[int, int], Counter] = {}  # (pass over the data, worker) -> counts
         self._passes = 0
         # Per worker of the current pass: items delivered, raw samples they consumed, their counts.
@@ -201,10 +233,11 @@ class ImageTextLoader:
         return random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{what}")
 
     def _my_shards(self, worker: int, workers: int) -> Iterator[str]:
-        if self.resampled:
+        if self.resampled:  # a source by weight, then one of its shards
             rng = self._rng(worker, "resample")
+            weights = [src.weight for src in self.sources]
             while True:
-                yield rng.choice(self.shards)
+                yield rng.choice(rng.choices(self.sources, weights)[0].shards)
         shards = list(self.shards)
         if self.shuffle:  # same order on every rank and worker, then split
             random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(shards)
@@ -212,24 +245,40 @@ class ImageTextLoader:
         yield from shards[slot::slots]
 
     def _raw_samples(self, worker: int, workers: int, counts: Counter) -> Iterator[dict]:
+        """Undecoded samples shard after shard; a shard that breaks off, or yields fewer samples than
+        its manifest promises (a tar cut on a header boundary reads as a clean end), counts once as
+        truncated_shard."""
+        truncated: set[str] = set()
+
         def handler(exn: Exception) -> bool:
             reason = "duplicate_key" if "duplicate file name" in str(exn) else (
                 "truncated_shard" if isinstance(exn, (tarfile.TarError, EOFError)) else "read_error")
             if self.strict:
                 raise DataError(f"{reason}: {str(exn).splitlines()[0][:300]}") from exn
+            if reason == "truncated_shard":
+                truncated.add(url)
             counts[reason] += 1
             return True
 
-        urls = ({"url": u} for u in self._my_shards(worker, workers))
-        streams = tariterators.url_opener(urls, handler=handler)
-        files = tariterators.tar_file_expander(
-            streams, handler=handler, select_files=lambda name: name.rsplit(".", 1)[-1].lower() in _MEMBERS)
-        yield from tariterators.group_by_keys(files, handler=handler)
+        for url in self._my_shards(worker, workers):
+            streams = tariterators.url_opener([{"url": url}], handler=handler)
+            files = tariterators.tar_file_expander(
+                streams, handler=handler, select_files=lambda name: name.rsplit(".", 1)[-1].lower() in _MEMBERS)
+            n = 0
+            for sample in tariterators.group_by_keys(files, handler=handler):
+                n += 1
+                yield sample
+            expected = expected_count(url)
+            if expected is not None and n < expected and url not in truncated:
+                if self.strict:
+                    raise DataError(f"truncated_shard: {url} yielded {n} samples, its manifest says {expected}")
+                counts["truncated_shard"] += 1
 
-    def _decode(self, sample: dict, counts: Counter) -> Optional[dict]:
+    def _decode(self, sample: dict, counts: Counter, rng: random.Random) -> Optional[dict]:
         try:
-            text = decode_caption(sample, self.caption_key)
-            image = decode_image(sample)
+            key = rng.choice(self.caption_key) if isinstance(self.caption_key, (list, tuple)) else self.caption_key
+            text = decode_caption(sample, key)
+            image = decode_image(sample, self.draft_size)
             meta = decode_meta(sample) if self.with_meta else None
         except _Skip as skip:
             if self.strict:
@@ -269,12 +318,15 @@ class ImageTextLoader:
             counts.update(resume["counts"])
             delivered = counts["samples"]
         limit = self.samples_per_epoch // (self.world_size * workers) if self.resampled else None
+        breaker = _CircuitBreaker(self.max_skip_rate, self.skip_window)
+        caption_rng = self._rng(worker, "captions")
         batch: list[dict] = []
         for sample in raw:
             if limit is not None and delivered + len(batch) >= limit:
                 break
             position += 1
-            decoded = self._decode(sample, counts)
+            decoded = self._decode(sample, counts, caption_rng)
+            breaker.record(sample.get("__url__", "?"), decoded is None)
             if decoded is None:
                 continue
             batch.append(decoded)

@@ -137,3 +137,64 @@ def test_resume_refuses_a_changed_layout(tiny_shards):
     state = make(0).state_dict()
     with pytest.raises(loaders.DataError, match="num_workers 0 -> 2"):
         make(2).load_state_dict(state)
+
+
+def _write(path, n, start=0, caption=lambda i: f"caption {i}", **extra):
+    with wds.TarWriter(str(path)) as w:
+        for i in range(start, start + n):
+            w.write({"__key__": f"k{i:05d}", "jpg": _jpeg(), "txt": caption(i), "json": {"alt": f"alt {i}"}, **extra})
+
+
+def test_weighted_sources_in_resampled_mode(tmp_path):
+    _write(tmp_path / "a.tar", 20, 0)
+    _write(tmp_path / "b.tar", 20, 100)
+    (tmp_path / "list.txt").write_text(f"# shards of b\n{tmp_path}/b.tar\n")
+    loader = loaders.image_text_loader(f"{tmp_path}/a.tar:0.8,@{tmp_path}/list.txt:0.2", batch_size=20,
+                                       transform=_tf, tokenize=lambda t: torch.zeros(len(t), 2), resampled=True,
+                                       samples_per_epoch=2000, shuffle=False)
+    keys = [k for b in loader for k in b["key"]]
+    assert len(keys) == 2000
+    share_a = sum(int(k[1:]) < 100 for k in keys) / len(keys)
+    assert 0.7 < share_a < 0.9
+    assert loaders.expand_shards(f"{tmp_path}/a.tar,@{tmp_path}/list.txt") == [f"{tmp_path}/a.tar", f"{tmp_path}/b.tar"]
+
+
+def test_shard_shorter_than_its_manifest_is_truncated(tmp_path):
+    _write(tmp_path / "00000.tar", 10)
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 12, "successes": 12}))  # promises 12
+    loader = loaders.image_text_loader(str(tmp_path / "00000.tar"), batch_size=4, transform=_tf,
+                                       tokenize=lambda t: torch.zeros(len(t), 2))
+    assert sum(len(b["key"]) for b in loader) == 10
+    assert loader.stats()["skipped"] == {"truncated_shard": 1}
+
+
+def test_circuit_breaker_names_the_worst_shard(tmp_path):
+    _write(tmp_path / "good.tar", 300)
+    with wds.TarWriter(str(tmp_path / "bad.tar")) as w:
+        for i in range(300):
+            w.write({"__key__": f"b{i}", "jpg": b"<html>oops</html>" if i % 4 == 0 else _jpeg(), "txt": "x"})
+    loader = loaders.image_text_loader(f"{tmp_path}/good.tar,{tmp_path}/bad.tar", batch_size=50, transform=_tf,
+                                       tokenize=lambda t: torch.zeros(len(t), 2), shuffle=False, skip_window=400)
+    with pytest.raises(loaders.DataError, match=r"max_skip_rate 5%.*worst shards: .*bad.tar"):
+        list(loader)
+
+
+def test_caption_from_json_field_or_random_choice(tmp_path):
+    _write(tmp_path / "s.tar", 40)
+    seen = []
+    loader = loaders.image_text_loader(str(tmp_path / "s.tar"), batch_size=40, transform=_tf, tokenize=list,
+                                       caption_key=["txt", "alt"], shuffle=False)
+    for b in loader:
+        seen += b["text"]
+    assert {t.split()[0] for t in seen} == {"caption", "alt"}
+    only_json = loaders.image_text_loader(str(tmp_path / "s.tar"), batch_size=40, transform=_tf, tokenize=list,
+                                          caption_key="alt", shuffle=False)
+    assert next(iter(only_json))["text"][:2] == ["alt 0", "alt 1"]
+
+
+def test_draft_decoding_keeps_the_image_content():
+    big = io.BytesIO()
+    Image.new("RGB", (512, 384), (10, 200, 30)).save(big, format="JPEG")
+    img = loaders.pipeline.decode_image({"jpg": big.getvalue()}, draft_size=64)
+    assert min(img.size) >= 64 and img.size[0] < 512
+    assert abs(img.getpixel((5, 5))[1] - 200) < 8
