@@ -72,6 +72,31 @@ def _analyze_routing(args) -> None:
     print(f"wrote {Path(args.out) / 'routing.png'} and {Path(args.out) / 'routing.json'}")
 
 
+def _shards(args) -> None:
+    from loaders import shards
+
+    try:
+        if args.check:
+            rows = shards.check_shards(args.check)
+            print(f"{'shard':<12} {'expected':>8} {'found':>8} {'checksum':>8}  status")
+            for r in rows:
+                print(f"{r['name']:<12} {r['expected']:>8} {r['found']:>8} {'ok' if r['checksum'] else 'BAD':>8}  {r['status']}")
+            bad = [r for r in rows if r["status"] != "ok"]
+            if bad:
+                raise ClipmoeError(f"{len(bad)} of {len(rows)} shards failed the check")
+            return
+        if bool(args.images) == bool(args.table) or not args.out:
+            raise ClipmoeError("give --images DIR or --table FILE, and --out DIR (or --check DIR)")
+        records = shards.records_from_folder(args.images) if args.images else shards.records_from_table(args.table)
+        if not records:
+            raise ClipmoeError(f"no image-caption pairs found in {args.images or args.table}")
+        manifest = shards.write_shards_from_records(records, args.out, samples_per_shard=args.per_shard,
+                                                    resize=args.resize, processes=args.processes)
+    except ValueError as e:
+        raise ClipmoeError(str(e)) from None
+    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipmoe", description="CLIP pretraining with sparse Mixture-of-Experts")
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image", nargs="+", help="image files to embed")
     e.add_argument("--out", help="write a .pt tensor instead of printing JSON")
     e.set_defaults(func=_encode)
+
+    s = sub.add_parser("shards", help="write WebDataset shards (img2dataset layout), or check a shard set")
+    s.add_argument("--images", help="folder of images, each with a same-named .txt caption")
+    s.add_argument("--table", help="captions table (.csv/.tsv/.jsonl/.parquet) with image and caption columns")
+    s.add_argument("--out", help="output folder")
+    s.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    s.add_argument("--resize", type=int, default=None, help="shrink images to at most this many pixels a side")
+    s.add_argument("--processes", type=int, default=1)
+    s.add_argument("--check", metavar="DIR", help="verify DIR against its manifest.json and print a table")
+    s.set_defaults(func=_shards)
 
     a = sub.add_parser("analyze-routing", help="expert load per layer, and which words / patches each expert takes")
     a.add_argument("--model", required=True, help="a clipmoe .safetensors file")

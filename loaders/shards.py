@@ -73,3 +73,129 @@ def shard_urls(out_dir: str | Path) -> str:
     n = len(manifest["shards"])
     base = str(Path(out_dir))
     return f"{base}/00000.tar" if n == 1 else f"{base}/{{00000..{n - 1:05d}}}.tar"
+
+
+# ---------------------------------------------------------------------------------------------------
+# `clipmoe shards`: folders or caption tables -> shards (several processes); checking a shard set
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def records_from_folder(folder: str | Path) -> list[tuple[str, str]]:
+    """(image path, caption) for each image with a same-named .txt caption beside it."""
+    folder = Path(folder)
+    out = []
+    for img in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        cap = img.with_suffix(".txt")
+        if cap.is_file():
+            out.append((str(img), cap.read_text(encoding="utf-8", errors="replace").strip()))
+    return out
+
+
+def records_from_table(table: str | Path, image_col: str = "image", caption_col: str = "caption") -> list[tuple[str, str]]:
+    """(image path, caption) rows of a .csv, .tsv, .jsonl or .parquet table; relative paths are taken
+    relative to the table's folder."""
+    import csv
+
+    table = Path(table)
+    if table.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError("reading .parquet needs pyarrow (pip install pyarrow)") from None
+        rows = pq.read_table(table, columns=[image_col, caption_col]).to_pylist()
+    elif table.suffix == ".jsonl":
+        rows = [json.loads(line) for line in table.read_text().splitlines() if line.strip()]
+    elif table.suffix in (".csv", ".tsv"):
+        with open(table, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if table.suffix == ".tsv" else ","))
+    else:
+        raise ValueError(f"{table}: expected a .csv, .tsv, .jsonl or .parquet table")
+    missing = [c for c in (image_col, caption_col) if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"{table}: no column {missing[0]!r} (columns: {', '.join(rows[0])})")
+    return [(str(table.parent / r[image_col]), str(r[caption_col])) for r in rows]
+
+
+def _write_one(job) -> dict:
+    index, records, out, resize = job
+    name = f"{index:05d}.tar"
+    written, failed = 0, 0
+    with wds.TarWriter(str(Path(out) / name)) as sink:
+        for i, (path, caption) in enumerate(records):
+            try:
+                with Image.open(path) as img:
+                    img = img.convert("RGB")
+                    if resize and max(img.size) > resize:
+                        img.thumbnail((resize, resize), Image.BICUBIC)
+                    data = encode_image(img)
+            except (OSError, ValueError, Image.DecompressionBombError):
+                failed += 1
+                continue
+            key = f"{index:05d}{i:05d}"
+            sink.write({"__key__": key, "jpg": data, "txt": caption,
+                        "json": {"key": key, "status": "success", "caption": caption, "source": path}})
+            written += 1
+    stats = {"count": len(records), "successes": written, "failed_to_download": failed}
+    (Path(out) / f"{index:05d}_stats.json").write_text(json.dumps(stats))
+    return {"name": name, "count": written, "sha256": _sha256(Path(out) / name)}
+
+
+def write_shards_from_records(records: list[tuple[str, str]], out_dir: str | Path, *, samples_per_shard: int = 1000,
+                              resize: int | None = None, processes: int = 1, progress: bool = True) -> dict:
+    """Image files + captions -> shards in the img2dataset layout, one shard per job across processes."""
+    from multiprocessing import get_context
+
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(i, records[s:s + samples_per_shard], str(out), resize)
+            for i, s in enumerate(range(0, len(records), samples_per_shard))]
+    bar = tqdm(total=len(jobs), desc="shards", disable=not progress)
+    shards = []
+    if processes > 1:
+        with get_context("spawn").Pool(processes) as pool:
+            for rec in pool.imap(_write_one, jobs):
+                shards.append(rec)
+                bar.update(1)
+    else:
+        for job in jobs:
+            shards.append(_write_one(job))
+            bar.update(1)
+    bar.close()
+    manifest = {"num_samples": sum(s["count"] for s in shards), "shards": shards}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def check_shards(out_dir: str | Path) -> list[dict]:
+    """One row per manifest shard: `name`, `expected`, `found` samples, `checksum` ok, `status`."""
+    out = Path(out_dir)
+    manifest_path = out / MANIFEST
+    if not manifest_path.is_file():
+        raise ValueError(f"{out}: no {MANIFEST} (written by `clipmoe shards`)")
+    rows = []
+    for shard in json.loads(manifest_path.read_text())["shards"]:
+        path = out / shard["name"]
+        row = {"name": shard["name"], "expected": shard["count"], "found": 0, "checksum": False}
+        if not path.is_file():
+            rows.append({**row, "status": "missing"})
+            continue
+        row["checksum"] = _sha256(path) == shard["sha256"]
+        try:
+            keys = {m.split(".", 1)[0] for m in _member_names(path)}
+            row["found"] = len(keys)
+            status = "ok" if row["checksum"] and row["found"] == row["expected"] else (
+                "checksum mismatch" if not row["checksum"] else "count mismatch")
+        except Exception as e:  # tarfile raises several types for a damaged archive
+            status = f"unreadable ({type(e).__name__})"
+        rows.append({**row, "status": status})
+    return rows
+
+
+def _member_names(path: Path) -> list[str]:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [m.name for m in tar.getmembers() if m.isfile() and not m.name.endswith(".json")]

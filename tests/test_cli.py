@@ -60,3 +60,36 @@ def test_analyze_routing_writes_heatmap_and_words(tmp_path, tiny_shards):
              "--batches", "1")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "cli" / "routing.png").is_file() and "expert 0:" in r.stdout
+
+
+def test_shards_from_folder_and_table_then_check(tmp_path):
+    from loaders import synthetic
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for s in synthetic.scenes(25, 1, image_size=96):
+        s["image"].save(src / f"{s['key']}.png")
+        (src / f"{s['key']}.txt").write_text(s["caption"])
+    (src / "broken.png").write_bytes(b"not a png")
+    (src / "broken.txt").write_text("a broken image")
+    r = _run("shards", "--images", str(src), "--out", str(tmp_path / "out"), "--per-shard", "10",
+             "--resize", "48", "--processes", "2")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 25 and len(manifest["shards"]) == 3
+    r = _run("shards", "--check", str(tmp_path / "out"))
+    assert r.returncode == 0 and r.stdout.count(" ok") >= 3, r.stdout
+    import loaders
+
+    loader = loaders.image_text_loader(f"{tmp_path}/out/{{00000..00002}}.tar", batch_size=8, transform=lambda im: torch.zeros(1),
+                                       tokenize=lambda t: torch.zeros(len(t), 2), shuffle=False)
+    assert sum(len(b["key"]) for b in loader) == 25
+    # a table of the same images
+    (tmp_path / "t.tsv").write_text("image\tcaption\n" + "".join(f"src/{p.name}\tcap {i}\n" for i, p in
+                                                                  enumerate(sorted(src.glob("*.png")))))
+    r = _run("shards", "--table", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "out2"))
+    assert r.returncode == 0, r.stderr
+    # damage: the check fails with a one-line error
+    (tmp_path / "out" / "00001.tar").write_bytes(b"x" * 100)
+    r = _run("shards", "--check", str(tmp_path / "out"))
+    assert r.returncode == 2 and "1 of 3 shards failed" in r.stderr and "BAD  unreadable" in r.stdout

@@ -40,6 +40,9 @@ def dirty_shard(tmp_path):
         w.write({"__key__": "huge", "jpg": _jpeg(), "txt": "a" * 20_000})
         w.write({"__key__": "pickled", "jpg": _jpeg(), "txt": "fine", "pyd": b"cos\nsystem\n(S'touch /tmp/pwned'\ntR."})
         good.append("pickled")
+        bomb = io.BytesIO()
+        Image.new("1", (10_000, 9_000)).save(bomb, format="PNG")  # 90 M pixels, a few kB on disk
+        w.write({"__key__": "bomb", "png": bomb.getvalue(), "txt": "x"})
     return path, good
 
 
@@ -51,7 +54,23 @@ def test_bad_samples_skipped_and_counted(dirty_shard):
     stats = loader.stats()
     assert stats["samples"] == len(good)
     assert stats["skipped"] == {"corrupt_image": 2, "missing_caption": 1, "empty_caption": 1,
-                                "bad_caption_encoding": 1, "missing_image": 1, "huge_caption": 1}
+                                "bad_caption_encoding": 1, "missing_image": 1, "huge_caption": 1,
+                                "decompression_bomb": 1}
+
+
+def test_duplicate_keys_counted(tmp_path):
+    import tarfile
+
+    path = tmp_path / "dup.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("a.jpg", _jpeg()), ("a.txt", b"one"), ("a.txt", b"again"), ("b.jpg", _jpeg()),
+                           ("b.txt", b"two")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    loader = loaders.image_text_loader(str(path), batch_size=4, transform=_tf, tokenize=list)
+    keys = [k for b in loader for k in b["key"]]
+    assert "b" in keys and loader.stats()["skipped"].get("duplicate_key") == 1
 
 
 def test_strict_mode_names_shard_and_key(dirty_shard):
