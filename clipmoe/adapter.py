@@ -88,17 +88,22 @@ def is_open_clip_state_dict(state_dict: dict) -> bool:
     return "visual.conv1.weight" in keys and "token_embedding.weight" in keys
 
 
-def from_open_clip(state_dict: dict) -> dict:
-    """open_clip / OpenAI CLIP (ViT) state dict -> clipmoe state dict. Raises on keys it cannot place."""
+def _convert(state_dict: dict, rules, block_rules) -> tuple[dict, list[str]]:
+    """(renamed state dict, keys no rule places)."""
     out, unknown = {}, []
-    for k, v in normalize_open_clip_keys(state_dict).items():
-        if k in _IGNORED:
-            continue
-        new = _rename(k, _TO_OURS, _BLOCK_TO_OURS)
+    for k, v in state_dict.items():
+        new = _rename(k, rules, block_rules)
         if new is None:
             unknown.append(k)
         else:
             out[new] = v
+    return out, unknown
+
+
+def from_open_clip(state_dict: dict) -> dict:
+    """open_clip / OpenAI CLIP (ViT) state dict -> clipmoe state dict. Raises on keys it cannot place."""
+    state_dict = {k: v for k, v in normalize_open_clip_keys(state_dict).items() if k not in _IGNORED}
+    out, unknown = _convert(state_dict, _TO_OURS, _BLOCK_TO_OURS)
     if unknown:
         raise ClipmoeError(f"checkpoint has {len(unknown)} keys a plain ViT CLIP does not have "
                            f"(e.g. {', '.join(unknown[:3])}): not a supported open_clip architecture")
@@ -107,13 +112,7 @@ def from_open_clip(state_dict: dict) -> dict:
 
 def to_open_clip(state_dict: dict) -> dict:
     """clipmoe state dict of a dense model -> open_clip's CLIP state dict (loads into open_clip.CLIP)."""
-    out, unknown = {}, []
-    for k, v in state_dict.items():
-        new = _rename(k, _TO_OPEN_CLIP, _BLOCK_TO_OPEN_CLIP)
-        if new is None:
-            unknown.append(k)
-        else:
-            out[new] = v
+    out, unknown = _convert(state_dict, _TO_OPEN_CLIP, _BLOCK_TO_OPEN_CLIP)
     if unknown:
         moe = any(".mlp.experts." in k or ".mlp.router." in k for k in unknown)
         why = "it has MoE layers, which open_clip's format cannot hold" if moe else f"unknown keys {unknown[:3]}"
