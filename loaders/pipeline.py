@@ -182,7 +182,7 @@ class ImageTextLoader:
         for c in self._counts.values():
             total.update(c)
         samples = total.pop("samples", 0)
-        return {"samples": samples, "skipped": dict(total)}
+        return {"samples": samples, "skipped": {k: v for k, v in total.items() if v}}
 
     def state_dict(self) -> dict:
         """Where this rank is in the data: resuming from it continues with the next unseen batch."""
