@@ -9,8 +9,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .checkpoint import FORMAT, load
 from .config import MoEConfig
 from .errors import ClipmoeError
+from .factory import create_model
 from .model import CLIP
 
 TOWERS = ("image", "text")
@@ -84,9 +86,6 @@ def upcycle(
 def _source(model, arch: Optional[str]) -> CLIP:
     if isinstance(model, CLIP):
         return model
-    from .checkpoint import FORMAT, load
-    from .factory import create_model
-
     path = Path(model)
     if arch:
         return create_model(arch, pretrained=str(path))
