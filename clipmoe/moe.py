@@ -161,7 +161,7 @@ class MoE(nn.Module):
         counts_E = torch.full((E,), cap, dtype=torch.long, device=probs_NE.device)
         served = torch.zeros(N, dtype=torch.bool, device=probs_NE.device)
         served[token_EC.reshape(-1)] = True
-        dropped = 1.0 - served.float().mean().item() if N else 0.0  # tokens no expert took
+        dropped = 1.0 - served.float().mean() if N else 0.0  # tokens no expert took (no host sync)
         return token_EC.reshape(-1), gates_EC.reshape(-1), counts_E, counts_E, probs_NE.argmax(-1), dropped
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
@@ -203,7 +203,7 @@ class MoE(nn.Module):
         local = -(probs_NE * probs_NE.clamp_min(1e-20).log()).sum(-1).mean()
         marginal = -(mean_p_E * mean_p_E.clamp_min(1e-20).log()).sum()
         return MoEAux(self.tower, self.block, balance, z, local, marginal, counts_E.detach(),
-                      probs_NE.detach().argmax(-1), torch.tensor(dropped, device=probs_NE.device))
+                      probs_NE.detach().argmax(-1), torch.as_tensor(dropped, device=probs_NE.device))
 
 
 def moe_report(output) -> list[dict]:

@@ -103,15 +103,16 @@ class _CircuitBreaker:
 
     def __init__(self, max_rate: float, window: int):
         self.max_rate, self.window = max_rate, window
-        self.recent: deque = deque(maxlen=window)
-        self.per_shard: Counter = Counter()
+        self.recent: deque = deque()
+        self.bad = 0  # skipped samples in `recent`, kept as a running count (this runs per sample)
 
     def record(self, url: str, skipped: bool) -> None:
         self.recent.append((url, skipped))
-        if skipped:
-            self.per_shard[url] += 1
+        self.bad += skipped
+        if len(self.recent) > self.window:
+            self.bad -= self.recent.popleft()[1]
         if len(self.recent) >= min(self.window, 200):
-            bad = sum(s for _, s in self.recent)
+            bad = self.bad
             if bad > self.max_rate * len(self.recent):
                 worst = Counter(u for u, s in self.recent if s).most_common(3)
                 raise DataError(
