@@ -43,7 +43,7 @@ def _prompts(attr: str, classname: str) -> list[str]:
     if attr == "colour":
         return ([f"something {classname}", f"{classname} shapes", f"an image showing {classname} objects"]
                 + [f"a {classname} {shape}" for shape in synthetic.SHAPES])
-    a = "an" if classname[0] in "aeiou" else "a"
+    a = synthetic.article(classname)
     return ([f"on {a} {classname} background", f"something against {a} {classname} backdrop",
              f"the background is {classname}"]
             + [f"a {shape} on {a} {classname} background" for shape in synthetic.SHAPES])

@@ -50,6 +50,10 @@ class Scene:
                 "background": self.background}
 
 
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def plural(shape: str, n: int = 2) -> str:
     return shape if n == 1 else _PLURAL.get(shape, shape + "s")
 
@@ -138,7 +142,7 @@ def caption(scene: Scene, rng: random.Random) -> str:
     text = rng.choice(forms)
     if rng.random() < 0.7:
         bg, text = scene.background, text.rstrip(".")
-        a = "an" if bg[0] in "aeiou" else "a"
+        a = article(bg)
         text = rng.choice([f"{text}, on {a} {bg} background", f"on {a} {bg} background: {text}",
                            f"{text} against {a} {bg} backdrop", f"{text}; the background is {bg}"])
     return text[0].upper() + text[1:] if rng.random() < 0.5 else text
