@@ -8,6 +8,7 @@ from .factory import create_model, create_model_and_transforms, create_transform
 from .model import CLIP, CLIPOutput
 from .moe import MoEAux, moe_report
 from .upcycle import upcycle
+from .zeroshot_eval import zeroshot_eval
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,5 @@ __all__ = [
     "CLIP", "CLIPOutput", "ClipmoeError", "ConfigError", "ModelConfig", "MoEAux", "MoEConfig", "RunConfig",
     "TextConfig", "VisionConfig", "create_model", "create_model_and_transforms", "create_transforms",
     "encode_image", "encode_text", "get_model_config", "get_tokenizer", "list_architectures", "load",
-    "load_run_config", "moe_report", "save", "save_open_clip", "upcycle",
+    "load_run_config", "moe_report", "save", "save_open_clip", "upcycle", "zeroshot_eval",
 ]

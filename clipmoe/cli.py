@@ -97,6 +97,26 @@ def _shards(args) -> None:
     print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}")
 
 
+def _zeroshot(args) -> None:
+    from .zeroshot_eval import format_results, require_all, zeroshot_eval
+
+    if args.list:
+        import zeroshot
+        print("\n".join(zeroshot.list_datasets()))
+        return
+    if not args.model or not args.datasets or not args.data_root:
+        raise ClipmoeError("give --model, --datasets and --data-root (or --list)")
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    results = zeroshot_eval(args.model, datasets, args.data_root, pretrained=args.pretrained, out=args.out,
+                            split=args.split, batch_size=args.batch_size, num_workers=args.workers,
+                            device=args.device, cache_dir=args.cache_dir, classnames_file=args.classnames,
+                            templates_file=args.templates)
+    print(format_results(results))
+    if args.out:
+        print(f"wrote {args.out}")
+    require_all(results)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipmoe", description="CLIP pretraining with sparse Mixture-of-Experts")
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,6 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default="routing", help="output folder (default: routing)")
     a.add_argument("--batches", type=int, default=4, help="batches of 64 to route")
     a.set_defaults(func=_analyze_routing)
+
+    z = sub.add_parser("zeroshot", help="zero-shot classification / retrieval on local benchmark copies")
+    z.add_argument("--model", help="a clipmoe .safetensors file, or an architecture with --pretrained")
+    z.add_argument("--pretrained", help="open_clip checkpoint (file or tag) for an architecture name")
+    z.add_argument("--datasets", help="comma-separated names (see --list), or 'folder' for a class-per-folder tree")
+    z.add_argument("--dataset", dest="datasets", help="alias of --datasets")
+    z.add_argument("--data-root", help="folder holding the local dataset copies")
+    z.add_argument("--out", help="write results JSON here")
+    z.add_argument("--split", default="test")
+    z.add_argument("--batch-size", type=int, default=64)
+    z.add_argument("--workers", type=int, default=0, help="data loader workers")
+    z.add_argument("--device", help="default: cuda if available, else cpu")
+    z.add_argument("--cache-dir", help="cache zero-shot classifiers here (keyed by weights, names, templates)")
+    z.add_argument("--classnames", help="class names file (one per line, or JSON list)")
+    z.add_argument("--templates", help="templates file (one per line with {c}, JSON list, or JSON class -> prompts)")
+    z.add_argument("--list", action="store_true", help="list the known dataset names")
+    z.set_defaults(func=_zeroshot)
     return p
 
 

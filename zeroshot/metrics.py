@@ -1,5 +1,9 @@
-"""Classification metrics as CLIP_benchmark computes them: top-k accuracy and mean per-class recall."""
+"""Metrics as CLIP_benchmark computes them: top-k accuracy, mean per-class recall, mean average
+precision (multi-label VOC) and retrieval recall@k."""
 from __future__ import annotations
+
+import math
+from typing import Sequence
 
 import torch
 
@@ -22,8 +26,49 @@ def mean_per_class_recall(logits: torch.Tensor, labels: torch.Tensor, num_classe
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """top1, top5 (None below 5 classes, where CLIP_benchmark reports NaN) and mean per-class recall."""
     return {
         "top1": topk_accuracy(logits, labels, 1),
-        "top5": topk_accuracy(logits, labels, 5),
+        "top5": topk_accuracy(logits, labels, 5) if logits.shape[1] >= 5 else None,
         "mean_per_class_recall": mean_per_class_recall(logits, labels),
     }
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per column (class): the mean, over the positives (target 1), of the precision at their rank when
+    rows are sorted by score. Targets other than 1 (VOC's 0 'difficult' and -1) count as negatives, as in
+    CLIP_benchmark. Columns without positives give NaN."""
+    order = scores.argsort(dim=0, descending=True, stable=True)
+    pos = (targets.gather(0, order) == 1).float()
+    ranks = torch.arange(1, scores.shape[0] + 1, dtype=torch.float32).unsqueeze(1)
+    precision = pos.cumsum(0) / ranks
+    n_pos = pos.sum(0)
+    return (precision * pos).sum(0) / n_pos.where(n_pos > 0, torch.tensor(float("nan")))
+
+
+def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict:
+    ap = average_precision(scores, targets)
+    valid = ap[~ap.isnan()]
+    return {"mean_average_precision": valid.mean().item() if len(valid) else math.nan}
+
+
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: Sequence[int],
+                      ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Recall@k both ways, as CLIP_benchmark defines them.
+
+    `text_to_image[j]` is the image of caption j (images may have several captions).
+    `image_retrieval_recall@k`: fraction of captions whose image is among the k images closest to them.
+    `text_retrieval_recall@k`: fraction of images with at least one of their captions among the k closest
+    captions."""
+    t2i = torch.as_tensor(list(text_to_image), dtype=torch.long)
+    scores = text_features.float() @ image_features.float().T  # (T, I)
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(t2i)), t2i] = True
+    out = {}
+    for k in ks:
+        ki, kt = min(k, scores.shape[1]), min(k, scores.shape[0])
+        top_images = scores.topk(ki, dim=1).indices
+        out[f"image_retrieval_recall@{k}"] = positive.gather(1, top_images).any(1).float().mean().item()
+        top_texts = scores.T.topk(kt, dim=1).indices
+        out[f"text_retrieval_recall@{k}"] = positive.T.gather(1, top_texts).any(1).float().mean().item()
+    return out

@@ -1,0 +1,82 @@
+"""`zeroshot_eval`: a clipmoe (or open_clip-format) model on zero-shot benchmarks, through the `zeroshot`
+package's registry, classifier and metrics; the `clipmoe zeroshot` command and training's evaluation
+call it."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+import zeroshot
+
+from .encode import resolve_model
+from .errors import ClipmoeError
+from .factory import create_model, create_transforms, get_tokenizer
+from .model import CLIP
+
+
+def _model(model: Union[str, Path, CLIP], pretrained: Optional[str], device: str) -> CLIP:
+    if isinstance(model, CLIP):
+        return model
+    if Path(str(model)).suffix == ".safetensors" or Path(str(model)).is_file():
+        return resolve_model(model, device)
+    return create_model(str(model), pretrained=pretrained).to(device)
+
+
+def zeroshot_eval(model: Union[str, Path, CLIP], datasets: Sequence[str], data_root: Union[str, Path], *,
+                  pretrained: Optional[str] = None, out: Union[str, Path, None] = None, split: str = "test",
+                  batch_size: int = 64, num_workers: int = 0, device: Optional[str] = None,
+                  cache_dir: Union[str, Path, None] = None, classnames_file: Optional[str] = None,
+                  templates_file: Optional[str] = None, progress: bool = True) -> list[dict]:
+    """Zero-shot metrics of `model` on each dataset (a `zeroshot.list_datasets()` name, or "folder" for a
+    class-per-folder tree at `data_root`). A dataset that cannot be opened gets an `error` entry and the
+    others still run. With `out`, writes the results as JSON (metrics, dataset, model, templates)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    clip = _model(model, pretrained, device).eval()
+    model_device = next(clip.parameters()).device
+    _, transform = create_transforms(clip.config)
+    tokenizer = get_tokenizer(clip)
+    model_key = zeroshot.fingerprint(clip) if cache_dir else None
+    name = str(model) if not isinstance(model, CLIP) else "model"
+    results = []
+    for ds_name in datasets:
+        start = time.perf_counter()
+        try:
+            ds = zeroshot.open_dataset(ds_name, data_root, transform, split=split,
+                                       classnames_file=classnames_file, templates_file=templates_file)
+            res = zeroshot.evaluate(ds, clip.encode_image, clip.encode_text, tokenizer, batch_size=batch_size,
+                                    num_workers=num_workers, device=model_device, cache_dir=cache_dir,
+                                    model_key=model_key, progress=progress)
+        except (zeroshot.DatasetNotFound, zeroshot.UnknownDataset, ValueError, OSError) as e:
+            res = {"dataset": ds_name, "error": str(e)}
+        res.update(model=name, pretrained=pretrained, split=split, seconds=round(time.perf_counter() - start, 2))
+        results.append(res)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def format_results(results: list[dict]) -> str:
+    """A results table: one row per dataset, its main metrics in percent."""
+    lines = [f"{'dataset':<28} {'task':<14} {'metric':<26} {'value':>7}  samples"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['dataset']:<28} error: {r['error']}")
+            continue
+        for i, (k, v) in enumerate(r["metrics"].items()):
+            shown = "    n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:7.2f}"
+            head = (r["dataset"], r["task"]) if i == 0 else ("", "")
+            tail = f"  {r['num_samples']}" if i == 0 else ""
+            lines.append(f"{head[0]:<28} {head[1]:<14} {k:<26} {shown}{tail}")
+    return "\n".join(lines)
+
+
+def require_all(results: list[dict]) -> None:
+    failed = [r["dataset"] for r in results if "error" in r]
+    if failed:
+        raise ClipmoeError(f"{len(failed)} of {len(results)} datasets failed: {', '.join(failed)}")

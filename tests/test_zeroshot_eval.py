@@ -1,0 +1,145 @@
+"""The zero-shot harness end to end on local copies we write here: a class-per-folder tree (accuracy
+recomputed independently), CLIP_benchmark's WebDataset export (classification and retrieval), ImageNet
+folder layouts, missing data, and the `clipmoe zeroshot` command."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+import clipmoe
+import zeroshot
+from clipmoe.cli import main
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def _image(rgb, seed):
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(rgb)[None, None] + rng.integers(-25, 25, (20, 20, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "micro.safetensors"
+    clipmoe.save(clipmoe.create_model("clipmoe-micro"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    for c, rgb in COLOURS.items():
+        (root / c).mkdir()
+        for i in range(4):
+            _image(rgb, i).save(root / c / f"{i}.png")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c} thing.\n{c}\n")
+    return root
+
+
+def test_folder_accuracy_recomputed_independently(model_path, folder_root, tmp_path):
+    out = tmp_path / "res.json"
+    (res,) = clipmoe.zeroshot_eval(model_path, ["folder"], folder_root, out=out, progress=False, device="cpu")
+    assert res["num_samples"] == 12 and res["num_classes"] == 3
+    assert res["templates"] == ["a photo of a {c} thing.", "{c}"]
+    saved = json.loads(out.read_text())[0]
+    assert saved["metrics"] == res["metrics"] and saved["model"] == str(model_path) and saved["dataset"] == "folder"
+
+    # the same accuracy by hand: plain per-image encoding and a per-class classifier
+    model = clipmoe.load(model_path).eval()
+    _, transform = clipmoe.create_transforms(model.config)
+    tok = clipmoe.get_tokenizer(model)
+    names = sorted(COLOURS)  # folder order
+    with torch.no_grad():
+        w = []
+        for c in names:
+            f = torch.nn.functional.normalize(model.encode_text(tok([f"a photo of a {c} thing.", c])), dim=-1)
+            w.append(torch.nn.functional.normalize(f.mean(0), dim=-1))
+        w = torch.stack(w, 1)
+        hits = 0
+        for label, c in enumerate(names):
+            for i in range(4):
+                x = transform(Image.open(folder_root / c / f"{i}.png").convert("RGB")).unsqueeze(0)
+                hits += int((model.encode_image(x) @ w).argmax().item() == label)
+    assert res["metrics"]["top1"] == pytest.approx(hits / 12)
+    assert res["metrics"]["top5"] is None
+
+
+def _write_wds(root, samples, classnames=None, templates=None, kind=None, shards=2):
+    (root / "test").mkdir(parents=True)
+    per = -(-len(samples) // shards)
+    for s in range(shards):
+        with wds.TarWriter(str(root / "test" / f"{s}.tar")) as w:
+            for i, sample in enumerate(samples[s * per:(s + 1) * per]):
+                w.write({"__key__": f"s{s}_{i:04d}", **sample})
+    (root / "test" / "nshards.txt").write_text(f"{shards}\n")
+    if classnames:
+        (root / "classnames.txt").write_text("\n".join(classnames) + "\n")
+    if templates:
+        (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    if kind:
+        (root / "dataset_type.txt").write_text(kind + "\n")
+
+
+def test_webdataset_export_classification_uses_its_own_files(model_path, tmp_path):
+    names = list(COLOURS)
+    samples = [{"png": _image(COLOURS[c], i), "cls": k} for k, c in enumerate(names) for i in range(3)]
+    _write_wds(tmp_path / "wds_vtab-cifar10", samples, names, ["a {c} photo."])
+    ds = zeroshot.open_dataset("wds/vtab/cifar10", tmp_path, transform=None)
+    assert ds.classnames == names and ds.templates == ["a {c} photo."] and ds.task == "classification"
+    (res,) = clipmoe.zeroshot_eval(model_path, ["cifar10"], tmp_path, progress=False, device="cpu")
+    assert res["num_samples"] == 9 and res["num_classes"] == 3 and 0 <= res["metrics"]["top1"] <= 1
+
+
+def test_webdataset_export_retrieval(model_path, tmp_path):
+    samples = [{"png": _image(rgb, i), "txt": f"a {c} square\nsomething {c}"} for c, rgb in COLOURS.items()
+               for i in range(2)]
+    _write_wds(tmp_path / "flickr30k", samples, kind="retrieval")
+    (res,) = clipmoe.zeroshot_eval(model_path, ["flickr30k"], tmp_path, progress=False, device="cpu", batch_size=4)
+    assert res["task"] == "retrieval" and res["num_samples"] == 6 and res["num_texts"] == 12
+    assert set(res["metrics"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    assert res["metrics"]["text_retrieval_recall@10"] == 1.0  # 12 captions, 10 retrieved: each image has 2
+
+
+def test_imagenet_folder_layouts(tmp_path):
+    wnids = zeroshot.metadata.imagenet_wnids()
+    a_names = zeroshot.classnames("imagenet-a")
+    goldfinch = wnids[zeroshot.classnames("imagenet1k").index("goldfinch")]
+    for layout in ("imagenet-a/" + goldfinch, "imagenet1k/val/" + goldfinch, "imagenetv2/val/11"):
+        (tmp_path / layout).mkdir(parents=True)
+        _image((1, 2, 3), 0).save(tmp_path / layout / "x.jpeg")
+    assert zeroshot.open_dataset("imagenet-a", tmp_path).data.samples[0][1] == a_names.index("goldfinch")
+    assert zeroshot.open_dataset("imagenet1k", tmp_path).data.samples[0][1] == 11  # goldfinch is class 11
+    assert zeroshot.open_dataset("imagenetv2", tmp_path).data.samples[0][1] == 11  # V2 names folders by label
+    (tmp_path / "imagenet-r" / "n99999999").mkdir(parents=True)
+    with pytest.raises(zeroshot.DatasetNotFound, match="n99999999"):
+        zeroshot.open_dataset("imagenet-r", tmp_path)
+
+
+def test_missing_dataset_is_one_message_and_others_still_run(model_path, folder_root, tmp_path, capsys):
+    with pytest.raises(zeroshot.DatasetNotFound, match="Nothing is downloaded"):
+        zeroshot.open_dataset("cifar100", tmp_path)
+    res = clipmoe.zeroshot_eval(model_path, ["cifar100", "folder"], folder_root, progress=False, device="cpu")
+    assert "error" in res[0] and "cifar100" in res[0]["error"] and "metrics" in res[1]
+    code = main(["zeroshot", "--model", str(model_path), "--datasets", "cifar100", "--data-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "1 of 1 datasets failed: cifar100" in err and "Traceback" not in err
+
+
+def test_cli_folder_with_user_files(model_path, folder_root, tmp_path, capsys):
+    (tmp_path / "names.txt").write_text("crimson\nlime\nnavy\n")  # folder order: blue, green, red
+    (tmp_path / "t.json").write_text('["a {c} patch"]')
+    out = tmp_path / "r.json"
+    code = main(["zeroshot", "--model", str(model_path), "--dataset", "folder", "--data-root", str(folder_root),
+                 "--classnames", str(tmp_path / "names.txt"), "--templates", str(tmp_path / "t.json"),
+                 "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    printed = capsys.readouterr().out
+    assert code == 0 and "top1" in printed and "folder" in printed
+    res = json.loads(out.read_text())[0]
+    assert res["templates"] == ["a {c} patch"] and res["num_classes"] == 3
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert main(["zeroshot", "--list"]) == 0 and "imagenet1k" in capsys.readouterr().out

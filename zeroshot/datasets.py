@@ -1,0 +1,308 @@
+"""Opening benchmarks from local copies: torchvision's datasets, ImageFolder trees (the ImageNet family,
+ObjectNet, any class-per-folder tree) and CLIP_benchmark's WebDataset export. Nothing is downloaded."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset
+
+from .metadata import RETRIEVAL, canonical_name, classnames, imagenet_wnids, read_classnames, read_templates, templates
+
+IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
+
+
+class DatasetNotFound(FileNotFoundError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class EvalDataset:
+    """A benchmark ready to evaluate: `data` yields (image tensor, target) where target is a class index
+    (classification), a 0/1 vector (multilabel) or a list of captions (retrieval)."""
+    name: str
+    task: str  # "classification" | "multilabel" | "retrieval"
+    data: Union[Dataset, IterableDataset]
+    classnames: Optional[list[str]] = None
+    templates: Any = None
+    source: str = ""
+    size: Optional[int] = None
+
+
+# torchvision constructors: (root, transform, split) -> dataset. Each takes download=False.
+def _tv(name: str) -> Optional[Callable]:
+    import torchvision.datasets as tvd
+    train = {"train": True}.get
+    table = {
+        "cifar10": lambda r, t, s: tvd.CIFAR10(r, train=bool(train(s)), transform=t),
+        "cifar100": lambda r, t, s: tvd.CIFAR100(r, train=bool(train(s)), transform=t),
+        "mnist": lambda r, t, s: tvd.MNIST(r, train=bool(train(s)), transform=t),
+        "food101": lambda r, t, s: tvd.Food101(r, split=s, transform=t),
+        "sun397": lambda r, t, s: tvd.SUN397(r, transform=t),
+        "cars": lambda r, t, s: tvd.StanfordCars(r, split=s, transform=t),
+        "fgvc_aircraft": lambda r, t, s: tvd.FGVCAircraft(r, split=s, annotation_level="variant", transform=t),
+        "dtd": lambda r, t, s: tvd.DTD(r, split=s, transform=t),
+        "pets": lambda r, t, s: tvd.OxfordIIITPet(r, split=s, target_types="category", transform=t),
+        "flowers": lambda r, t, s: tvd.Flowers102(r, split=s, transform=t),
+        "stl10": lambda r, t, s: tvd.STL10(r, split=s, transform=t),
+        "eurosat": lambda r, t, s: tvd.EuroSAT(r, transform=t),
+        "gtsrb": lambda r, t, s: tvd.GTSRB(r, split=s, transform=t),
+        "country211": lambda r, t, s: tvd.Country211(r, split=s, transform=t),
+        "pcam": lambda r, t, s: tvd.PCAM(r, split=s, transform=t),
+        "renderedsst2": lambda r, t, s: tvd.RenderedSST2(r, split=s, transform=t),
+        "svhn": lambda r, t, s: tvd.SVHN(r, split=s, transform=t),
+    }
+    return table.get(name)
+
+
+class _LabelledFolder(Dataset):
+    """Images in class folders, each folder mapped to a label by `label_of(folder_name)` (None = skip)."""
+
+    def __init__(self, root: Path, label_of: Callable[[str], Optional[int]], transform: Optional[Callable]):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+        self.loader, self.transform = default_loader, transform
+        self.samples: list[tuple[str, int]] = []
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            label = label_of(folder.name)
+            if label is None:
+                continue
+            for dirpath, _, files in sorted(os.walk(folder)):
+                self.samples += [(os.path.join(dirpath, f), label) for f in sorted(files)
+                                 if f.lower().endswith(IMG_EXTENSIONS)]
+        if not self.samples:
+            raise DatasetNotFound(f"{root}: no images in class folders")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        image = self.loader(path)
+        return (self.transform(image) if self.transform else image), label
+
+
+def _wnid_labels(names: list[str], wnids_in_order: list[str]) -> Callable[[str], Optional[int]]:
+    index = {w: i for i, w in enumerate(wnids_in_order)}
+
+    def label_of(folder: str) -> Optional[int]:
+        if folder.isdigit():  # ImageNet-V2 names its folders by label
+            return int(folder) if int(folder) < len(names) else None
+        if folder not in index:
+            raise DatasetNotFound(f"folder {folder!r} is neither a WordNet id of this dataset nor a label")
+        return index[folder]
+    return label_of
+
+
+def _imagenet_subset_wnids(name: str) -> list[str]:
+    """The WordNet ids of an ImageNet subset in its label order (the classes of ImageNet-A/R/O)."""
+    all_names, wnids = classnames("imagenet1k"), imagenet_wnids()
+    keep, out, j = classnames(name), [], 0
+    for cname, w in zip(all_names, wnids):  # subsets keep ImageNet's order, so one pass matches them
+        if j < len(keep) and cname == keep[j]:
+            out.append(w)
+            j += 1
+    return out
+
+
+def _first_dir(*candidates: Path) -> Optional[Path]:
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def _is_wds(path: Path, split: str) -> bool:
+    d = path / split
+    return d.is_dir() and ((d / "nshards.txt").is_file() or any(d.glob("*.tar")))
+
+
+def _wds_dir(root: Path, key: str, split: str) -> Optional[Path]:
+    """Where CLIP_benchmark's export of `key` lies: root/<key>, or root/wds_<key> as its Hugging Face
+    repositories are named (wds_vtab-cifar10, wds_wilds-fmow, ...)."""
+    flat = key.replace("/", "-")
+    cands = [root / flat, root / f"wds_{flat}", root / f"wds_vtab-{flat}", root / f"wds_wilds-{flat}"]
+    return next((c for c in cands if _is_wds(c, split)), None)
+
+
+def _open_wds(path: Path, key: str, transform, split: str) -> EvalDataset:
+    import webdataset as wds
+    split_dir = path / split
+    tars = sorted(split_dir.glob("*.tar"), key=lambda p: (len(p.stem), p.stem))
+    nshards_file = split_dir / "nshards.txt"
+    if nshards_file.is_file():
+        n = int(nshards_file.read_text().strip())
+        tars = [split_dir / f"{i}.tar" for i in range(n)]
+        missing = [t.name for t in tars if not t.is_file()]
+        if missing:
+            raise DatasetNotFound(f"{split_dir}: nshards.txt says {n} shards; missing {', '.join(missing[:3])}")
+    if not tars:
+        raise DatasetNotFound(f"{split_dir}: no .tar shards")
+    kind_file = path / "dataset_type.txt"
+    task = kind_file.read_text().strip().lower() if kind_file.is_file() else (
+        "retrieval" if key in RETRIEVAL else "classification")
+    pipe = wds.WebDataset([str(t) for t in tars], shardshuffle=False, nodesplitter=None, empty_check=False)
+    pipe = pipe.decode(wds.autodecode.ImageHandler("pil", extensions=list(IMAGE_EXTS)))
+    tf = transform or (lambda x: x)
+    names = tmpl = None
+    if task == "retrieval":
+        pipe = pipe.to_tuple(";".join(IMAGE_EXTS), "txt").map_tuple(tf, str.splitlines)
+    else:
+        label = "npy" if task == "multilabel" else "cls"
+        pipe = pipe.to_tuple(";".join(IMAGE_EXTS), label).map_tuple(tf, None)
+        names = read_classnames(path / "classnames.txt") if (path / "classnames.txt").is_file() else classnames(key)
+        tfile = path / "zeroshot_classification_templates.txt"
+        tmpl = read_templates(tfile) if tfile.is_file() else templates(key)
+    return EvalDataset(key, task, pipe, names, tmpl, source=f"webdataset {path}")
+
+
+def _folder_root(base: Path) -> Path:
+    return _first_dir(base / "val", base / "test", base / "images") or base
+
+
+def _not_found(name: str, root: Path, extra: str = "") -> DatasetNotFound:
+    flat = canonical_name(name).replace("/", "-")
+    return DatasetNotFound(
+        f"{name}: no local copy under {root}. Put it at {root / flat} ({extra or 'torchvision layout'}), or "
+        f"CLIP_benchmark's WebDataset export at {root / ('wds_' + flat)} (test/0.tar.., classnames.txt, "
+        "zeroshot_classification_templates.txt). Nothing is downloaded.")
+
+
+def open_dataset(name: str, root: Union[str, Path], transform: Optional[Callable] = None, split: str = "test",
+                 classnames_file: Union[str, Path, None] = None,
+                 templates_file: Union[str, Path, None] = None) -> EvalDataset:
+    """A benchmark from its local copy under `root` (the `--data-root`).
+
+    `name` is any name `list_datasets()` gives (CLIP_benchmark's spellings with `wds/`/`vtab/` prefixes
+    work too), or "folder": `root` is then a class-per-folder tree (`root/<class>/*.jpg`, or the same
+    under root/test or root/val) whose folder names are the class names unless a classnames file says
+    otherwise. User files (`classnames_file`, `templates_file`) override the shipped metadata.
+    """
+    root = Path(root).expanduser()
+    key = "folder" if name == "folder" else canonical_name(name)
+    if not root.is_dir():
+        raise DatasetNotFound(f"data root {root} does not exist")
+    ds = _open(key, root, transform, split)
+    if classnames_file:
+        ds.classnames = read_classnames(classnames_file)
+    if templates_file:
+        ds.templates = read_templates(templates_file)
+    if ds.task != "retrieval":
+        if ds.templates is None:
+            ds.templates = templates("imagenet1k")
+        if not ds.classnames:
+            raise DatasetNotFound(f"{name}: no class names (give a classnames file)")
+    if ds.size is None and hasattr(ds.data, "__len__"):
+        ds.size = len(ds.data)
+    return ds
+
+
+def _open(key: str, root: Path, transform, split: str) -> EvalDataset:
+    if key == "folder":
+        if _is_wds(root, split):
+            return _open_wds(root, "folder", transform, split)
+        base = _folder_root(root)
+        folders = sorted(p.name for p in base.iterdir() if p.is_dir())
+        if not folders:
+            raise DatasetNotFound(f"{base}: expected one folder per class")
+        index = {f: i for i, f in enumerate(folders)}
+        names_file = root / "classnames.txt"
+        names = read_classnames(names_file) if names_file.is_file() else [f.replace("_", " ") for f in folders]
+        if len(names) != len(folders):
+            raise DatasetNotFound(f"{names_file}: {len(names)} names for {len(folders)} class folders")
+        tfile = root / "zeroshot_classification_templates.txt"
+        data = _LabelledFolder(base, index.get, transform)
+        return EvalDataset("folder", "classification", data, names, read_templates(tfile) if tfile.is_file() else None,
+                           source=f"folder {base}")
+    wds_root = _wds_dir(root, key, split)
+    if wds_root is not None:
+        return _open_wds(wds_root, key, transform, split)
+    flat = key.replace("/", "-")
+    base = root / flat
+    if key in ("imagenet1k", "imagenetv2", "imagenet_sketch", "imagenet-a", "imagenet-r", "imagenet-o"):
+        if not base.is_dir():
+            raise _not_found(key, root, "class folders named by WordNet id, e.g. val/n01440764/*.JPEG")
+        wnids = imagenet_wnids() if key in ("imagenet1k", "imagenetv2", "imagenet_sketch") else _imagenet_subset_wnids(key)
+        names = classnames(key)
+        data = _LabelledFolder(_folder_root(base), _wnid_labels(names, wnids), transform)
+        return EvalDataset(key, "classification", data, names, templates(key), source=f"folder {base}")
+    if key == "objectnet":
+        mapping = base / "mappings" / "folder_to_objectnet_label.json"
+        if not mapping.is_file():
+            raise _not_found(key, root, "the ObjectNet release with mappings/ and images/")
+        labels = json.loads(mapping.read_text())
+        folders = sorted(labels)
+        index = {f: i for i, f in enumerate(folders)}
+        data = _LabelledFolder(base / "images", index.get, transform)
+        return EvalDataset(key, "classification", data, [labels[f].lower() for f in folders], templates(key),
+                           source=f"folder {base}")
+    if key in ("mscoco_captions",):
+        return _open_coco(key, base, root, transform, split)
+    if key in ("flickr30k", "flickr8k"):
+        return _open_flickr(key, base, root, transform, split)
+    build = _tv(key)
+    if build is None:
+        raise _not_found(key, root, "no torchvision loader exists for it: use the WebDataset export")
+    try:
+        data = build(str(base), transform, split)
+    except (RuntimeError, FileNotFoundError) as e:
+        raise _not_found(key, root, f"torchvision's layout: {str(e).splitlines()[0]}") from None
+    return EvalDataset(key, "classification", data, classnames(key), templates(key), source=f"torchvision {base}")
+
+
+class _Captions(Dataset):
+    def __init__(self, items: list[tuple[str, list[str]]], transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        path, caps = self.items[i]
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        return (self.transform(image) if self.transform else image), list(caps)
+
+
+def _open_coco(key: str, base: Path, root: Path, transform, split: str) -> EvalDataset:
+    """MSCOCO Karpathy split as CLIP_benchmark reads it: `coco_{split}_karpathy.json` (COCO format)."""
+    ann = base / f"coco_{split}_karpathy.json"
+    images = _first_dir(base / "val2014", base / "images", base)
+    if not ann.is_file():
+        raise _not_found(key, root, f"val2014/ and {ann.name}")
+    coco = json.loads(ann.read_text())
+    caps: dict[int, list[str]] = {}
+    for a in coco["annotations"]:
+        caps.setdefault(a["image_id"], []).append(a["caption"])
+    items = [(str(images / im["file_name"]), caps.get(im["id"], [])) for im in coco["images"]]
+    return EvalDataset(key, "retrieval", _Captions([it for it in items if it[1]], transform), source=f"coco {base}")
+
+
+def _open_flickr(key: str, base: Path, root: Path, transform, split: str) -> EvalDataset:
+    """Flickr Karpathy split as CLIP_benchmark reads it: `{key}_{split}_karpathy.txt`, a header line then
+    `image.jpg,caption` lines."""
+    ann = base / f"{key}_{split}_karpathy.txt"
+    if not ann.is_file():
+        raise _not_found(key, root, f"the images and {ann.name}")
+    caps: dict[str, list[str]] = {}
+    for line in ann.read_text(encoding="utf-8").splitlines()[1:]:
+        if ".jpg," in line:
+            img, cap = line.strip().split(".jpg,", 1)
+            caps.setdefault(img + ".jpg", []).append(cap)
+    images = _first_dir(base / "Images", base / "images", base / "flickr30k-images", base)
+    return EvalDataset(key, "retrieval", _Captions([(str(images / k), v) for k, v in caps.items()], transform),
+                       source=f"flickr {base}")
+
+
+def collate(batch: list) -> tuple[torch.Tensor, Any]:
+    """Stacks images; class targets become a tensor, multilabel vectors a stacked tensor, captions a list."""
+    images, targets = zip(*batch)
+    first = targets[0]
+    if isinstance(first, list):
+        return torch.stack(images), list(targets)
+    if hasattr(first, "shape"):
+        return torch.stack(images), torch.as_tensor(np.stack(targets))
+    return torch.stack(images), torch.as_tensor(list(targets))

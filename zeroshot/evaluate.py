@@ -1,0 +1,73 @@
+"""Evaluating an encoder pair on a benchmark: zero-shot classification (top-1/top-5/mean per-class
+recall, or mAP for multi-label sets) and image-text retrieval (recall@k both ways)."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset
+
+from .classifier import build_classifier
+from .datasets import EvalDataset, collate
+from .metrics import classification_metrics, multilabel_metrics, retrieval_metrics
+
+
+def _loader(ds: EvalDataset, batch_size: int, num_workers: int) -> DataLoader:
+    iterable = isinstance(ds.data, IterableDataset)
+    # one worker per shard at most: webdataset splits shards by worker
+    return DataLoader(ds.data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                      shuffle=False, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      **({} if iterable else {"drop_last": False}))
+
+
+def _bar(it, enabled: bool, desc: str, total: Optional[int]):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+    return tqdm(it, desc=desc, unit="img", total=total, unit_scale=True)
+
+
+@torch.no_grad()
+def evaluate(ds: EvalDataset, encode_image: Callable[[torch.Tensor], torch.Tensor],
+             encode_text: Callable[[torch.Tensor], torch.Tensor], tokenizer: Callable, *, batch_size: int = 64,
+             num_workers: int = 0, device: Union[str, torch.device, None] = None,
+             cache_dir=None, model_key: Optional[str] = None, progress: bool = True) -> dict:
+    """Metrics of one benchmark. Returns a dict with `dataset`, `task`, `metrics`, `num_samples` and, for
+    classification, `num_classes` and the `templates` used."""
+    loader = _loader(ds, batch_size, num_workers)
+    to = (lambda x: x.to(device, non_blocking=True)) if device is not None else (lambda x: x)
+    result = {"dataset": ds.name, "task": ds.task, "source": ds.source}
+    if ds.task == "retrieval":
+        image_feats, text_feats, text_to_image = [], [], []
+        seen = 0
+        for images, captions in _bar(loader, progress, ds.name, ds.size):
+            image_feats.append(F.normalize(encode_image(to(images)).float(), dim=-1).cpu())
+            flat = [c for caps in captions for c in caps]
+            text_to_image += [seen + i for i, caps in enumerate(captions) for _ in caps]
+            text_feats.append(F.normalize(encode_text(to(tokenizer(flat))).float(), dim=-1).cpu())
+            seen += len(images)
+        if not seen:
+            raise ValueError(f"{ds.name}: no samples")
+        result["metrics"] = retrieval_metrics(torch.cat(image_feats), torch.cat(text_feats), text_to_image)
+        result["num_samples"], result["num_texts"] = seen, len(text_to_image)
+        return result
+
+    weights = build_classifier(encode_text, tokenizer, ds.classnames, ds.templates, device=device,
+                               cache_dir=cache_dir, model_key=model_key)
+    w = to(weights)
+    logits, targets = [], []
+    for images, target in _bar(loader, progress, ds.name, ds.size):
+        feats = F.normalize(encode_image(to(images)).float(), dim=-1)
+        logits.append((100.0 * feats @ w).cpu())
+        targets.append(target)
+    if not logits:
+        raise ValueError(f"{ds.name}: no samples")
+    logits_t, targets_t = torch.cat(logits), torch.cat(targets)
+    if ds.task == "multilabel":
+        result["metrics"] = multilabel_metrics(logits_t, targets_t)
+    else:
+        result["metrics"] = classification_metrics(logits_t, targets_t.long())
+    result["num_samples"], result["num_classes"] = len(logits_t), len(ds.classnames)
+    result["templates"] = ds.templates if isinstance(ds.templates, list) else "per-class prompts"
+    return result
