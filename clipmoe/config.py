@@ -226,12 +226,29 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Zero-shot evaluation during training, with the same functions as `clipmoe zeroshot`."""
+
+    zeroshot: list[str] = field(default_factory=list)  # dataset names (zeroshot.list_datasets()) or "folder"
+    data_root: Optional[str] = None
+    every: int = 0  # steps between evaluations; 0 = at the end only
+    batch_size: int = 64
+
+    def __post_init__(self):
+        _check(not self.zeroshot or bool(self.data_root), "data_root", self.data_root,
+               "must be set when zeroshot datasets are given")
+        _check(self.every >= 0, "every", self.every, "must be >= 0")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from .loss import total_loss
 from .model import CLIP
 from .moe import MoE, moe_report
 from .plots import plot_expert_load, plot_losses
+from .zeroshot_eval import zeroshot_eval
 
 
 @dataclass
@@ -38,6 +39,7 @@ class TrainResult:
     data_stats: dict
     out_dir: Path
     files: dict = field(default_factory=dict)
+    zeroshot: list[dict] = field(default_factory=list)  # {"step", "results"} per evaluation (rank 0)
 
 
 def _device(name: str) -> torch.device:
@@ -111,7 +113,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
 
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    history, load_sums = [], {}
+    history, load_sums, zeroshot_runs = [], {}, []
     bar = tqdm(total=tc.steps, desc="train", disable=not progress or rank != 0, dynamic_ncols=True)
     batches = _batches(loader)
     for step in range(tc.steps):
@@ -141,13 +143,28 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
         bar.update(1)
+        ev = cfg.eval
+        if ev.zeroshot and rank == 0 and ((ev.every and (step + 1) % ev.every == 0) or step == tc.steps - 1):
+            zeroshot_runs.append(_evaluate(model, ev, step, history))
+            model.train()
     bar.close()
 
     expert_load = {k: (v / v.sum()).tolist() for k, v in load_sums.items()}
-    result = TrainResult(model.eval(), history, expert_load, loader.stats(), out_dir)
+    result = TrainResult(model.eval(), history, expert_load, loader.stats(), out_dir, zeroshot=zeroshot_runs)
     if rank == 0:
         result.files = write_run_outputs(result)
     return result
+
+
+def _evaluate(model: CLIP, ev, step: int, history: list[dict]) -> dict:
+    """Zero-shot metrics now; the top-1 (or first metric) of each dataset also goes in this step's log row."""
+    results = zeroshot_eval(model.eval(), ev.zeroshot, ev.data_root, batch_size=ev.batch_size, progress=False,
+                            device=str(next(model.parameters()).device))
+    summary = {r["dataset"]: (r["metrics"].get("top1", next(iter(r["metrics"].values()))) if "metrics" in r
+                              else None) for r in results}
+    if history and history[-1]["step"] == step:
+        history[-1]["zeroshot"] = summary
+    return {"step": step, "results": results}
 
 
 def write_run_outputs(result: TrainResult) -> dict:
@@ -159,6 +176,9 @@ def write_run_outputs(result: TrainResult) -> dict:
         "loss_plot": plot_losses(result.history, out / "loss.png"),
     }
     files["metrics"].write_text("".join(json.dumps(r) + "\n" for r in result.history))
+    if result.zeroshot:
+        files["zeroshot"] = out / "zeroshot.json"
+        files["zeroshot"].write_text(json.dumps(result.zeroshot, indent=2))
     if result.expert_load:
         files["expert_load_plot"] = plot_expert_load(result.expert_load, out / "expert_load.png")
     return files

@@ -126,3 +126,27 @@ def test_bf16_quickstart_model_300_steps_finite(tiny_shards, tmp_path):
     for m in result.model.modules():
         if isinstance(m, MoE):
             assert m.router.weight.dtype == torch.float32
+
+
+def test_zeroshot_evaluation_hook(tiny_shards, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "colours"
+    for name, rgb in {"red": (220, 30, 30), "blue": (30, 40, 220)}.items():
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 20), tuple(c + 5 * i for c in rgb)).save(root / name / f"{i}.png")
+    cfg = _cfg(tiny_shards, tmp_path, steps=6, log_every=3)
+    cfg.eval = from_dict(type(cfg.eval), {"zeroshot": ["folder", "cifar10"], "data_root": str(root), "every": 3})
+    result = train(cfg, progress=False)
+    assert [run["step"] for run in result.zeroshot] == [2, 5]
+    folder, missing = result.zeroshot[-1]["results"]
+    assert folder["num_samples"] == 6 and 0 <= folder["metrics"]["top1"] <= 1
+    assert "error" in missing  # no cifar10 copy: reported, training went on
+    assert result.history[-1]["step"] == 5 and set(result.history[-1]["zeroshot"]) == {"folder", "cifar10"}
+    assert json.loads(result.files["zeroshot"].read_text())[1]["step"] == 5
+
+
+def test_eval_config_needs_a_data_root():
+    with pytest.raises(clipmoe.ConfigError, match="data_root"):
+        from_dict(RunConfig, {"eval": {"zeroshot": ["imagenet1k"]}})

@@ -7,3 +7,4 @@ export PYTHONUNBUFFERED=1
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
 python -m pytest -q -m cuda tests 2>&1 | tail -3
 python scripts/bench/moe_layer.py --device cuda --reps 10
+python scripts/bench/zeroshot.py --device cuda --classes 1000
