@@ -51,8 +51,10 @@ def zeroshot_eval(model: Union[str, Path, CLIP], datasets: Sequence[str], data_r
             res = zeroshot.evaluate(ds, clip.encode_image, clip.encode_text, tokenizer, batch_size=batch_size,
                                     num_workers=num_workers, device=model_device, cache_dir=cache_dir,
                                     model_key=model_key, progress=progress)
-        except (zeroshot.DatasetNotFound, zeroshot.UnknownDataset, ValueError, OSError) as e:
+        except (zeroshot.DatasetNotFound, zeroshot.UnknownDataset) as e:
             res = {"dataset": ds_name, "error": str(e)}
+        except Exception as e:  # a broken file mid-run: this dataset fails, the others still run
+            res = {"dataset": ds_name, "error": f"{type(e).__name__}: {e}"}
         res.update(model=name, pretrained=pretrained, split=split, seconds=round(time.perf_counter() - start, 2))
         results.append(res)
     if out:

@@ -203,3 +203,15 @@ def test_retrieval_recall_by_hand():
     assert m["image_retrieval_recall@2"] == 1.0
     # image 0: best caption 0 (own); image 1: caption 2 (own); image 2: caption 3 (own, 0.5 beats 0)
     assert m["text_retrieval_recall@1"] == 1.0
+
+
+def test_text_tower_trims_padding_exactly():
+    # a short prompt encoded alone (trimmed to its own length) equals it beside a long one (padded)
+    torch.manual_seed(0)
+    model = clipmoe.create_model("ViT-B-32").eval()
+    tok = clipmoe.get_tokenizer(model)
+    long = "a photo of " + "a very long and winding description " * 6
+    with torch.no_grad():
+        alone = model.encode_text(tok(["a cat"]))
+        beside = model.encode_text(tok(["a cat", long]))[:1]
+    assert torch.allclose(alone, beside, atol=1e-5)

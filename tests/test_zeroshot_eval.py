@@ -143,3 +143,14 @@ def test_cli_folder_with_user_files(model_path, folder_root, tmp_path, capsys):
     assert res["templates"] == ["a {c} patch"] and res["num_classes"] == 3
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     assert main(["zeroshot", "--list"]) == 0 and "imagenet1k" in capsys.readouterr().out
+
+
+def test_corrupt_image_fails_its_dataset_only(model_path, folder_root, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder_root, broken)
+    (broken / "red" / "9.png").write_bytes(b"<html>not an image</html>")
+    res = clipmoe.zeroshot_eval(model_path, ["folder"], broken, progress=False, device="cpu")
+    assert "9.png" in res[0]["error"]
+    assert "metrics" in clipmoe.zeroshot_eval(model_path, ["folder"], folder_root, progress=False, device="cpu")[0]

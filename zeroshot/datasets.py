@@ -83,7 +83,10 @@ class _LabelledFolder(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        image = self.loader(path)
+        try:
+            image = self.loader(path)
+        except Exception as e:  # name the file: a deep PIL trace says nothing about which one
+            raise ValueError(f"unreadable image {path}: {e}") from None
         return (self.transform(image) if self.transform else image), label
 
 
@@ -262,8 +265,11 @@ class _Captions(Dataset):
     def __getitem__(self, i: int):
         from PIL import Image
         path, caps = self.items[i]
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except Exception as e:
+            raise ValueError(f"unreadable image {path}: {e}") from None
         return (self.transform(image) if self.transform else image), list(caps)
 
 

@@ -62,13 +62,11 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     captions."""
     t2i = torch.as_tensor(list(text_to_image), dtype=torch.long)
     scores = text_features.float() @ image_features.float().T  # (T, I)
-    positive = torch.zeros_like(scores, dtype=torch.bool)
-    positive[torch.arange(len(t2i)), t2i] = True
+    own = torch.arange(scores.shape[1]).unsqueeze(1)
     out = {}
     for k in ks:
-        ki, kt = min(k, scores.shape[1]), min(k, scores.shape[0])
-        top_images = scores.topk(ki, dim=1).indices
-        out[f"image_retrieval_recall@{k}"] = positive.gather(1, top_images).any(1).float().mean().item()
-        top_texts = scores.T.topk(kt, dim=1).indices
-        out[f"text_retrieval_recall@{k}"] = positive.T.gather(1, top_texts).any(1).float().mean().item()
+        top_images = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (T, k)
+        out[f"image_retrieval_recall@{k}"] = (top_images == t2i.unsqueeze(1)).any(1).float().mean().item()
+        top_texts = scores.T.topk(min(k, scores.shape[0]), dim=1).indices  # (I, k)
+        out[f"text_retrieval_recall@{k}"] = (t2i[top_texts] == own).any(1).float().mean().item()
     return out
