@@ -154,3 +154,15 @@ def test_corrupt_image_fails_its_dataset_only(model_path, folder_root, tmp_path)
     res = clipmoe.zeroshot_eval(model_path, ["folder"], broken, progress=False, device="cpu")
     assert "9.png" in res[0]["error"]
     assert "metrics" in clipmoe.zeroshot_eval(model_path, ["folder"], folder_root, progress=False, device="cpu")[0]
+
+
+def test_webdataset_export_multilabel_gives_map(model_path, tmp_path):
+    names = list(COLOURS)
+    rng = np.random.default_rng(0)
+    samples = [{"png": _image(COLOURS[names[i % 3]], i), "npy": rng.choice([-1, 0, 1], size=3).astype(np.int64)}
+               for i in range(8)]
+    samples[0]["npy"] = np.array([1, 1, 1])  # every class has a positive
+    _write_wds(tmp_path / "wds_voc2007_multilabel", samples, names, ["a photo of a {c}."], kind="multilabel")
+    (res,) = clipmoe.zeroshot_eval(model_path, ["voc2007_multilabel"], tmp_path, progress=False, device="cpu")
+    assert res["task"] == "multilabel" and res["num_samples"] == 8
+    assert 0 < res["metrics"]["mean_average_precision"] <= 1
