@@ -19,11 +19,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import loaders
+from loaders.transforms import TrainTransform, normalize_batch
 
 from .checkpoint import save
 from .config import OptimConfig, RunConfig
 from .errors import ClipmoeError
-from .factory import create_model, create_transforms, get_tokenizer
+from .factory import MEAN, STD, create_model, get_tokenizer
 from .loss import total_loss
 from .model import CLIP
 from .moe import MoE, moe_report
@@ -100,7 +101,8 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     model = model.to(device).train()
     if not cfg.data.train:
         raise ClipmoeError("data.train: no training shards given")
-    train_tf, _ = create_transforms(model.config)
+    # the workers' fast path: uint8 crops, normalised below on the device (open_clip's train transform)
+    train_tf = TrainTransform(model.config.vision.image_size, mean=MEAN, std=STD)
     loader = loaders.image_text_loader(
         cfg.data.train, batch_size=cfg.data.batch_size, transform=train_tf, tokenize=get_tokenizer(model),
         num_workers=cfg.data.num_workers, rank=rank, world_size=world, resampled=cfg.data.resampled,
@@ -118,7 +120,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     batches = _batches(loader)
     for step in range(tc.steps):
         batch = next(batches)
-        images = batch["image"].to(device, non_blocking=True)
+        images = normalize_batch(batch["image"].to(device, non_blocking=True), MEAN, STD)
         tokens = batch["text"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
             out = net(images, tokens)

@@ -90,7 +90,7 @@ def decode_image(sample: dict, draft_size: Optional[int] = None) -> Image.Image:
             if draft_size and img.format == "JPEG" and min(img.size) >= 2 * draft_size:
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
-            return img.convert("RGB")
+            return img if img.mode == "RGB" else img.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _Skip("decompression_bomb") from None
     except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files

@@ -8,7 +8,9 @@ decode("pilrgb"), rename, map_dict(preprocess, tokenizer), to_tuple, batched; sh
 
     python scripts/bench/loader.py [--sizes 256 512] [--samples 2000] [--image-size 224]
 
-Shards are written once under --root with JPEGs of each source size (textured scenes).
+Shards are written once under --root with JPEGs of each source size (textured scenes). Columns: open_clip's
+pipeline; clipmoe's loader with open_clip's transform ("same tf"); with the fast transform returning
+normalised float32 ("fast f32"); and returning uint8 for the trainer to normalise on its device ("fast u8").
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import torch
 from PIL import Image
 
 import loaders
 from loaders import synthetic
+from loaders.transforms import TrainTransform
 
 
 def make_shards(root: Path, size: int, samples: int) -> str:
@@ -82,15 +86,20 @@ def main():
     args = p.parse_args()
     preprocess = open_clip.image_transform(args.image_size, is_train=True)
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    print(f"# {date.today()} {platform.node()} 1 worker (in process), {args.image_size} px, batch 64")
-    print(f"{'source px':>9} | {'open_clip /s':>12} {'clipmoe /s':>11} | {'ratio':>6}")
+    torch.set_num_threads(1)  # a loader worker's setting (the DataLoader sets it in every worker)
+    print(f"# {date.today()} {platform.node()} 1 worker (in process, 1 thread), {args.image_size} px, batch 64")
+    print(f"{'source px':>9} | {'open_clip /s':>12} {'same tf /s':>10} {'fast f32 /s':>11} {'fast u8 /s':>10} | "
+          f"{'same':>5} {'f32':>5} {'u8':>5}")
     for size in args.sizes:
         urls = make_shards(Path(args.root), size, args.samples + 1000)
         r_oc = rate(({"key": b[0]} for b in open_clip_pipeline(urls, preprocess, tokenizer)), args.samples)
-        ours = loaders.image_text_loader(urls, batch_size=64, transform=preprocess, tokenize=tokenizer,
-                                         draft_size=args.image_size)
-        r_ours = rate(ours, args.samples)
-        print(f"{size:>9} | {r_oc:>12.0f} {r_ours:>11.0f} | {r_ours / r_oc:>6.2f}", flush=True)
+        rates = []
+        for tf in (preprocess, TrainTransform(args.image_size, normalize=True), TrainTransform(args.image_size)):
+            ours = loaders.image_text_loader(urls, batch_size=64, transform=tf, tokenize=tokenizer,
+                                             draft_size=args.image_size)
+            rates.append(rate(ours, args.samples))
+        print(f"{size:>9} | {r_oc:>12.0f} {rates[0]:>10.0f} {rates[1]:>11.0f} {rates[2]:>10.0f} | "
+              + " ".join(f"{r / r_oc:>5.2f}" for r in rates), flush=True)
 
 
 if __name__ == "__main__":
