@@ -94,12 +94,14 @@ def test_truncated_shard_counted(tmp_path):
     assert loader.stats()["skipped"].get("truncated_shard", 0) == 1
 
 
-def test_epoch_covers_every_sample_once_across_ranks_and_workers(tiny_shards):
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_epoch_covers_every_sample_once_across_ranks_and_workers(tiny_shards, workers, shuffle):
     seen = []
     for rank in range(2):
         loader = loaders.image_text_loader(tiny_shards["train"], batch_size=10, transform=_tf,
-                                           tokenize=lambda t: torch.zeros(len(t), 2), num_workers=2,
-                                           rank=rank, world_size=2, seed=3)
+                                           tokenize=lambda t: torch.zeros(len(t), 2), num_workers=workers,
+                                           rank=rank, world_size=2, seed=3, shuffle=shuffle)
         seen += [k for b in loader for k in b["key"]]
     assert len(seen) == 256 and len(set(seen)) == 256
 
