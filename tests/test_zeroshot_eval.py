@@ -166,3 +166,25 @@ def test_webdataset_export_multilabel_gives_map(model_path, tmp_path):
     (res,) = clipmoe.zeroshot_eval(model_path, ["voc2007_multilabel"], tmp_path, progress=False, device="cpu")
     assert res["task"] == "multilabel" and res["num_samples"] == 8
     assert 0 < res["metrics"]["mean_average_precision"] <= 1
+
+
+def test_flickr_and_coco_karpathy_layouts(tmp_path):
+    fl = tmp_path / "flickr30k"
+    (fl / "Images").mkdir(parents=True)
+    lines = ["image,caption"]
+    for i, c in enumerate(COLOURS):
+        _image(COLOURS[c], i).save(fl / "Images" / f"{i}.jpg")
+        lines += [f"{i}.jpg,a {c} square, seen from above", f"{i}.jpg,something {c}"]
+    (fl / "flickr30k_test_karpathy.txt").write_text("\n".join(lines) + "\n")
+    ds = zeroshot.open_dataset("flickr30k", tmp_path)
+    assert ds.task == "retrieval" and len(ds.data) == 3
+    assert ds.data[0][1] == ["a red square, seen from above", "something red"]  # commas in captions kept
+
+    coco = tmp_path / "mscoco_captions"
+    (coco / "val2014").mkdir(parents=True)
+    _image((9, 9, 9), 0).save(coco / "val2014" / "a.jpg")
+    (coco / "coco_test_karpathy.json").write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "a.jpg"}],
+        "annotations": [{"image_id": 7, "caption": "grey"}, {"image_id": 7, "caption": "dark"}]}))
+    ds = zeroshot.open_dataset("mscoco", tmp_path)
+    assert ds.name == "mscoco_captions" and ds.data[0][1] == ["grey", "dark"]
