@@ -128,6 +128,7 @@ def test_user_classnames_and_templates_files(tmp_path):
     (tmp_path / "cupl.json").write_text('{"cat": ["a furry cat"], "dog": ["a dog", "a good dog"]}')
     (tmp_path / "bad.json").write_text('{"cat": 3}')
     assert zeroshot.read_classnames(tmp_path / "names.txt") == ["cat", "dog"]
+    assert zeroshot.read_classnames(tmp_path / "names.txt", keep_blank=True) == ["cat", "", "dog"]
     assert zeroshot.read_templates(tmp_path / "t.txt") == ["a photo of a {c}.", "a {} drawing"]
     assert zeroshot.read_templates(tmp_path / "cupl.json")["dog"] == ["a dog", "a good dog"]
     import pytest

@@ -155,7 +155,8 @@ def _open_wds(path: Path, key: str, transform, split: str) -> EvalDataset:
     else:
         label = "npy" if task == "multilabel" else "cls"
         pipe = pipe.to_tuple(";".join(IMAGE_EXTS), label).map_tuple(tf, None)
-        names = read_classnames(path / "classnames.txt") if (path / "classnames.txt").is_file() else classnames(key)
+        cfile = path / "classnames.txt"
+        names = read_classnames(cfile, keep_blank=True) if cfile.is_file() else classnames(key)
         tfile = path / "zeroshot_classification_templates.txt"
         tmpl = read_templates(tfile) if tfile.is_file() else templates(key)
     return EvalDataset(key, task, pipe, names, tmpl, source=f"webdataset {path}")

@@ -87,8 +87,9 @@ def imagenet_wnids() -> list[str]:
     return text.split()
 
 
-def read_classnames(path: Union[str, Path]) -> list[str]:
-    """Class names from a file: one per line (`classnames.txt`, blank lines ignored) or a JSON list."""
+def read_classnames(path: Union[str, Path], keep_blank: bool = False) -> list[str]:
+    """Class names from a file: one per line (`classnames.txt`) or a JSON list. Blank lines are ignored
+    unless `keep_blank` (CLIP_benchmark's exports keep them: CLEVR's distance classes include "")."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
@@ -96,8 +97,8 @@ def read_classnames(path: Union[str, Path]) -> list[str]:
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
             raise ValueError(f"{path}: expected a JSON list of class names")
         return names
-    names = [line.strip() for line in text.splitlines() if line.strip()]
-    if not names:
+    names = [line.strip() for line in text.splitlines() if keep_blank or line.strip()]
+    if not any(names):
         raise ValueError(f"{path}: no class names")
     return names
 
