@@ -18,8 +18,9 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def crop_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
-             rng: random.Random) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params (same distribution, same fallback), drawn from `rng`."""
+             rng=random) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params (same distribution, same fallback), drawn from `rng`
+    (a `random.Random`, or the `random` module itself)."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -54,7 +55,7 @@ class TrainTransform:
                  seed: Optional[int] = None):
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
         self.mean, self.std, self.normalize = tuple(mean), tuple(std), normalize
-        self.rng = random.Random(seed) if seed is not None else random._inst  # the module's own generator
+        self.rng = random.Random(seed) if seed is not None else random  # the module: per-worker seeded
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if img.mode != "RGB":
