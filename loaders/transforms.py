@@ -55,12 +55,12 @@ class TrainTransform:
                  seed: Optional[int] = None):
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
         self.mean, self.std, self.normalize = tuple(mean), tuple(std), normalize
-        self.rng = random.Random(seed) if seed is not None else random  # the module: per-worker seeded
+        self.rng = random.Random(seed) if seed is not None else None  # None: the random module (per-worker seeded)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if img.mode != "RGB":
             img = img.convert("RGB")
-        left, top, right, bottom = crop_box(img.width, img.height, self.scale, self.ratio, self.rng)
+        left, top, right, bottom = crop_box(img.width, img.height, self.scale, self.ratio, self.rng or random)
         hwc = torch.from_numpy(np.array(img))[top:bottom, left:right]
         x = F.interpolate(hwc.permute(2, 0, 1).unsqueeze(0), size=(self.size, self.size), mode="bicubic",
                           antialias=True, align_corners=False)[0]

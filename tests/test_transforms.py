@@ -52,6 +52,13 @@ def test_resize_within_one_grey_level_of_pil_and_normalisation_of_open_clip():
     assert OPENAI_MEAN == tuple(open_clip.OPENAI_DATASET_MEAN) and OPENAI_STD == tuple(open_clip.OPENAI_DATASET_STD)
 
 
+def test_pickles_for_spawned_workers():
+    import pickle
+
+    for tf in (TrainTransform(32), TrainTransform(32, seed=1)):
+        assert pickle.loads(pickle.dumps(tf))(_photo(40, 40)).shape == (3, 32, 32)
+
+
 def test_grey_and_rgba_images(tiny_shards):
     assert TrainTransform(32)(Image.new("L", (50, 40), 7)).shape == (3, 32, 32)
     assert TrainTransform(32)(Image.new("RGBA", (50, 40))).shape == (3, 32, 32)
