@@ -90,7 +90,7 @@ def build_classifier(encode_text: Callable[[torch.Tensor], torch.Tensor], tokeni
     batches = range(0, len(unique), batch_size)
     if progress:
         from tqdm.auto import tqdm
-        batches = tqdm(batches, desc="classifier", unit="batch")
+        batches = tqdm(batches, desc=f"classifier ({len(unique)} prompts)", unit="batch")
     for i in batches:
         idx = order[i:i + batch_size]
         out = F.normalize(encode_text(tokens[idx].to(device) if device else tokens[idx]).float(), dim=-1).cpu()

@@ -54,7 +54,7 @@ def evaluate(ds: EvalDataset, encode_image: Callable[[torch.Tensor], torch.Tenso
         return result
 
     weights = build_classifier(encode_text, tokenizer, ds.classnames, ds.templates, device=device,
-                               cache_dir=cache_dir, model_key=model_key)
+                               cache_dir=cache_dir, model_key=model_key, progress=progress)
     w = to(weights)
     logits, targets = [], []
     for images, target in _bar(loader, progress, ds.name, ds.size):
