@@ -2,6 +2,9 @@
 open_clip's preprocessing and tokenizer."""
 from __future__ import annotations
 
+import os
+import socket
+import urllib.parse
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Union
@@ -48,6 +51,42 @@ def create_model(spec: Union[str, ModelConfig], pretrained: Optional[str] = None
     return model.eval()
 
 
+def _cached_hub_file(cfg: dict) -> Optional[str]:
+    """The weights of an open_clip Hugging Face entry if they are already in the local hub cache."""
+    hub = cfg.get("hf_hub", "")
+    if not hub:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    if hub.endswith("/"):  # open_clip's convention: a bare repo id means its default file name
+        repo, name = hub.rstrip("/"), "open_clip_pytorch_model.bin"
+    else:
+        repo, name = os.path.split(hub)
+    for candidate in (name.replace(".bin", ".safetensors").replace("pytorch_model", "model"),
+                      name.replace(".bin", ".safetensors"), name):
+        found = try_to_load_from_cache(repo, candidate)
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
+def _unreachable_host(cfg: dict, timeout: float = 5.0) -> Optional[str]:
+    """The download host when a TCP connection to it fails within `timeout` seconds, else None."""
+    url = (os.environ.get("HF_ENDPOINT", "https://huggingface.co") if cfg.get("hf_hub") else cfg.get("url", ""))
+    parsed = urllib.parse.urlparse(url)
+    if not parsed.hostname:
+        return None
+    host = parsed.hostname
+    try:
+        socket.create_connection((host, parsed.port or (80 if parsed.scheme == "http" else 443)),
+                                 timeout=timeout).close()
+        return None
+    except OSError:
+        return host
+
+
 def _resolve_pretrained(arch: str, pretrained: str) -> Path:
     """A local file as is; anything else is an open_clip tag, handed to open_clip's downloader."""
     path = Path(pretrained).expanduser()
@@ -62,6 +101,14 @@ def _resolve_pretrained(arch: str, pretrained: str) -> Path:
         tags = list_pretrained_tags_by_model(arch)
         raise ClipmoeError(f"unknown pretrained tag {pretrained!r} for {arch} "
                            f"(open_clip knows: {', '.join(tags) if tags else 'none'})")
+    cached = _cached_hub_file(cfg)
+    if cached:
+        return Path(cached)
+    host = _unreachable_host(cfg)
+    if host:  # fail at once: huggingface_hub would retry every candidate file for most of a minute
+        raise ClipmoeError(f"could not fetch open_clip pretrained weights {arch}/{pretrained!r}: {host} is "
+                           "unreachable and the weights are not in the local cache; download them where "
+                           "there is a network, or pass the checkpoint file as pretrained=PATH")
     try:
         file = download_pretrained(cfg)
     except Exception as e:  # offline: huggingface_hub / urllib raise many types

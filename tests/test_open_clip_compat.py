@@ -136,3 +136,26 @@ def test_unsupported_architecture_is_clear():
         clipmoe.get_model_config("RN50")
     with pytest.raises(clipmoe.ConfigError, match="unknown architecture"):
         clipmoe.get_model_config("ViT-Q-99")
+
+
+def test_pretrained_tag_from_the_local_hub_cache(tmp_path):
+    # weights already in the Hugging Face cache are used without any network (a fresh process: the hub
+    # library reads HF_HUB_CACHE when imported)
+    import os
+    import subprocess
+    import sys
+
+    from open_clip.pretrained import get_pretrained_cfg
+
+    repo = get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")["hf_hub"].rstrip("/")
+    folder = tmp_path / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("abc123")
+    snap = folder / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "open_clip_model.safetensors").write_bytes(b"stub")
+    code = ("from open_clip.pretrained import get_pretrained_cfg; from clipmoe.factory import _cached_hub_file; "
+            "print(_cached_hub_file(get_pretrained_cfg('ViT-B-32', 'laion2b_s34b_b79k')))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HF_HUB_CACHE": str(tmp_path)},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(snap / "open_clip_model.safetensors")
