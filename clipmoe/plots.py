@@ -1,4 +1,4 @@
-"""PNG plots of a run: loss curves and each MoE layer's expert load."""
+"""PNG plots of a run: loss curves, each MoE layer's expert load, routing maps, zero-shot results."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_losses(history: list[dict], path: str | Path) -> Path:
     """One panel per loss term over training steps."""
-    terms = [k for k in history[0] if k not in ("step", "lr", "moe")] if history else []
+    terms = [k for k, v in history[0].items() if k not in ("step", "lr") and isinstance(v, (int, float))] \
+        if history else []
     fig, axes = plt.subplots(1, max(1, len(terms)), figsize=(4 * max(1, len(terms)), 3.2), squeeze=False)
     steps = [r["step"] for r in history]
     for ax, term in zip(axes[0], terms):
@@ -76,5 +77,26 @@ def plot_routing(report: dict, path: str | Path, grid: int) -> Path:
             ax.set_title(f"{name} expert {e}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_zeroshot(results: list[dict], path: str | Path) -> Path:
+    """Horizontal bars of each dataset's main metric (top-1, mAP or image->text recall@1), in percent."""
+    rows = []
+    for r in results:
+        m = r.get("metrics") or {}
+        key = next((k for k in ("top1", "mean_average_precision", "text_retrieval_recall@1") if k in m), None)
+        if key is not None and m[key] is not None:
+            rows.append((f"{r['dataset']} ({key})", 100 * m[key]))
+    fig, ax = plt.subplots(figsize=(7, 0.35 * max(3, len(rows)) + 0.8))
+    ax.barh([n for n, _ in rows][::-1], [v for _, v in rows][::-1], color="tab:green")
+    for i, (_, v) in enumerate(rows[::-1]):
+        ax.text(v + 0.5, i, f"{v:.1f}", va="center", fontsize=8)
+    ax.set_xlim(0, 105)
+    ax.set_xlabel("%")
+    ax.set_title("zero-shot")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)

@@ -28,7 +28,7 @@ from .factory import MEAN, STD, create_model, get_tokenizer
 from .loss import total_loss
 from .model import CLIP
 from .moe import MoE, moe_report
-from .plots import plot_expert_load, plot_losses
+from .plots import plot_expert_load, plot_losses, plot_zeroshot
 from .zeroshot_eval import zeroshot_eval
 
 
@@ -181,6 +181,7 @@ def write_run_outputs(result: TrainResult) -> dict:
     if result.zeroshot:
         files["zeroshot"] = out / "zeroshot.json"
         files["zeroshot"].write_text(json.dumps(result.zeroshot, indent=2))
+        files["zeroshot_plot"] = plot_zeroshot(result.zeroshot[-1]["results"], out / "zeroshot.png")
     if result.expert_load:
         files["expert_load_plot"] = plot_expert_load(result.expert_load, out / "expert_load.png")
     return files

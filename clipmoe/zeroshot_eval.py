@@ -17,6 +17,7 @@ from .encode import resolve_model
 from .errors import ClipmoeError
 from .factory import create_model, create_transforms, get_tokenizer
 from .model import CLIP
+from .plots import plot_zeroshot
 
 
 def _model(model: Union[str, Path, CLIP], pretrained: Optional[str], device: str) -> CLIP:
@@ -34,7 +35,8 @@ def zeroshot_eval(model: Union[str, Path, CLIP], datasets: Sequence[str], data_r
                   templates_file: Optional[str] = None, progress: bool = True) -> list[dict]:
     """Zero-shot metrics of `model` on each dataset (a `zeroshot.list_datasets()` name, or "folder" for a
     class-per-folder tree at `data_root`). A dataset that cannot be opened gets an `error` entry and the
-    others still run. With `out`, writes the results as JSON (metrics, dataset, model, templates)."""
+    others still run. With `out`, writes the results as JSON (metrics, dataset, model, templates) and a bar
+    chart of each dataset's main metric beside it (same name, .png)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     clip = _model(model, pretrained, device).eval()
     model_device = next(clip.parameters()).device
@@ -60,6 +62,8 @@ def zeroshot_eval(model: Union[str, Path, CLIP], datasets: Sequence[str], data_r
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=2))
+        if any("metrics" in r for r in results):
+            plot_zeroshot(results, Path(out).with_suffix(".png"))
     return results
 
 

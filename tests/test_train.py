@@ -137,14 +137,17 @@ def test_zeroshot_evaluation_hook(tiny_shards, tmp_path):
         for i in range(3):
             Image.new("RGB", (20, 20), tuple(c + 5 * i for c in rgb)).save(root / name / f"{i}.png")
     cfg = _cfg(tiny_shards, tmp_path, steps=6, log_every=3)
-    cfg.eval = from_dict(type(cfg.eval), {"zeroshot": ["folder", "cifar10"], "data_root": str(root), "every": 3})
+    cfg.eval = from_dict(type(cfg.eval), {"zeroshot": ["folder", "cifar10"], "data_root": str(root), "every": 1})
     result = train(cfg, progress=False)
-    assert [run["step"] for run in result.zeroshot] == [2, 5]
+    assert [run["step"] for run in result.zeroshot] == [0, 1, 2, 3, 4, 5]
+    assert result.history[0]["zeroshot"]["folder"] is not None  # logged rows carry it (step 0 too)
     folder, missing = result.zeroshot[-1]["results"]
     assert folder["num_samples"] == 6 and 0 <= folder["metrics"]["top1"] <= 1
     assert "error" in missing  # no cifar10 copy: reported, training went on
     assert result.history[-1]["step"] == 5 and set(result.history[-1]["zeroshot"]) == {"folder", "cifar10"}
-    assert json.loads(result.files["zeroshot"].read_text())[1]["step"] == 5
+    assert json.loads(result.files["zeroshot"].read_text())[-1]["step"] == 5
+    assert result.files["zeroshot_plot"].read_bytes()[:4] == b"\x89PNG"
+    assert result.files["loss_plot"].is_file()
 
 
 def test_eval_config_needs_a_data_root():

@@ -46,6 +46,7 @@ def test_folder_accuracy_recomputed_independently(model_path, folder_root, tmp_p
     (res,) = clipmoe.zeroshot_eval(model_path, ["folder"], folder_root, out=out, progress=False, device="cpu")
     assert res["num_samples"] == 12 and res["num_classes"] == 3
     assert res["templates"] == ["a photo of a {c} thing.", "{c}"]
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads(out.read_text())[0]
     assert saved["metrics"] == res["metrics"] and saved["model"] == str(model_path) and saved["dataset"] == "folder"
 
