@@ -189,3 +189,16 @@ def test_flickr_and_coco_karpathy_layouts(tmp_path):
         "annotations": [{"image_id": 7, "caption": "grey"}, {"image_id": 7, "caption": "dark"}]}))
     ds = zeroshot.open_dataset("mscoco", tmp_path)
     assert ds.name == "mscoco_captions" and ds.data[0][1] == ["grey", "dark"]
+
+
+def test_class_folder_benchmarks(tmp_path):
+    # FER2013 as Kaggle ships it (test/<emotion>/), Caltech101 as torchvision unpacks it, background included
+    for emotion in ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"):
+        (tmp_path / "fer2013" / "test" / emotion).mkdir(parents=True)
+        _image((5, 5, 5), 0).save(tmp_path / "fer2013" / "test" / emotion / "1.png")
+    ds = zeroshot.open_dataset("fer2013", tmp_path)
+    assert ds.classnames[ds.data.samples[2][1]] == "fearful" and len(ds.data) == 7
+    cal = tmp_path / "caltech101" / "101_ObjectCategories"
+    (cal / "BACKGROUND_Google").mkdir(parents=True)
+    with pytest.raises(zeroshot.DatasetNotFound, match="102 classes"):
+        zeroshot.open_dataset("caltech101", tmp_path)

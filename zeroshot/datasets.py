@@ -61,6 +61,10 @@ def _tv(name: str) -> Optional[Callable]:
     return table.get(name)
 
 
+# Benchmarks CLIP_benchmark reads as class folders sorted by name: where they lie under root/<name>.
+_CLASS_FOLDERS = {"caltech101": "101_ObjectCategories", "fer2013": "{split}"}
+
+
 class _LabelledFolder(Dataset):
     """Images in class folders, each folder mapped to a label by `label_of(folder_name)` (None = skip)."""
 
@@ -242,6 +246,17 @@ def _open(key: str, root: Path, transform, split: str) -> EvalDataset:
         data = _LabelledFolder(base / "images", index.get, transform)
         return EvalDataset(key, "classification", data, [labels[f].lower() for f in folders], templates(key),
                            source=f"folder {base}")
+    if key in _CLASS_FOLDERS:  # CLIP_benchmark reads these as sorted class folders
+        sub = base / _CLASS_FOLDERS[key].format(split=split)
+        if not sub.is_dir():
+            raise _not_found(key, root, f"class folders under {sub.relative_to(root)}")
+        folders = sorted(p.name for p in sub.iterdir() if p.is_dir())
+        names = classnames(key)
+        if len(folders) != len(names):
+            raise DatasetNotFound(f"{sub}: {len(folders)} class folders, {key} has {len(names)} classes")
+        index = {f: i for i, f in enumerate(folders)}
+        return EvalDataset(key, "classification", _LabelledFolder(sub, index.get, transform), names, templates(key),
+                           source=f"folder {sub}")
     if key in ("mscoco_captions",):
         return _open_coco(key, base, root, transform, split)
     if key in ("flickr30k", "flickr8k"):
