@@ -58,7 +58,7 @@ def test_metadata_covers_the_benchmark_suites():
     clip_suite = ["food101", "cifar10", "cifar100", "sun397", "cars", "fgvc_aircraft", "voc2007", "dtd", "pets",
                   "caltech101", "flowers", "mnist", "fer2013", "stl10", "eurosat", "resisc45", "gtsrb",
                   "kitti_closest_vehicle_distance", "country211", "pcam", "clevr_count_all", "renderedsst2",
-                  "imagenet1k"]
+                  "imagenet1k", "birdsnap", "ucf101", "hateful_memes"]
     family = ["imagenetv2", "imagenet_sketch", "imagenet-a", "imagenet-r", "imagenet-o", "objectnet"]
     vtab_wilds = ["clevr_closest_object_distance", "dsprites_label_orientation", "dsprites_label_x_position",
                   "smallnorb_label_azimuth", "smallnorb_label_elevation", "dmlab", "diabetic_retinopathy", "svhn",
@@ -69,7 +69,8 @@ def test_metadata_covers_the_benchmark_suites():
              "mnist": 10, "stl10": 10, "fer2013": 7, "pcam": 2, "renderedsst2": 2, "voc2007": 20, "svhn": 10,
              "imagenet1k": 1000, "imagenet-a": 200, "imagenet-r": 200, "imagenet-o": 200, "imagenetv2": 1000,
              "clevr_count_all": 8, "smallnorb_label_azimuth": 18, "dsprites_label_orientation": 40,
-             "wilds/fmow": 62, "kitti_closest_vehicle_distance": 4, "diabetic_retinopathy": 5, "dmlab": 6}
+             "wilds/fmow": 62, "kitti_closest_vehicle_distance": 4, "diabetic_retinopathy": 5, "dmlab": 6,
+             "birdsnap": 500, "ucf101": 101, "hateful_memes": 2}
     for name, n in sizes.items():
         assert len(zeroshot.classnames(name)) == n, name
     for name in names:
@@ -80,6 +81,14 @@ def test_metadata_covers_the_benchmark_suites():
         blank = [c for c in zeroshot.classnames(name) if not c.strip()]
         # CLIP_benchmark's CLEVR distance names have one empty name (the prompt is then " shapes."): kept verbatim
         assert not blank or name == "clevr_closest_object_distance", name
+
+
+def test_openai_only_lists_keep_sorted_folder_order():
+    # UCF101's labels are its sorted class folders (ApplyEyeMakeup, ...); Birdsnap's list is alphabetical
+    folders = [n.replace(" ", "") for n in zeroshot.classnames("ucf101")]
+    assert folders == sorted(folders) and folders[0] == "ApplyEyeMakeup"
+    assert zeroshot.classnames("birdsnap") == sorted(zeroshot.classnames("birdsnap"))
+    assert len(zeroshot.templates("ucf101")) == 48 and zeroshot.classnames("HatefulMemes") == ["meme", "hatespeech meme"]
 
 
 def test_imagenet_metadata_is_openais():

@@ -22,7 +22,8 @@ _ALIASES = {"imagenet": "imagenet1k", "imagenet-1k": "imagenet1k", "vtab/caltech
             "imagenet-sketch": "imagenet_sketch", "imagenet-v2": "imagenetv2", "flowers102": "flowers",
             "oxford_pets": "pets", "stanford_cars": "cars", "kitti": "kitti_closest_vehicle_distance",
             "clevr_count": "clevr_count_all", "fmow": "wilds/fmow", "camelyon17": "wilds/camelyon17",
-            "iwildcam": "wilds/iwildcam", "mscoco": "mscoco_captions", "coco": "mscoco_captions"}
+            "iwildcam": "wilds/iwildcam", "mscoco": "mscoco_captions", "coco": "mscoco_captions",
+            "hatefulmemes": "hateful_memes", "hateful-memes": "hateful_memes", "ucf-101": "ucf101"}
 
 
 class UnknownDataset(KeyError):
