@@ -202,3 +202,18 @@ def test_class_folder_benchmarks(tmp_path):
     (cal / "BACKGROUND_Google").mkdir(parents=True)
     with pytest.raises(zeroshot.DatasetNotFound, match="102 classes"):
         zeroshot.open_dataset("caltech101", tmp_path)
+
+
+def test_objectnet_keeps_the_imagenet_overlap(tmp_path):
+    rel = tmp_path / "objectnet" / "objectnet-1.0"
+    (rel / "mappings").mkdir(parents=True)
+    (rel / "mappings" / "folder_to_objectnet_label.json").write_text(json.dumps(
+        {"alarm_clock": "Alarm clock", "air_freshener": "Air freshener", "banana": "Banana"}))
+    (rel / "mappings" / "objectnet_to_imagenet_1k.json").write_text(json.dumps(
+        {"Alarm clock": "analog clock; digital clock", "Banana": "banana"}))
+    for folder in ("alarm_clock", "air_freshener", "banana"):
+        (rel / "images" / folder).mkdir(parents=True)
+        _image((1, 2, 3), 0).save(rel / "images" / folder / "a.png")
+    ds = zeroshot.open_dataset("objectnet", tmp_path)
+    assert ds.classnames == ["alarm clock", "banana"]  # air freshener has no ImageNet class: left out
+    assert sorted(label for _, label in ds.data.samples) == [0, 1] and len(ds.templates) == 80

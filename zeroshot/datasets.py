@@ -237,15 +237,7 @@ def _open(key: str, root: Path, transform, split: str) -> EvalDataset:
         data = _LabelledFolder(_folder_root(base), _wnid_labels(names, wnids), transform)
         return EvalDataset(key, "classification", data, names, templates(key), source=f"folder {base}")
     if key == "objectnet":
-        mapping = base / "mappings" / "folder_to_objectnet_label.json"
-        if not mapping.is_file():
-            raise _not_found(key, root, "the ObjectNet release with mappings/ and images/")
-        labels = json.loads(mapping.read_text())
-        folders = sorted(labels)
-        index = {f: i for i, f in enumerate(folders)}
-        data = _LabelledFolder(base / "images", index.get, transform)
-        return EvalDataset(key, "classification", data, [labels[f].lower() for f in folders], templates(key),
-                           source=f"folder {base}")
+        return _open_objectnet(base, root, transform)
     if key in _CLASS_FOLDERS:  # CLIP_benchmark reads these as sorted class folders
         sub = base / _CLASS_FOLDERS[key].format(split=split)
         if not sub.is_dir():
@@ -269,6 +261,24 @@ def _open(key: str, root: Path, transform, split: str) -> EvalDataset:
     except (RuntimeError, FileNotFoundError) as e:
         raise _not_found(key, root, f"torchvision's layout: {str(e).splitlines()[0]}") from None
     return EvalDataset(key, "classification", data, classnames(key), templates(key), source=f"torchvision {base}")
+
+
+def _open_objectnet(base: Path, root: Path, transform) -> EvalDataset:
+    """ObjectNet as CLIP_benchmark evaluates it: the 113 classes that overlap ImageNet-1k (per the release's
+    objectnet_to_imagenet_1k.json), labelled in sorted folder order, named by their lower-cased labels."""
+    release = _first_dir(base / "objectnet-1.0", base) or base
+    maps = next((d for d in (release / "mappings", base / "mappings", base)
+                 if (d / "folder_to_objectnet_label.json").is_file()), None)
+    if maps is None or not (maps / "objectnet_to_imagenet_1k.json").is_file():
+        raise _not_found("objectnet", root, "the ObjectNet release: objectnet-1.0/images and mappings/")
+    label_of_folder = json.loads((maps / "folder_to_objectnet_label.json").read_text())
+    folder_of_label = {label: folder for folder, label in label_of_folder.items()}
+    overlap = json.loads((maps / "objectnet_to_imagenet_1k.json").read_text())
+    folders = sorted(folder_of_label[label] for label in overlap)
+    index = {f: i for i, f in enumerate(folders)}
+    data = _LabelledFolder(release / "images", index.get, transform)  # folders outside the overlap: skipped
+    return EvalDataset("objectnet", "classification", data, [label_of_folder[f].lower() for f in folders],
+                       templates("objectnet"), source=f"folder {release}")
 
 
 class _Captions(Dataset):
