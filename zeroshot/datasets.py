@@ -117,6 +117,11 @@ def _imagenet_subset_wnids(name: str) -> list[str]:
     return out
 
 
+def _sorted_folders(path: Path) -> dict[str, int]:
+    """Class folder name -> label, in sorted order (ImageFolder's and CLIP_benchmark's convention)."""
+    return {f: i for i, f in enumerate(sorted(p.name for p in path.iterdir() if p.is_dir()))}
+
+
 def _first_dir(*candidates: Path) -> Optional[Path]:
     return next((c for c in candidates if c.is_dir()), None)
 
@@ -212,10 +217,10 @@ def _open(key: str, root: Path, transform, split: str) -> EvalDataset:
         if _is_wds(root, split):
             return _open_wds(root, "folder", transform, split)
         base = _folder_root(root)
-        folders = sorted(p.name for p in base.iterdir() if p.is_dir())
+        index = _sorted_folders(base)
+        folders = list(index)
         if not folders:
             raise DatasetNotFound(f"{base}: expected one folder per class")
-        index = {f: i for i, f in enumerate(folders)}
         names_file = root / "classnames.txt"
         names = read_classnames(names_file) if names_file.is_file() else [f.replace("_", " ") for f in folders]
         if len(names) != len(folders):
@@ -242,11 +247,9 @@ def _open(key: str, root: Path, transform, split: str) -> EvalDataset:
         sub = base / _CLASS_FOLDERS[key].format(split=split)
         if not sub.is_dir():
             raise _not_found(key, root, f"class folders under {sub.relative_to(root)}")
-        folders = sorted(p.name for p in sub.iterdir() if p.is_dir())
-        names = classnames(key)
-        if len(folders) != len(names):
-            raise DatasetNotFound(f"{sub}: {len(folders)} class folders, {key} has {len(names)} classes")
-        index = {f: i for i, f in enumerate(folders)}
+        index, names = _sorted_folders(sub), classnames(key)
+        if len(index) != len(names):
+            raise DatasetNotFound(f"{sub}: {len(index)} class folders, {key} has {len(names)} classes")
         return EvalDataset(key, "classification", _LabelledFolder(sub, index.get, transform), names, templates(key),
                            source=f"folder {sub}")
     if key in ("mscoco_captions",):
