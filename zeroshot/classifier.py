@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -101,7 +102,7 @@ def build_classifier(encode_text: Callable[[torch.Tensor], torch.Tensor], tokeni
     weights = torch.stack([F.normalize(emb[[row[p] for p in ps]].mean(0), dim=-1) for ps in prompts], dim=1)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes sharing a cache never clash
         torch.save(weights, tmp)
         tmp.replace(path)
     return weights

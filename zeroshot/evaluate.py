@@ -6,7 +6,7 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from .classifier import build_classifier
 from .datasets import EvalDataset, collate
@@ -14,11 +14,9 @@ from .metrics import classification_metrics, multilabel_metrics, retrieval_metri
 
 
 def _loader(ds: EvalDataset, batch_size: int, num_workers: int) -> DataLoader:
-    iterable = isinstance(ds.data, IterableDataset)
-    # one worker per shard at most: webdataset splits shards by worker
+    # in order, nothing dropped; a WebDataset export is split by shard across workers
     return DataLoader(ds.data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                      shuffle=False, persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                      **({} if iterable else {"drop_last": False}))
+                      shuffle=False, pin_memory=torch.cuda.is_available())
 
 
 def _bar(it, enabled: bool, desc: str, total: Optional[int]):
