@@ -76,9 +76,9 @@ def _unreachable_host(cfg: dict, timeout: float = 5.0) -> Optional[str]:
     """The download host when a TCP connection to it fails within `timeout` seconds, else None."""
     url = (os.environ.get("HF_ENDPOINT", "https://huggingface.co") if cfg.get("hf_hub") else cfg.get("url", ""))
     parsed = urllib.parse.urlparse(url)
-    if not parsed.hostname:
-        return None
     host = parsed.hostname
+    if not host:
+        return None
     try:
         socket.create_connection((host, parsed.port or (80 if parsed.scheme == "http" else 443)),
                                  timeout=timeout).close()

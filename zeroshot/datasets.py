@@ -38,11 +38,10 @@ class EvalDataset:
 # torchvision constructors: (root, transform, split) -> dataset. Each takes download=False.
 def _tv(name: str) -> Optional[Callable]:
     import torchvision.datasets as tvd
-    train = {"train": True}.get
     table = {
-        "cifar10": lambda r, t, s: tvd.CIFAR10(r, train=bool(train(s)), transform=t),
-        "cifar100": lambda r, t, s: tvd.CIFAR100(r, train=bool(train(s)), transform=t),
-        "mnist": lambda r, t, s: tvd.MNIST(r, train=bool(train(s)), transform=t),
+        "cifar10": lambda r, t, s: tvd.CIFAR10(r, train=s == "train", transform=t),
+        "cifar100": lambda r, t, s: tvd.CIFAR100(r, train=s == "train", transform=t),
+        "mnist": lambda r, t, s: tvd.MNIST(r, train=s == "train", transform=t),
         "food101": lambda r, t, s: tvd.Food101(r, split=s, transform=t),
         "sun397": lambda r, t, s: tvd.SUN397(r, transform=t),
         "cars": lambda r, t, s: tvd.StanfordCars(r, split=s, transform=t),

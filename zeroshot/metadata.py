@@ -50,12 +50,12 @@ def canonical_name(name: str) -> str:
 
 
 def list_datasets(task: str | None = None) -> list[str]:
-    """Every benchmark name we know: classification ones (with shipped metadata or names from the data)
-    and, unless `task="classification"`, the retrieval ones."""
-    names = sorted(set(_load("classnames.json")) | set(NAMES_FROM_DATA))
-    if task in (None, "retrieval"):
-        names = (names if task is None else []) + list(RETRIEVAL)
-    return names
+    """Every benchmark name we know: `task="classification"` (shipped metadata or names from the data),
+    `"retrieval"`, or both (None)."""
+    classification = sorted(set(_load("classnames.json")) | set(NAMES_FROM_DATA))
+    if task == "classification":
+        return classification
+    return list(RETRIEVAL) if task == "retrieval" else classification + list(RETRIEVAL)
 
 
 def classnames(name: str) -> list[str]:
@@ -84,8 +84,7 @@ def templates(name: str) -> list[str]:
 
 def imagenet_wnids() -> list[str]:
     """The 1000 ImageNet-1k WordNet ids in label order (the sorted folder names of the train/val tree)."""
-    text = resources.files("zeroshot").joinpath("data", "imagenet_wnids.txt").read_text()
-    return text.split()
+    return resources.files("timm").joinpath("data", "_info", "imagenet_synsets.txt").read_text().split()
 
 
 def read_classnames(path: Union[str, Path], keep_blank: bool = False) -> list[str]:
