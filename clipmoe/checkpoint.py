@@ -16,7 +16,9 @@ from .config import ModelConfig, to_dict
 from .errors import ClipmoeError
 from .model import CLIP
 
-FORMAT = "clipmoe/1"
+FORMAT = "clipmoe/2"
+# clipmoe/1 stored experts.w1 as (E, width, hidden); clipmoe/2 as (E, hidden, width), like experts.w2
+_OLD_FORMATS = ("clipmoe/1",)
 
 
 def save(model: CLIP, path: str | Path) -> Path:
@@ -59,7 +61,7 @@ def read_safetensors(path: str | Path) -> tuple[dict, dict]:
 
 
 def _config_from_metadata(path, meta: dict) -> ModelConfig:
-    if meta.get("format") != FORMAT or "config" not in meta:
+    if meta.get("format") not in (FORMAT, *_OLD_FORMATS) or "config" not in meta:
         raise ClipmoeError(f"{path}: not a clipmoe checkpoint (no clipmoe config in its metadata); "
                            "open_clip weights load with clipmoe.create_model(ARCH, pretrained=PATH)")
     try:
@@ -82,6 +84,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> CLIP:
     """Reads a model written by `clipmoe.save`; never unpickles anything."""
     tensors, meta = read_safetensors(path)
     model = CLIP(_config_from_metadata(path, meta))
+    if meta["format"] == "clipmoe/1":
+        tensors = {k: v.transpose(-2, -1) if k.endswith(".experts.w1") else v
+                   for k, v in tensors.items()}
     load_weights(model, tensors, str(path))
     return model.to(device).eval()
 

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
+from .dispatch import Combine, Dispatch, Slots
+from .experts import Experts
 
 
 @dataclass
@@ -42,42 +44,6 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, factor: Optional[flo
     if factor is None:
         return None
     return max(minimum, math.ceil(top_k * num_tokens / num_experts * factor))
-
-
-class Experts(nn.Module):
-    """E two-layer MLPs with weights stacked as (E, D, F) and (E, F, D).
-
-    The seam for execution strategies: takes tokens already sorted by expert plus per-expert counts,
-    returns their outputs in the same order. Expert parallelism slots in around this call.
-    """
-
-    def __init__(self, num_experts: int, dim: int, hidden: int, act_layer: Callable[[], nn.Module]):
-        super().__init__()
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
-        self.act = act_layer()
-        # the same init as the dense Mlp's Linears (see model._init_linear), so swapping is neutral
-        nn.init.trunc_normal_(self.w1, std=0.02)
-        nn.init.trunc_normal_(self.w2, std=0.02)
-
-    def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        dt = x_SD.dtype
-        w1, b1, w2, b2 = (p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2))
-        if x_SD.is_cuda and hasattr(F, "grouped_mm") and dt == torch.bfloat16:
-            offs_E = counts_E.cumsum(0).to(torch.int32)
-            S = x_SD.shape[0]
-            h_SF = self.act(F.grouped_mm(x_SD, w1, offs=offs_E) + b1.repeat_interleave(counts_E, 0, output_size=S))
-            return F.grouped_mm(h_SF, w2, offs=offs_E) + b2.repeat_interleave(counts_E, 0, output_size=S)
-        # One matmul per expert on its contiguous slice: exactly the FLOPs the routing asks for. unbind
-        # (not w1[e]) so that backward stacks the E weight gradients once instead of E full-size adds.
-        outs = []
-        for x_cD, w1_e, b1_e, w2_e, b2_e in zip(x_SD.split(counts_E.tolist()), w1.unbind(0), b1.unbind(0),
-                                               w2.unbind(0), b2.unbind(0)):
-            if x_cD.shape[0]:
-                outs.append(torch.addmm(b2_e, self.act(torch.addmm(b1_e, x_cD, w1_e)), w2_e))
-        return torch.cat(outs) if outs else x_SD.new_zeros(x_SD.shape)
 
 
 class MoE(nn.Module):
@@ -147,22 +113,30 @@ class MoE(nn.Module):
         rank_A = torch.arange(A, device=order_A.device) - starts_E[expert_A[order_A]]
         return order_A[rank_A < cap], counts_E.clamp(max=cap), counts_E
 
-    def _token_choice(self, probs_NE: torch.Tensor, cap: Optional[int]):
+    def _token_choice(self, x_ND: torch.Tensor, probs_NE: torch.Tensor, cap: Optional[int]):
         N = probs_NE.shape[0]
         gates_NK, experts_NK = self.top_k(probs_NE)
         priority_N = probs_NE.max(dim=-1).values.detach() if self.cfg.batch_priority else None
         order_S, kept_E, counts_E = self.dispatch_order(experts_NK, cap, priority_N)
-        dropped = 1.0 - order_S.numel() / max(1, experts_NK.numel())
-        return order_S % N, gates_NK.t().reshape(-1)[order_S], kept_E, counts_E, experts_NK[:, 0], dropped
+        slots = Slots.arrange(order_S, kept_E, N, self.cfg.top_k, self.experts.align(x_ND))
+        # dispatch -> experts -> combine: the seam where expert parallelism's all-to-all slots in
+        h_PD = self.experts(Dispatch.apply(x_ND, slots), slots.counts_E)
+        y_ND = Combine.apply(h_PD, gates_NK, slots)
+        return y_ND, counts_E, experts_NK[:, 0], 1.0 - order_S.numel() / max(1, experts_NK.numel())
 
-    def _expert_choice(self, probs_NE: torch.Tensor, cap: int):
+    def _expert_choice(self, x_ND: torch.Tensor, probs_NE: torch.Tensor, cap: int):
         N, E = probs_NE.shape
         gates_EC, token_EC = probs_NE.t().topk(cap, dim=1)  # each expert's most confident tokens
+        token_S, gate_S = token_EC.reshape(-1), gates_EC.reshape(-1)
         counts_E = torch.full((E,), cap, dtype=torch.long, device=probs_NE.device)
+        # a token may be taken by any number of experts, so combine scatter-adds
+        h_SD = self.experts(x_ND.index_select(0, token_S), counts_E)
+        h_SD = h_SD * gate_S.unsqueeze(1).to(h_SD.dtype)
+        y_ND = torch.zeros_like(x_ND, dtype=h_SD.dtype).index_add_(0, token_S, h_SD)
         served = torch.zeros(N, dtype=torch.bool, device=probs_NE.device)
-        served[token_EC.reshape(-1)] = True
+        served[token_S] = True
         dropped = 1.0 - served.float().mean() if N else 0.0  # tokens no expert took (no host sync)
-        return token_EC.reshape(-1), gates_EC.reshape(-1), counts_E, counts_E, probs_NE.argmax(-1), dropped
+        return y_ND, counts_E, probs_NE.argmax(-1), dropped
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
         shape = x.shape
@@ -175,12 +149,7 @@ class MoE(nn.Module):
 
         logits_NE, probs_NE = self.route(x_ND)
         choose = self._expert_choice if self.cfg.router == "expert_choice" else self._token_choice
-        token_S, gate_S, kept_E, counts_E, top1_N, dropped = choose(probs_NE, self.capacity(N))
-
-        # dispatch -> experts -> combine: the seam where expert parallelism's all-to-all slots in
-        h_SD = self.experts(x_ND.index_select(0, token_S), kept_E)
-        h_SD = h_SD * gate_S.unsqueeze(1).to(h_SD.dtype)
-        y_ND = torch.zeros_like(x_ND, dtype=h_SD.dtype).index_add_(0, token_S, h_SD)
+        y_ND, counts_E, top1_N, dropped = choose(x_ND, probs_NE, self.capacity(N))
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)[0].to(y_ND.dtype)
 

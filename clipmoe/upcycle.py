@@ -96,18 +96,18 @@ def _source(model, arch: Optional[str]) -> CLIP:
 
 
 def _drop_upcycle(w1, b1, w2, fraction: float, generator: torch.Generator):
-    """Re-initialises a random `fraction` of each expert's hidden units (w1 columns, b1, w2 rows) from
+    """Re-initialises a random `fraction` of each expert's hidden units (rows of w1 and w2, b1) from
     the dense weights' mean and std, so experts start different but keep most of the dense knowledge."""
-    E, _, F_ = w1.shape
+    E, F_, D = w1.shape
     n = int(round(fraction * F_))
     if n == 0:
         return
     m1, s1, m2, s2 = w1.mean(), w1.std(), w2.mean(), w2.std()
     for e in range(E):
         idx = torch.randperm(F_, generator=generator)[:n].to(w1.device)
-        w1[e][:, idx] = (torch.randn(w1.shape[1], n, generator=generator) * s1 + m1).to(w1)
+        w1[e][idx, :] = (torch.randn(n, D, generator=generator) * s1 + m1).to(w1)
         b1[e][idx] = 0
-        w2[e][idx, :] = (torch.randn(n, w2.shape[2], generator=generator) * s2 + m2).to(w2)
+        w2[e][idx, :] = (torch.randn(n, D, generator=generator) * s2 + m2).to(w2)
 
 
 def _upcycled_state(dense: CLIP, new: CLIP, noise_std: float, reinit_fraction: float,
@@ -122,8 +122,8 @@ def _upcycled_state(dense: CLIP, new: CLIP, noise_std: float, reinit_fraction: f
                 continue
             E = nb.mlp.cfg.num_experts
             fc1, fc2 = db.mlp.fc1, db.mlp.fc2
-            experts = {  # nn.Linear stores (out, in); experts store (E, in, out)
-                "w1": fc1.weight.t().expand(E, -1, -1), "b1": fc1.bias.expand(E, -1),
+            experts = {  # both expert matrices are (E, hidden, width); see experts.py
+                "w1": fc1.weight.expand(E, -1, -1), "b1": fc1.bias.expand(E, -1),
                 "w2": fc2.weight.t().expand(E, -1, -1), "b2": fc2.bias.expand(E, -1),
             }
             experts = {name: w.clone() for name, w in experts.items()}

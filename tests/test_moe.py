@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clipmoe.config import MoEConfig
@@ -35,7 +36,7 @@ def reference_moe(layer: MoE, x_ND: torch.Tensor):
                 dropped += 1
                 continue
             used[e] += 1
-            h = ex.act(x_ND[n] @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e]
+            h = ex.act(F.linear(x_ND[n], ex.w1[e], ex.b1[e])) @ ex.w2[e] + ex.b2[e]
             rows[n] = rows[n] + gates[n, k] * h
     return torch.stack(rows), dropped
 
@@ -48,7 +49,8 @@ def reference_expert_choice(layer: MoE, x_ND: torch.Tensor):
     rows = [torch.zeros(x_ND.shape[1]) for _ in range(x_ND.shape[0])]
     for e in range(layer.cfg.num_experts):
         for n in probs[:, e].topk(cap).indices.tolist():
-            rows[n] = rows[n] + probs[n, e] * (ex.act(x_ND[n] @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e])
+            h = ex.act(F.linear(x_ND[n], ex.w1[e], ex.b1[e])) @ ex.w2[e] + ex.b2[e]
+            rows[n] = rows[n] + probs[n, e] * h
     return torch.stack(rows), cap
 
 
@@ -73,8 +75,10 @@ def _grads(layer, x, out):
 @pytest.mark.parametrize("K,k1_gate", [(1, "multiply"), (1, "straight_through"), (2, "multiply"), (3, "multiply")])
 @pytest.mark.parametrize("cf", [None, 0.3, 0.5, 1.0, 1.25])
 @pytest.mark.parametrize("batch_priority", [False, True])
-def test_matches_reference_loop(K, cf, k1_gate, batch_priority):
+@pytest.mark.parametrize("align", [1, 8])
+def test_matches_reference_loop(K, cf, k1_gate, batch_priority, align):
     layer = make_layer(E=4, K=K, cf=cf, k1_gate=k1_gate, batch_priority=batch_priority).train()
+    layer.experts.align = lambda x: align  # padded expert groups, as on CPU in bf16
     x = torch.randn(37, 8, requires_grad=True)
     y, aux = layer(x)
     y_ref, dropped = reference_moe(layer, x)
@@ -183,7 +187,7 @@ def test_one_expert_equals_dense_mlp():
     mlp = Mlp(8, 16, nn.GELU)
     layer = MoE(8, 16, MoEConfig(num_experts=1, top_k=1, capacity_factor=None), nn.GELU)
     with torch.no_grad():
-        layer.experts.w1[0] = mlp.fc1.weight.t()
+        layer.experts.w1[0] = mlp.fc1.weight
         layer.experts.b1[0] = mlp.fc1.bias
         layer.experts.w2[0] = mlp.fc2.weight.t()
         layer.experts.b2[0] = mlp.fc2.bias
@@ -221,3 +225,18 @@ def test_router_is_fp32_under_bf16_autocast():
         y, aux = layer(x)
     assert logits.dtype == probs.dtype == gates.dtype == torch.float32
     assert aux.z_loss.dtype == torch.float32 and torch.isfinite(y).all()
+
+
+def test_bf16_layer_pads_groups_and_matches_fp32():
+    """In bf16 on CPU every expert's group is padded to a multiple of 32; padding changes nothing."""
+    layer = make_layer(E=4, K=2, cf=None, D=16, F=32)
+    x = torch.randn(50, 16)
+    assert layer.experts.align(x.bfloat16()) == 32 and layer.experts.align(x) == 1
+    counts = []
+    real = layer.experts.forward
+    layer.experts.forward = lambda x_SD, counts_E: counts.append(counts_E.tolist()) or real(x_SD, counts_E)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, _ = layer(x)
+    assert all(c % 32 == 0 for c in counts[0]) and sum(counts[0]) >= 100
+    y32, _ = layer(x)
+    torch.testing.assert_close(y16.float(), y32, atol=3e-2, rtol=3e-2)

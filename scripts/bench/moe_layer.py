@@ -1,9 +1,10 @@
 """MoE layer benchmark: clipmoe's layer vs DeepSpeed's `deepspeed.moe.layer.MoE` vs k passes of one dense
 MLP (the compute no top-k layer can avoid), forward + backward, same process, same shapes.
 
-    python scripts/bench/moe_layer.py [--tokens 4096 16384] [--dtypes fp32 bf16] [--reps 3] [--device cpu]
+    python scripts/bench/moe_layer.py [--tokens 4096 16384] [--dtypes fp32 bf16] [--reps 8] [--device cpu]
 
-Prints one row per setting with times in ms and the ratios clipmoe / dense-k and DeepSpeed / clipmoe.
+Prints one row per setting with median times in ms (the three implementations interleaved, inputs
+cycled so that routing changes every step) and the ratios clipmoe / dense-k and DeepSpeed / clipmoe.
 """
 from __future__ import annotations
 
@@ -29,26 +30,33 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timed(step, reps: int, device) -> float:
-    step()  # warm-up (allocations, kernels)
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+def measure(steps: dict, xs: list, reps: int, device) -> dict:
+    """Median ms of each step, the implementations interleaved rep by rep (so drifts of a shared machine
+    hit all alike), cycling through `xs` (routing, hence per-expert counts, changes every step as in
+    training). Warm-up: every input once through every implementation."""
+    for x in xs:
+        for step in steps.values():
+            step(x)
+    times = {name: [] for name in steps}
+    for i in range(reps):
+        x = xs[i % len(xs)]
+        for name, step in steps.items():
+            _sync(device)
+            t = time.perf_counter()
+            step(x)
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) * 1e3 for name, v in times.items()}
 
 
-def fwd_bwd(layer, x, out_of):
+def fwd_bwd(layer, out_of, batched=False):
     params = list(layer.parameters())
 
-    def step():
+    def step(x):
         x.grad = None
         for p in params:  # as an optimizer's zero_grad(set_to_none=True): no gradient accumulation
             p.grad = None
-        y = out_of(layer(x))
+        y = out_of(layer(x.unsqueeze(0) if batched else x))
         y.float().sum().backward()
     return step
 
@@ -80,7 +88,8 @@ def main():
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--cfs", nargs="+", default=["1.25", "dropless"])
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=8)
+    p.add_argument("--inputs", type=int, default=4, help="distinct input batches cycled through")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -94,14 +103,17 @@ def main():
                 for cf_s in args.cfs:
                     cf = None if cf_s == "dropless" else float(cf_s)
                     torch.manual_seed(0)
-                    x = torch.randn(tokens, D, device=device, dtype=dtype, requires_grad=True)
+                    xs = [torch.randn(tokens, D, device=device, dtype=dtype, requires_grad=True)
+                          for _ in range(args.inputs)]
                     dense = Mlp(D, F_, nn.GELU).to(device=device, dtype=dtype)
-                    t_dense = k * timed(fwd_bwd(dense, x, lambda o: o[0]), args.reps, device)
                     cfg = MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, eval_capacity_factor=cf)
                     ours = MoE(D, F_, cfg, nn.GELU).to(device=device, dtype=dtype).train()
-                    t_ours = timed(fwd_bwd(ours, x, lambda o: o[0]), args.reps, device)
+                    steps = {"dense": fwd_bwd(dense, lambda o: o[0]), "ours": fwd_bwd(ours, lambda o: o[0])}
                     ds = deepspeed_layer(k, cf, device, dtype)
-                    t_ds = timed(fwd_bwd(ds, x.unsqueeze(0), lambda o: o[0]), args.reps, device) if ds else float("nan")
+                    if ds is not None:
+                        steps["ds"] = fwd_bwd(ds, lambda o: o[0], batched=True)
+                    t = measure(steps, xs, args.reps, device)
+                    t_dense, t_ours, t_ds = k * t["dense"], t["ours"], t.get("ds", float("nan"))
                     print(f"{tokens:>6} {dt:>5} {k:>2} {cf_s:>8} | {t_dense:>9.1f} {t_ours:>9.1f} {t_ds:>9.1f} | "
                           f"{t_ours / t_dense:>10.2f} {t_ds / t_ours:>8.2f}", flush=True)
 

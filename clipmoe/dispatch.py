@@ -1,0 +1,112 @@
+"""Moving tokens into expert order and back for token-choice routing, as gathers in both directions.
+
+Assignment a = k * N + n is token n's k-th choice. The kept assignments sit in slots grouped by expert;
+each expert's group may be padded to a multiple of `align` slots (see Experts.align: on CPU this keeps
+the set of matmul shapes small, so oneDNN compiles each shape once instead of on nearly every step).
+`Slots` holds the maps: token_P[p] (the token in slot p; padding reads token 0) and slot_NK[n, k] (the
+slot of assignment (n, k), -1 when capacity dropped it).
+
+Dispatch gathers rows by token_P, and its backward gathers each token's K slot gradients by slot_NK;
+combine gathers each token's K expert outputs by slot_NK, weighted by their gates, and its backward
+gathers by token_P. Autograd's default for the same maths (index_select / index_add_) zero-fills an
+(N, D) buffer and scatter-adds into it in both passes; here every pass is one read of its rows. Padding
+slots get zero output gradient, so they add nothing to any parameter's gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+@dataclass
+class Slots:
+    token_P: torch.Tensor  # (P,) token in each slot; 0 in padding slots
+    slot_NK: torch.Tensor  # (N, K) slot of each assignment, -1 if dropped
+    token_S: torch.Tensor  # (S,) token of each kept assignment, in slot order
+    choice_S: torch.Tensor  # (S,) its choice index k
+    real_S: Optional[torch.Tensor]  # (S,) its slot; None when there is no padding (slot = s)
+    counts_E: torch.Tensor  # (E,) slots per expert, padding included
+    dropless: bool  # no assignment was dropped
+
+    @staticmethod
+    def arrange(order_S: torch.Tensor, kept_E: torch.Tensor, num_tokens: int, top_k: int, align: int = 1) -> "Slots":
+        """Slots for the kept assignments `order_S` (ids a = k * N + n, grouped by expert, `kept_E` each)."""
+        N, S, dev = num_tokens, order_S.numel(), order_S.device
+        token_S, choice_S = order_S % N, order_S // N
+        real_S, token_P, counts_E = None, token_S, kept_E
+        if align > 1:
+            counts_E = (kept_E + align - 1) // align * align
+            shift_E = (counts_E.cumsum(0) - counts_E) - (kept_E.cumsum(0) - kept_E)
+            expert_S = torch.repeat_interleave(torch.arange(kept_E.numel(), device=dev), kept_E, output_size=S)
+            real_S = torch.arange(S, device=dev) + shift_E[expert_S]
+            token_P = torch.zeros(int(counts_E.sum()), dtype=torch.long, device=dev)
+            token_P[real_S] = token_S
+        slot_A = torch.full((N * top_k,), -1, dtype=torch.long, device=dev)
+        slot_A[order_S] = torch.arange(S, device=dev) if real_S is None else real_S
+        return Slots(token_P, slot_A.view(top_k, N).t(), token_S, choice_S, real_S, counts_E, S == N * top_k)
+
+    def per_slot(self, w_NK: torch.Tensor) -> torch.Tensor:
+        """(P,) w of the assignment in each slot; 0 in padding slots."""
+        w_S = w_NK[self.token_S, self.choice_S]
+        if self.real_S is None:
+            return w_S
+        return w_S.new_zeros(self.token_P.shape).index_copy_(0, self.real_S, w_S)
+
+
+def gather_sum(src_PD: torch.Tensor, slots: Slots, weight_NK: Optional[torch.Tensor]) -> torch.Tensor:
+    """out[n] = sum_k weight[n, k] * src[slot[n, k]], over the assignments that were kept."""
+    slot_NK = slots.slot_NK
+    N, K = slot_NK.shape
+    if src_PD.shape[0] == 0:
+        return src_PD.new_zeros(N, src_PD.shape[1])
+    if not slots.dropless:  # a dropped assignment reads slot 0 with weight 0
+        kept_NK = slot_NK >= 0
+        weight_NK = kept_NK.to(src_PD.dtype) if weight_NK is None else weight_NK * kept_NK
+        slot_NK = slot_NK.clamp(min=0)
+    out_ND = None
+    for k in range(K):
+        rows_ND = src_PD.index_select(0, slot_NK[:, k])
+        if weight_NK is not None:
+            rows_ND.mul_(weight_NK[:, k].unsqueeze(1))
+        out_ND = rows_ND if out_ND is None else out_ND.add_(rows_ND)
+    return out_ND
+
+
+class Dispatch(torch.autograd.Function):
+    """x_PD = x_ND[token_P]."""
+
+    @staticmethod
+    def forward(ctx, x_ND, slots: Slots):
+        ctx.slots = slots
+        return x_ND.index_select(0, slots.token_P)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_PD):
+        return gather_sum(g_PD.contiguous(), ctx.slots, None), None
+
+
+class Combine(torch.autograd.Function):
+    """y_ND[n] = sum_k gate_NK[n, k] * h_PD[slot_NK[n, k]] over kept assignments; gates cast to h's dtype."""
+
+    @staticmethod
+    def forward(ctx, h_PD, gate_NK, slots: Slots):
+        w_NK = gate_NK.to(h_PD.dtype)
+        ctx.save_for_backward(h_PD, w_NK)
+        ctx.slots, ctx.gate_dtype = slots, gate_NK.dtype
+        return gather_sum(h_PD, slots, w_NK)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_ND):
+        h_PD, w_NK = ctx.saved_tensors
+        slots = ctx.slots
+        g_PD = g_ND.index_select(0, slots.token_P)
+        dot_P = (g_PD * h_PD).sum(1)
+        g_gate_NK = torch.zeros(w_NK.shape, dtype=ctx.gate_dtype, device=w_NK.device)  # dropped: 0
+        g_gate_NK[slots.token_S, slots.choice_S] = (dot_P if slots.real_S is None else dot_P[slots.real_S]).to(ctx.gate_dtype)
+        g_PD.mul_(slots.per_slot(w_NK).unsqueeze(1))  # padding slots: weight 0, so gradient 0
+        return g_PD, g_gate_NK, None

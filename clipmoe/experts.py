@@ -1,0 +1,125 @@
+"""The experts of an MoE layer: E two-layer MLPs run over tokens already sorted by expert.
+
+Both weight matrices are stacked as (E, F, D), as in MegaBlocks: `w1[e]` is nn.Linear(D, F).weight and
+`w2[e]` is nn.Linear(F, D).weight transposed, so y = act(x w1[e]^T + b1[e]) w2[e] + b2[e].
+
+On CUDA with bf16 the experts run as two `grouped_mm` calls. Everywhere else `_ExpertMLP` runs one
+matmul per expert on its contiguous slice and writes its outputs and weight gradients in place (no
+concatenation of E pieces, no stacking of E weight gradients). The layouts are chosen for oneDNN's bf16
+kernels on CPU, whose speed on the same FLOPs varies up to 2x with operand layout: with both weights
+(E, F, D) and the hidden activations kept transposed, (F, c), the six products of an expert's forward and
+backward at c = 512 tokens cost what the dense MLP's cost per token (measured over all 16 combinations of
+weight, activation and batching layouts; fp32 is indifferent to layout).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+class Experts(nn.Module):
+    """E two-layer MLPs. The seam for execution strategies: `forward(x_SD, counts_E)` takes tokens sorted
+    by expert and per-expert counts and returns their outputs in the same order. Expert parallelism
+    slots in around this call."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, act_layer: Callable[[], nn.Module]):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+        self.act = act_layer()
+        # the same init as the dense Mlp's Linears (see model._init_linear), so swapping is neutral
+        nn.init.trunc_normal_(self.w1, std=0.02)
+        nn.init.trunc_normal_(self.w2, std=0.02)
+
+    @staticmethod
+    def compute_dtype(x: torch.Tensor) -> torch.dtype:
+        device = x.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+    @classmethod
+    def align(cls, x: torch.Tensor) -> int:
+        """Multiple to pad each expert's token count to. oneDNN (CPU, bf16/fp16) compiles a kernel per
+        matmul shape; with exact counts nearly every step brings new shapes (+30-80% step time measured
+        at 4,096 tokens), with multiples of 32 the shapes recur and the padding costs ~3% of the FLOPs."""
+        return 32 if x.device.type == "cpu" and cls.compute_dtype(x) in (torch.bfloat16, torch.float16) else 1
+
+    def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        device = x_SD.device.type
+        dt = self.compute_dtype(x_SD)
+        x_SD = x_SD.to(dt)
+        w1, b1, w2, b2 = (p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2))
+        with torch.autocast(device, enabled=False):  # operands are already in the compute dtype
+            if x_SD.is_cuda and dt == torch.bfloat16 and hasattr(F, "grouped_mm"):
+                offs_E = counts_E.cumsum(0).to(torch.int32)
+                S = x_SD.shape[0]
+                h_SF = F.grouped_mm(x_SD, w1.transpose(1, 2), offs=offs_E)
+                h_SF = self.act(h_SF + b1.repeat_interleave(counts_E, 0, output_size=S))
+                y_SD = F.grouped_mm(h_SF, w2, offs=offs_E)
+                return y_SD + b2.repeat_interleave(counts_E, 0, output_size=S)
+            return _ExpertMLP.apply(x_SD, counts_E.tolist(), self.act, w1, b1, w2, b2)
+
+
+def _act_backward(act: nn.Module, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """d act(h) / dh applied to g: closed form for nn.GELU, autograd through a recomputation otherwise."""
+    if type(act) is nn.GELU:
+        return torch.ops.aten.gelu_backward(g, h, approximate=act.approximate)
+    with torch.enable_grad():
+        h = h.detach().requires_grad_()
+        return torch.autograd.grad(act(h), h, g)[0]
+
+
+class _ExpertMLP(torch.autograd.Function):
+    """y_c = act(x_c w1_e^T + b1_e) w2_e + b2_e on each expert's slice c of the sorted tokens."""
+
+    @staticmethod
+    def forward(ctx, x_SD, splits: list[int], act, w1_EFD, b1_EF, w2_EFD, b2_ED):
+        x_SD = x_SD.contiguous()
+        y_SD = x_SD.new_empty(x_SD.shape)
+        hidden = []  # per expert: pre-activation and activation, both (F, c); None without tokens
+        for e, (x_cD, y_cD) in enumerate(zip(x_SD.split(splits), y_SD.split(splits))):
+            if x_cD.shape[0] == 0:
+                hidden += [None, None]
+                continue
+            h_Fc = torch.addmm(b1_EF[e].unsqueeze(1), w1_EFD[e], x_cD.t())
+            a_Fc = act(h_Fc)
+            torch.addmm(b2_ED[e], a_Fc.t(), w2_EFD[e], out=y_cD)
+            hidden += [h_Fc, a_Fc]
+        ctx.splits, ctx.act = splits, act
+        ctx.save_for_backward(x_SD, w1_EFD, w2_EFD, *hidden)  # freed by autograd unless retain_graph
+        return y_SD
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy_SD):
+        x_SD, w1_EFD, w2_EFD, *hidden = ctx.saved_tensors
+        gy_SD = gy_SD.contiguous()
+        need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
+        gx_SD = torch.empty_like(x_SD)
+        gw1, gw2 = torch.empty_like(w1_EFD), torch.empty_like(w2_EFD)
+        E, F_, D = w1_EFD.shape
+        gb1, gb2 = w1_EFD.new_empty(E, F_), w1_EFD.new_empty(E, D)
+        pieces = zip(x_SD.split(ctx.splits), gy_SD.split(ctx.splits), gx_SD.split(ctx.splits),
+                     hidden[0::2], hidden[1::2])
+        with torch.autocast(x_SD.device.type, enabled=False):
+            for e, (x_cD, gy_cD, gx_cD, h_Fc, a_Fc) in enumerate(pieces):
+                if h_Fc is None:  # an expert with no tokens: zero gradient, as autograd would give
+                    for g in (gw1, gw2, gb1, gb2):
+                        g[e].zero_()
+                    continue
+                gh_Fc = _act_backward(ctx.act, torch.mm(w2_EFD[e], gy_cD.t()), h_Fc)
+                if need_w:
+                    torch.mm(a_Fc, gy_cD, out=gw2[e])
+                    torch.sum(gy_cD, 0, out=gb2[e])
+                    torch.sum(gh_Fc, 1, out=gb1[e])
+                    torch.mm(gh_Fc, x_cD, out=gw1[e])
+                if need_x:
+                    torch.mm(gh_Fc.t(), w1_EFD[e], out=gx_cD)
+        if not need_w:
+            gw1 = gb1 = gw2 = gb2 = None
+        return gx_SD if need_x else None, None, None, gw1, gb1, gw2, gb2
