@@ -127,15 +127,19 @@ class MoE(nn.Module):
     def _expert_choice(self, x_ND: torch.Tensor, probs_NE: torch.Tensor, cap: int):
         N, E = probs_NE.shape
         gates_EC, token_EC = probs_NE.t().topk(cap, dim=1)  # each expert's most confident tokens
-        token_S, gate_S = token_EC.reshape(-1), gates_EC.reshape(-1)
         counts_E = torch.full((E,), cap, dtype=torch.long, device=probs_NE.device)
-        # a token may be taken by any number of experts, so combine scatter-adds
-        h_SD = self.experts(x_ND.index_select(0, token_S), counts_E)
-        h_SD = h_SD * gate_S.unsqueeze(1).to(h_SD.dtype)
-        y_ND = torch.zeros_like(x_ND, dtype=h_SD.dtype).index_add_(0, token_S, h_SD)
         served = torch.zeros(N, dtype=torch.bool, device=probs_NE.device)
-        served[token_S] = True
+        served[token_EC.reshape(-1)] = True
         dropped = 1.0 - served.float().mean() if N else 0.0  # tokens no expert took (no host sync)
+        align = self.experts.align(x_ND)
+        pad = -cap % align  # padding slots read token 0 with gate 0: they add nothing, forward or back
+        if pad:
+            gates_EC, token_EC = F.pad(gates_EC, (0, pad)), F.pad(token_EC, (0, pad))
+        token_P, gate_P = token_EC.reshape(-1), gates_EC.reshape(-1)
+        # a token may be taken by any number of experts, so combine scatter-adds
+        h_PD = self.experts(x_ND.index_select(0, token_P), counts_E + pad)
+        h_PD = h_PD * gate_P.unsqueeze(1).to(h_PD.dtype)
+        y_ND = torch.zeros_like(x_ND, dtype=h_PD.dtype).index_add_(0, token_P, h_PD)
         return y_ND, counts_E, probs_NE.argmax(-1), dropped
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None):

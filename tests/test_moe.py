@@ -107,8 +107,10 @@ def test_batch_priority_keeps_confident_tokens():
 
 
 @pytest.mark.parametrize("cf", [0.5, 1.0, 2.0])
-def test_expert_choice_matches_reference(cf):
+@pytest.mark.parametrize("align", [1, 8])
+def test_expert_choice_matches_reference(cf, align):
     layer = make_layer(E=4, cf=cf, router="expert_choice").train()
+    layer.experts.align = lambda x: align
     x = torch.randn(30, 8, requires_grad=True)
     y, aux = layer(x)
     y_ref, cap = reference_expert_choice(layer, x)
