@@ -18,7 +18,7 @@ from .model import CLIP
 
 FORMAT = "clipmoe/2"
 # clipmoe/1 stored experts.w1 as (E, width, hidden); clipmoe/2 as (E, hidden, width), like experts.w2
-_OLD_FORMATS = ("clipmoe/1",)
+_FORMAT_1 = "clipmoe/1"
 
 
 def save(model: CLIP, path: str | Path) -> Path:
@@ -61,7 +61,7 @@ def read_safetensors(path: str | Path) -> tuple[dict, dict]:
 
 
 def _config_from_metadata(path, meta: dict) -> ModelConfig:
-    if meta.get("format") not in (FORMAT, *_OLD_FORMATS) or "config" not in meta:
+    if meta.get("format") not in (FORMAT, _FORMAT_1) or "config" not in meta:
         raise ClipmoeError(f"{path}: not a clipmoe checkpoint (no clipmoe config in its metadata); "
                            "open_clip weights load with clipmoe.create_model(ARCH, pretrained=PATH)")
     try:
@@ -84,7 +84,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> CLIP:
     """Reads a model written by `clipmoe.save`; never unpickles anything."""
     tensors, meta = read_safetensors(path)
     model = CLIP(_config_from_metadata(path, meta))
-    if meta["format"] == "clipmoe/1":
+    if meta["format"] == _FORMAT_1:
         tensors = {k: v.transpose(-2, -1) if k.endswith(".experts.w1") else v
                    for k, v in tensors.items()}
     load_weights(model, tensors, str(path))

@@ -101,16 +101,18 @@ class _ExpertMLP(torch.autograd.Function):
         x_SD, w1_EFD, w2_EFD, *hidden = ctx.saved_tensors
         gy_SD = gy_SD.contiguous()
         need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
-        gx_SD = torch.empty_like(x_SD)
-        gw1, gw2 = torch.empty_like(w1_EFD), torch.empty_like(w2_EFD)
-        E, F_, D = w1_EFD.shape
-        gb1, gb2 = w1_EFD.new_empty(E, F_), w1_EFD.new_empty(E, D)
-        pieces = zip(x_SD.split(ctx.splits), gy_SD.split(ctx.splits), gx_SD.split(ctx.splits),
-                     hidden[0::2], hidden[1::2])
+        gx_SD = torch.empty_like(x_SD) if need_x else None
+        gw1 = gb1 = gw2 = gb2 = None
+        if need_w:
+            E, F_, D = w1_EFD.shape
+            gw1, gw2 = torch.empty_like(w1_EFD), torch.empty_like(w2_EFD)
+            gb1, gb2 = w1_EFD.new_empty(E, F_), w1_EFD.new_empty(E, D)
+        pieces = zip(x_SD.split(ctx.splits), gy_SD.split(ctx.splits),
+                     gx_SD.split(ctx.splits) if need_x else [None] * len(ctx.splits), hidden[0::2], hidden[1::2])
         with torch.autocast(x_SD.device.type, enabled=False):
             for e, (x_cD, gy_cD, gx_cD, h_Fc, a_Fc) in enumerate(pieces):
                 if h_Fc is None:  # an expert with no tokens: zero gradient, as autograd would give
-                    for g in (gw1, gw2, gb1, gb2):
+                    for g in (gw1, gw2, gb1, gb2) if need_w else ():
                         g[e].zero_()
                     continue
                 gh_Fc = _act_backward(ctx.act, torch.mm(w2_EFD[e], gy_cD.t()), h_Fc)
@@ -121,6 +123,4 @@ class _ExpertMLP(torch.autograd.Function):
                     torch.mm(gh_Fc, x_cD, out=gw1[e])
                 if need_x:
                     torch.mm(gh_Fc.t(), w1_EFD[e], out=gx_cD)
-        if not need_w:
-            gw1 = gb1 = gw2 = gb2 = None
-        return gx_SD if need_x else None, None, None, gw1, gb1, gw2, gb2
+        return gx_SD, None, None, gw1, gb1, gw2, gb2
