@@ -242,3 +242,24 @@ def test_bf16_layer_pads_groups_and_matches_fp32():
     assert all(c % 32 == 0 for c in counts[0]) and sum(counts[0]) >= 100
     y32, _ = layer(x)
     torch.testing.assert_close(y16.float(), y32, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_router_is_fp32_maths_on_its_inputs(dtype):
+    """A bf16/fp16 layer's router (blocked, no fp32 copy of x) gives the logits and gradients of the fp32
+    router applied to the same low-precision numbers, across several row blocks and a ragged last one."""
+    layer = make_layer(E=4, K=2, cf=None, D=16, F=32).to(dtype)
+    x = torch.randn(2 * 512 + 37, 16, dtype=dtype, requires_grad=True)
+    logits, probs = layer.route(x)
+    assert logits.dtype == probs.dtype == torch.float32
+    w = layer.router.weight.detach().float().requires_grad_()
+    x32 = x.detach().float().requires_grad_()
+    ref = F.linear(x32, w)
+    torch.testing.assert_close(logits, ref, rtol=1e-6, atol=1e-6)
+    torch.manual_seed(3)
+    g = torch.randn_like(ref)
+    gx, gw = torch.autograd.grad((probs * g).sum(), [x, layer.router.weight])
+    rx, rw = torch.autograd.grad((ref.softmax(-1) * g).sum(), [x32, w])
+    assert gx.dtype == gw.dtype == dtype
+    torch.testing.assert_close(gx, rx.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(gw.float(), rw.to(dtype).float(), rtol=1e-2, atol=1e-3)  # summation order
