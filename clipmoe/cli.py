@@ -38,9 +38,17 @@ def _upcycle(args) -> None:
     from .upcycle import upcycle
 
     towers = tuple(t.strip() for t in args.towers.split(","))
+    blocks = None
+    if args.blocks is not None:
+        try:
+            blocks = [int(b) for b in args.blocks.split(",") if b.strip()]
+        except ValueError:
+            raise ClipmoeError(f"--blocks must be comma-separated block indices, got {args.blocks!r}") from None
     model = upcycle(args.input, num_experts=args.experts, top_k=args.top_k, every=args.every, towers=towers,
-                    router=args.router, capacity_factor=args.capacity_factor, batch_priority=args.batch_priority,
-                    noise_std=args.noise_std, reinit_fraction=args.reinit_fraction, arch=args.arch, seed=args.seed)
+                    last=args.last, blocks=blocks, router=args.router, capacity_factor=args.capacity_factor,
+                    eval_capacity_factor=args.eval_capacity_factor, batch_priority=args.batch_priority,
+                    min_capacity=args.min_capacity, jitter=args.jitter, noise_std=args.noise_std,
+                    reinit_fraction=args.reinit_fraction, arch=args.arch, seed=args.seed)
     print(f"wrote {save(model, args.output)}")
 
 
@@ -138,10 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--arch", help="architecture of an open_clip checkpoint (e.g. ViT-B-32)")
     u.add_argument("--experts", type=int, default=8)
     u.add_argument("--top-k", type=int, default=2)
-    u.add_argument("--every", type=int, default=2)
+    u.add_argument("--every", type=int, default=2, help="MoE in every n-th block (unless --last / --blocks)")
+    u.add_argument("--last", type=int, help="MoE in the last n blocks of each tower")
+    u.add_argument("--blocks", help="MoE in these blocks, comma-separated (e.g. 1,3,5)")
     u.add_argument("--towers", default="image,text")
     u.add_argument("--router", choices=["topk", "expert_choice"], default="topk")
     u.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
+    u.add_argument("--eval-capacity-factor", type=float, default=None, help="default: dropless")
+    u.add_argument("--min-capacity", type=int, default=4)
+    u.add_argument("--jitter", type=float, default=0.0, help="router input jitter in training")
     u.add_argument("--batch-priority", action="store_true", help="Batch Prioritized Routing")
     u.add_argument("--noise-std", type=float, default=0.0, help="relative noise on the expert copies")
     u.add_argument("--reinit-fraction", type=float, default=0.0, help="Drop-Upcycling: hidden units re-initialised")

@@ -255,12 +255,13 @@ class RunConfig:
 # Validation
 
 
-class _FieldError(ValueError):
-    """Raised inside __post_init__; `from_dict` prefixes the section path to make a ConfigError."""
+class _FieldError(ConfigError):
+    """Raised inside __post_init__ (so a dataclass built in Python fails with a ConfigError naming its
+    field); `from_dict` re-raises it with the dotted path of the section."""
 
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key = key
+    def __init__(self, key: str, detail: str):
+        super().__init__(f"{key}: {detail}")
+        self.key, self.detail = key, detail
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -286,7 +287,7 @@ def from_dict(cls, data: Any, path: str = ""):
     try:
         return cls(**kwargs)
     except _FieldError as e:
-        raise ConfigError(f"{_join(path, e.key)}: {e}") from None
+        raise ConfigError(f"{_join(path, e.key)}: {e.detail}") from None
 
 
 def _join(path: str, key: str) -> str:

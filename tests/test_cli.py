@@ -28,6 +28,24 @@ def test_upcycle_and_encode(tmp_path):
     assert max(abs(a - b) for a, b in zip(rows[1], expected[1].tolist())) < 1e-5
 
 
+def test_upcycle_placement_and_capacity_flags(tmp_path):
+    dense = clipmoe.save(clipmoe.create_model("clipmoe-micro"), tmp_path / "dense.safetensors")
+    out = tmp_path / "moe.safetensors"
+    r = _run("upcycle", str(dense), str(out), "--experts", "2", "--blocks", "1", "--towers", "text",
+             "--capacity-factor", "1.5", "--eval-capacity-factor", "2", "--min-capacity", "3", "--jitter", "0.01")
+    assert r.returncode == 0, r.stderr
+    cfg = clipmoe.load(out).config
+    moe = cfg.text.moe
+    assert cfg.vision.moe is None and moe.moe_blocks(cfg.text.depth) == [1]
+    assert (moe.capacity_factor, moe.eval_capacity_factor, moe.min_capacity, moe.jitter) == (1.5, 2.0, 3, 0.01)
+    r = _run("upcycle", str(dense), str(out), "--last", "1")
+    assert r.returncode == 0, r.stderr
+    assert clipmoe.load(out).config.vision.moe.moe_blocks(2) == [1]
+    for bad in (["--blocks", "7"], ["--blocks", "one"]):
+        r = _run("upcycle", str(dense), str(tmp_path / "x.safetensors"), *bad)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "blocks" in r.stderr, r.stderr
+
+
 def test_errors_are_one_line(tmp_path):
     r = _run("encode", "--model", str(tmp_path / "none.safetensors"), "--text", "x")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "model not found" in r.stderr
