@@ -9,8 +9,10 @@ import torch
 
 import loaders
 
+from .errors import ClipmoeError
 from .factory import create_transforms, get_tokenizer
 from .model import CLIP
+from .moe import MoE
 from .plots import plot_routing
 
 
@@ -23,6 +25,8 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
     each expert), and for text layers `top_words` per expert (the words it takes most, with counts) or
     for image layers `patch_map` per expert (fraction of its tokens at each grid position, CLS first).
     """
+    if not any(isinstance(m, MoE) for m in model.modules()):
+        raise ClipmoeError("the model has no MoE layers: there is no routing to analyse (upcycle it first)")
     model.eval()
     _, eval_tf = create_transforms(model.config)
     tokenizer = get_tokenizer(model)
@@ -51,6 +55,9 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
                 pos = torch.arange(a.top1.numel()) % grid_tokens
                 hist = torch.zeros(E, grid_tokens).index_put_((a.top1, pos), torch.ones(pos.numel()), accumulate=True)
                 patches[name] = patches.get(name, 0) + hist
+    if not loads:
+        stats = loader.stats()
+        raise ClipmoeError(f"no samples could be read from {urls!r} (skipped: {stats['skipped'] or 'none'})")
     special = {0, tokenizer.sot_token_id, tokenizer.eot_token_id}
     report = {}
     for name, load in sorted(loads.items()):

@@ -80,6 +80,19 @@ def test_analyze_routing_writes_heatmap_and_words(tmp_path, tiny_shards):
     assert (tmp_path / "cli" / "routing.png").is_file() and "expert 0:" in r.stdout
 
 
+def test_analyze_routing_errors_are_one_line(tmp_path):
+    dense = clipmoe.save(clipmoe.create_model("clipmoe-micro"), tmp_path / "dense.safetensors")
+    moe = clipmoe.save(clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=2, every=1),
+                       tmp_path / "moe.safetensors")
+    (tmp_path / "bad-0.tar").write_bytes(b"not a tar")
+    cases = [(moe, str(tmp_path / "none-{0..1}.tar"), "no samples could be read"),
+             (moe, str(tmp_path / "bad-0.tar"), "truncated_shard"),
+             (dense, str(tmp_path / "bad-0.tar"), "no MoE layers")]
+    for model, data, message in cases:
+        r = _run("analyze-routing", "--model", str(model), "--data", data, "--out", str(tmp_path / "out"))
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+
+
 def test_shards_from_folder_and_table_then_check(tmp_path):
     from loaders import synthetic
 
