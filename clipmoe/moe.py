@@ -42,8 +42,8 @@ class MoEAux:
 
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, factor: Optional[float], minimum: int) -> Optional[int]:
-    """C = ceil(k * T / E * factor), at least `minimum`; None (dropless) when factor is None."""
-    if factor is None:
+    """C = ceil(k * T / E * factor), at least `minimum`; None (dropless) when factor is None or infinite."""
+    if factor is None or math.isinf(factor):
         return None
     return max(minimum, math.ceil(top_k * num_tokens / num_experts * factor))
 
@@ -71,6 +71,8 @@ class MoE(nn.Module):
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         if cfg.router == "expert_choice":  # there is no dropless expert choice: C = N * c / E
             factor = factor or cfg.capacity_factor or 2.0
+            if math.isinf(factor):
+                return num_tokens
             return min(num_tokens, max(cfg.min_capacity, math.ceil(num_tokens * factor / cfg.num_experts)))
         return capacity(num_tokens, cfg.num_experts, cfg.top_k, factor, cfg.min_capacity)
 

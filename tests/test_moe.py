@@ -153,6 +153,24 @@ def test_capacity_rule():
     assert capacity(100, 8, 2, 1.25, 4) == math.ceil(2 * 100 / 8 * 1.25)
     assert capacity(4, 8, 1, 1.0, 4) == 4
     assert capacity(100, 8, 2, None, 4) is None
+    assert capacity(100, 8, 2, math.inf, 4) is None  # capacity = infinity is dropless too (YAML: .inf)
+
+
+def test_infinite_capacity_factor_is_dropless():
+    import yaml
+
+    from clipmoe.config import from_dict
+
+    cfg = from_dict(MoEConfig, yaml.safe_load("{num_experts: 4, top_k: 2, capacity_factor: .inf}"))
+    assert math.isinf(cfg.capacity_factor)
+    x = torch.randn(30, 8)
+    inf_layer, dropless = make_layer(E=4, K=2, cf=math.inf).train(), make_layer(E=4, K=2, cf=None).train()
+    (y_inf, aux), (y_none, _) = inf_layer(x), dropless(x)
+    assert aux.dropped_fraction.item() == 0
+    torch.testing.assert_close(y_inf, y_none, rtol=0, atol=0)
+    ec = make_layer(E=4, K=1, cf=math.inf, router="expert_choice").train()
+    assert ec.capacity(30) == 30  # every expert takes every token
+    assert torch.isfinite(ec(x)[0]).all()
 
 
 def test_dropped_tokens_get_zero_and_counts_follow_capacity():
