@@ -28,8 +28,10 @@ ACTS = [nn.GELU, lambda: nn.GELU(approximate="tanh"), QuickGELU, nn.SiLU]
 
 @pytest.mark.parametrize("act_layer", ACTS)
 @pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 7, 0], [0, 0, 0, 0]])
-def test_matches_autograd_loop(act_layer, counts):
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_matches_autograd_loop(act_layer, counts, lanes):
     ex = make(act_layer)
+    ex.lanes = lanes
     counts_E = torch.tensor(counts)
     x = torch.randn(int(counts_E.sum()), 6, dtype=torch.float64, requires_grad=True)
     y = ex(x, counts_E)
@@ -43,7 +45,8 @@ def test_matches_autograd_loop(act_layer, counts):
         torch.testing.assert_close(g, g_ref)  # experts without tokens get zeros, not garbage
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_gradcheck(lanes):
     ex = make(nn.GELU)
     counts_E = torch.tensor([2, 0, 3, 1])
     x = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
@@ -52,9 +55,68 @@ def test_gradcheck():
     def f(x, w1, b1, w2, b2):
         from clipmoe.experts import _ExpertMLP
 
-        return _ExpertMLP.apply(x, counts_E.tolist(), ex.act, w1, b1, w2, b2)
+        return _ExpertMLP.apply(x, counts_E.tolist(), ex.act, lanes, w1, b1, w2, b2)
 
     assert torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lanes_give_the_same_bits(dtype):
+    """Experts run two (or three) at a time on CPU; each writes only its own rows and gradient slices."""
+    ex = make(nn.GELU, dtype=dtype, E=5, D=32, F_=64)
+    counts_E = torch.tensor([40, 7, 0, 33, 64])
+    x = torch.randn(int(counts_E.sum()), 32, dtype=dtype, requires_grad=True)
+    results = []
+    for lanes in (1, 2, 3):
+        ex.lanes = lanes
+        ex.zero_grad(set_to_none=True)
+        x.grad = None
+        y = ex(x, counts_E)
+        y.float().square().sum().backward()
+        results.append([y.detach(), x.grad, *(p.grad for p in ex.parameters())])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_lanes_under_inference_mode_and_errors_reach_the_caller():
+    ex = make(nn.GELU, dtype=torch.float32)
+    ex.lanes = 2
+    counts_E = torch.tensor([5, 3, 0, 4])
+    x = torch.randn(12, 6)
+    with torch.inference_mode():
+        y = ex(x, counts_E)
+    torch.testing.assert_close(y, loop(ex, x, counts_E).detach())
+
+    class FailsOnFour(nn.Module):  # fails for the expert with 4 tokens, which runs on the second lane
+        def forward(self, h):
+            if h.shape[1] == 4:
+                raise RuntimeError("boom in a lane")
+            return torch.relu(h)
+
+    ex.act = FailsOnFour()
+    with pytest.raises(RuntimeError, match="boom in a lane"):
+        ex(x, counts_E)
+
+
+def test_lane_groups_balance_tokens_and_skip_empty_experts():
+    from clipmoe.experts import _lane_groups
+
+    assert _lane_groups([5, 3, 0, 4], 2) == [[0], [3, 1]]
+    assert _lane_groups([0, 0], 2) == []
+    assert _lane_groups([1, 0], 3) == [[0]]
+    groups = _lane_groups([100, 90, 80, 70, 60, 50, 40, 30], 2)
+    loads = [sum([100, 90, 80, 70, 60, 50, 40, 30][e] for e in g) for g in groups]
+    assert sorted(e for g in groups for e in g) == list(range(8)) and abs(loads[0] - loads[1]) <= 30
+
+
+def test_executor_is_remade_in_a_forked_child(monkeypatch):
+    import clipmoe.experts as experts
+
+    pool = experts._executor()
+    assert experts._executor() is pool
+    monkeypatch.setattr(experts.os, "getpid", lambda: -1)  # as in a child made by fork
+    assert experts._executor() is not pool
 
 
 def test_frozen_weights_and_frozen_input():
