@@ -94,6 +94,9 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     print(f"# {date.today()} {platform.node()} {device} torch {torch.__version__} threads {torch.get_num_threads()}")
+    # the allocator moves the CPU numbers (page faults of fresh temporaries; see BENCHMARKS.md)
+    malloc = os.environ.get("LD_PRELOAD") or os.environ.get("GLIBC_TUNABLES") or "glibc defaults"
+    print(f"# malloc: {malloc}")
     print(f"{'tokens':>6} {'dtype':>5} {'k':>2} {'cf':>8} | {'dense xk':>9} {'clipmoe':>9} {'deepspeed':>9} | "
           f"{'ours/dense':>10} {'ds/ours':>8}")
     for tokens in args.tokens:
