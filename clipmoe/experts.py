@@ -69,7 +69,7 @@ class Experts(nn.Module):
                 h_SF = self.act(h_SF + b1.repeat_interleave(counts_E, 0, output_size=S))
                 y_SD = F.grouped_mm(h_SF, w2, offs=offs_E)
                 return y_SD + b2.repeat_interleave(counts_E, 0, output_size=S)
-            lanes = 1 if not x_SD.device.type == "cpu" else self.lanes or min(2, torch.get_num_threads())
+            lanes = 1 if x_SD.device.type != "cpu" else self.lanes or min(2, torch.get_num_threads())
             return _ExpertMLP.apply(x_SD, counts_E.tolist(), self.act, lanes, w1, b1, w2, b2)
 
 
@@ -83,7 +83,7 @@ def _lane_groups(splits: list[int], lanes: int) -> list[list[int]]:
     return [g for g in groups if g]
 
 
-_POOL: dict = {}  # pid -> (lock, executor): the helper threads of this process, made on first use
+_POOL: dict = {}  # pid -> executor: this process's helper threads (lanes 2.. of every caller), made on first use
 _POOL_LOCK = threading.Lock()
 
 
@@ -93,7 +93,7 @@ def _executor() -> ThreadPoolExecutor:
         pool = _POOL.get(os.getpid())
         if pool is None:
             _POOL.clear()
-            pool = _POOL[os.getpid()] = ThreadPoolExecutor(max_workers=3, thread_name_prefix="clipmoe-experts")
+            pool = _POOL[os.getpid()] = ThreadPoolExecutor(max_workers=7, thread_name_prefix="clipmoe-experts")
         return pool
 
 
