@@ -15,6 +15,8 @@ activation and batching layouts measured; fp32 is indifferent to layout).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -97,22 +99,52 @@ def _executor() -> ThreadPoolExecutor:
         return pool
 
 
+def _find_omp_set_num_threads():
+    """OpenMP's omp_set_num_threads from the runtime torch loaded (libgomp on Linux, libomp on macOS);
+    None where there is none (then lanes keep torch's thread count)."""
+    try:
+        return ctypes.CDLL(None).omp_set_num_threads
+    except (AttributeError, OSError):
+        return None
+
+
+_OMP_SET_NUM_THREADS = _find_omp_set_num_threads()
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    """The calling thread's intra-op thread count is n inside (OpenMP's setting is per thread, so this
+    touches no other thread, unlike torch.set_num_threads, which is process-wide); restored after."""
+    before = torch.get_num_threads()
+    if _OMP_SET_NUM_THREADS is None or n == before:
+        yield
+        return
+    _OMP_SET_NUM_THREADS(n)
+    try:
+        yield
+    finally:
+        _OMP_SET_NUM_THREADS(before)
+
+
 def _run_lanes(run: Callable[[int], None], splits: list[int], lanes: int) -> None:
     """run(e) for every expert with tokens, the experts split into `lanes` groups that run at once.
 
-    Why: on CPU, oneDNN runs a product with a few hundred rows and a 2,048-long reduction on about one
-    core, so one expert at a time leaves the other cores idle; two experts at a time measured 6-12%
-    faster per layer (forward + backward, bf16 and fp32, 4,096 and 16,384 tokens, 2 cores). Each expert
-    writes only its own rows and its own gradient slices, so the result is the same bit for bit."""
+    Each lane gets torch's threads divided by the number of lanes. Why: on CPU, oneDNN runs a product
+    with a few hundred rows and a 2,048-long reduction on about one core, so one expert at a time leaves
+    the other cores idle. Two experts at a time on one thread each, against one at a time on two threads,
+    per layer forward + backward on 2 cores: bf16 4,096 tokens k=1 -12%, k=2 -6%, fp32 4,096 k=1 -4%,
+    bf16 16,384 -2% (two lanes that both used two threads: -5%, -4%, -1%, -2%). Each expert writes only its
+    own rows and its own gradient slices, so the result is the same bit for bit."""
     groups = _lane_groups(splits, lanes)
     if len(groups) <= 1:
         for e in (groups[0] if groups else ()):
             run(e)
         return
     inference = torch.is_inference_mode_enabled()
+    per_lane = max(1, torch.get_num_threads() // len(groups))  # the cores shared out, not oversubscribed
 
     def lane(experts):  # a fresh thread has default grad / inference modes: set this one's
-        with torch.inference_mode(inference), torch.no_grad():
+        with torch.inference_mode(inference), torch.no_grad(), _intra_op_threads(per_lane):
             for e in experts:
                 run(e)
 

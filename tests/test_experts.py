@@ -79,6 +79,20 @@ def test_lanes_give_the_same_bits(dtype):
             assert torch.equal(a, b)
 
 
+def test_lanes_leave_the_thread_count_as_it_was():
+    ex = make(nn.GELU, dtype=torch.float32)
+    ex.lanes = 2
+    counts_E = torch.tensor([5, 3, 0, 4])
+    x = torch.randn(12, 6, requires_grad=True)
+    before = torch.get_num_threads()
+    ex(x, counts_E).sum().backward()
+    assert torch.get_num_threads() == before
+    ex.act = None  # fails inside the lanes
+    with pytest.raises(TypeError):
+        ex(x, counts_E)
+    assert torch.get_num_threads() == before
+
+
 def test_lanes_under_inference_mode_and_errors_reach_the_caller():
     ex = make(nn.GELU, dtype=torch.float32)
     ex.lanes = 2
