@@ -281,3 +281,17 @@ def test_low_precision_router_is_fp32_maths_on_its_inputs(dtype):
     assert gx.dtype == gw.dtype == dtype
     torch.testing.assert_close(gx, rx.to(dtype), rtol=0, atol=0)
     torch.testing.assert_close(gw.float(), rw.to(dtype).float(), rtol=1e-2, atol=1e-3)  # summation order
+
+
+def test_low_precision_router_with_frozen_input_or_weight():
+    layer = make_layer(E=4, K=2, cf=None, D=16, F=32).bfloat16()
+    x = torch.randn(600, 16, dtype=torch.bfloat16)
+    logits, _ = layer.route(x)  # x needs no gradient: only the weight's
+    (gw,) = torch.autograd.grad(logits.sum(), [layer.router.weight])
+    ref = (torch.ones(600, 4).t() @ x.float()).bfloat16()
+    torch.testing.assert_close(gw, ref, rtol=1e-2, atol=1e-2)
+    layer.router.weight.requires_grad_(False)
+    x.requires_grad_(True)
+    logits, _ = layer.route(x)
+    (gx,) = torch.autograd.grad(logits.sum(), [x])
+    assert torch.equal(gx, (torch.ones(600, 4) @ layer.router.weight.float()).bfloat16())
