@@ -80,7 +80,8 @@ class MoE(nn.Module):
         """fp32 router logits (N, E) and probabilities (N, E), under any autocast."""
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
             jitter = self.training and self.cfg.jitter > 0
-            if x_ND.dtype not in (torch.bfloat16, torch.float16) or jitter:
+            blocked = x_ND.device.type == "cpu" and x_ND.dtype in (torch.bfloat16, torch.float16)  # see _RouterLogits
+            if not blocked or jitter:
                 x_ND = x_ND.float()
                 if jitter:
                     x_ND = x_ND * torch.empty_like(x_ND).uniform_(1 - self.cfg.jitter, 1 + self.cfg.jitter)
@@ -190,8 +191,9 @@ class MoE(nn.Module):
 class _RouterLogits(torch.autograd.Function):
     """fp32 logits x W^T for a bf16/fp16 x, by blocks of rows: the same numbers as F.linear(x.float(),
     W.float()), without an (N, D) fp32 copy of x in the forward or an (N, D) fp32 gradient in the backward.
-    With E = 8 the product is a few MFLOPs and those copies were all of its cost (4,096 tokens: router
-    forward + backward 7.5 -> 5.6 ms; 16,384: 37 -> 21 ms, on 2 CPU cores)."""
+    With E = 8 the product is a few MFLOPs and those copies were all of its cost on CPU (4,096 tokens:
+    router forward + backward 7.5 -> 5.6 ms; 16,384: 37 -> 21 ms, on 2 cores). Not used on GPUs, where
+    the copies are cheap and the blocks would be many small kernels."""
 
     BLOCK = 512  # rows: a 512 x 512 fp32 block (1 MiB) stays in cache
 
