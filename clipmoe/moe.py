@@ -80,14 +80,13 @@ class MoE(nn.Module):
         """fp32 router logits (N, E) and probabilities (N, E), under any autocast."""
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
             jitter = self.training and self.cfg.jitter > 0
-            blocked = x_ND.device.type == "cpu" and x_ND.dtype in (torch.bfloat16, torch.float16)  # see _RouterLogits
-            if not blocked or jitter:
+            if x_ND.device.type == "cpu" and x_ND.dtype in (torch.bfloat16, torch.float16) and not jitter:
+                logits_NE = _RouterLogits.apply(x_ND, self.router.weight)  # fp32 maths, no fp32 copy of x
+            else:
                 x_ND = x_ND.float()
                 if jitter:
                     x_ND = x_ND * torch.empty_like(x_ND).uniform_(1 - self.cfg.jitter, 1 + self.cfg.jitter)
                 logits_NE = F.linear(x_ND, self.router.weight.float())
-            else:
-                logits_NE = _RouterLogits.apply(x_ND, self.router.weight)
         return logits_NE, logits_NE.softmax(dim=-1)
 
     def top_k(self, probs_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
