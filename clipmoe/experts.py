@@ -64,15 +64,27 @@ class Experts(nn.Module):
         x_SD = x_SD.to(dt)
         w1, b1, w2, b2 = (p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2))
         with torch.autocast(device, enabled=False):  # operands are already in the compute dtype
-            if x_SD.is_cuda and dt == torch.bfloat16 and hasattr(F, "grouped_mm"):
+            grouped_mm = _grouped_mm(x_SD) if dt == torch.bfloat16 else None
+            if grouped_mm is not None:
                 offs_E = counts_E.cumsum(0).to(torch.int32)
                 S = x_SD.shape[0]
-                h_SF = F.grouped_mm(x_SD, w1.transpose(1, 2), offs=offs_E)
+                h_SF = grouped_mm(x_SD, w1.transpose(1, 2), offs=offs_E)
                 h_SF = self.act(h_SF + b1.repeat_interleave(counts_E, 0, output_size=S))
-                y_SD = F.grouped_mm(h_SF, w2, offs=offs_E)
+                y_SD = grouped_mm(h_SF, w2, offs=offs_E)
                 return y_SD + b2.repeat_interleave(counts_E, 0, output_size=S)
             lanes = 1 if x_SD.device.type != "cpu" else self.lanes or min(2, torch.get_num_threads())
             return _ExpertMLP.apply(x_SD, counts_E.tolist(), self.act, lanes, w1, b1, w2, b2)
+
+
+def _grouped_mm(x: torch.Tensor) -> Optional[Callable]:
+    """torch's grouped GEMM for bf16 operands on x's device, None where it does not run: off CUDA, and below
+    compute capability 8.0 (`F.grouped_mm`, torch >= 2.9) or 9.0 (the private `torch._grouped_mm` before)."""
+    if not x.is_cuda:
+        return None
+    fn, min_capability = getattr(F, "grouped_mm", None), (8, 0)
+    if fn is None:
+        fn, min_capability = getattr(torch, "_grouped_mm", None), (9, 0)
+    return fn if fn is not None and torch.cuda.get_device_capability(x.device) >= min_capability else None
 
 
 def _lane_groups(splits: list[int], lanes: int) -> list[list[int]]:

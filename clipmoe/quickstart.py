@@ -53,9 +53,10 @@ def _prompts(attr: str, classname: str) -> list[str]:
 EVAL_ATTRIBUTES = {"colour": list(synthetic.COLOURS), "background": list(synthetic.BACKGROUNDS)}
 
 
-def make_data(out_dir: Path, seed: int = 0, train_samples: int = TRAIN_SAMPLES, eval_samples: int = EVAL_SAMPLES,
+def make_data(out_dir: str | Path, seed: int = 0, train_samples: int = TRAIN_SAMPLES, eval_samples: int = EVAL_SAMPLES,
               shards: int = SHARDS, progress: bool = True) -> tuple[str, str]:
     """Writes train and eval shards (img2dataset layout); returns their brace patterns."""
+    out_dir = Path(out_dir)
     per_shard = -(-train_samples // shards)
     train_iter = tqdm(synthetic.scenes(train_samples, seed, "train"), total=train_samples, desc="shards",
                       disable=not progress)

@@ -1,11 +1,16 @@
 """GPU paths (run by scripts/bench/gpu_check.sh on a GPU machine; skipped on CPU-only machines)."""
+import copy
+import math
+
 import pytest
 import torch
+from test_moe import _grads, make_layer, reference_expert_choice, reference_moe
 from torch import nn
 
 import clipmoe
 from clipmoe.config import MoEConfig
 from clipmoe.moe import MoE
+from clipmoe.train import train
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -34,3 +39,90 @@ def test_upcycled_model_equals_dense_on_gpu():
     with torch.no_grad():
         assert (dense.encode_image(images) - up.encode_image(images)).abs().max() < 1e-4
         assert (dense.encode_text(tokens) - up.encode_text(tokens)).abs().max() < 1e-4
+
+
+@pytest.fixture
+def no_tf32():
+    # fp32 matmuls on the GPU must be fp32, not TF32, for the 1e-5 comparisons
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _gpu_copy(layer):
+    return copy.deepcopy(layer).cuda()
+
+
+@pytest.mark.parametrize("K,cf,batch_priority", [(1, None, False), (2, None, False), (2, 0.5, False),
+                                                 (2, 0.5, True), (1, 1.25, False), (3, 1.0, False)])
+def test_fp32_cuda_layer_matches_reference_loop(no_tf32, K, cf, batch_priority):
+    layer = make_layer(E=4, K=K, cf=cf, batch_priority=batch_priority).train()
+    x = torch.randn(37, 8, requires_grad=True)
+    y_ref, dropped = reference_moe(layer, x)
+    gpu = _gpu_copy(layer)
+    xg = x.detach().cuda().requires_grad_()
+    y, aux = gpu(xg)
+    torch.testing.assert_close(y.cpu(), y_ref, atol=1e-5, rtol=1e-5)
+    assert round(aux.dropped_fraction.item() * 37 * K) == dropped
+    for g, g_ref in zip(_grads(gpu, xg, y), _grads(layer, x, y_ref)):
+        torch.testing.assert_close(g.cpu(), g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fp32_cuda_expert_choice_matches_reference(no_tf32):
+    layer = make_layer(E=4, cf=1.0, router="expert_choice").train()
+    x = torch.randn(30, 8, requires_grad=True)
+    y_ref, cap = reference_expert_choice(layer, x)
+    gpu = _gpu_copy(layer)
+    xg = x.detach().cuda().requires_grad_()
+    y, aux = gpu(xg)
+    torch.testing.assert_close(y.cpu(), y_ref, atol=1e-5, rtol=1e-5)
+    assert aux.tokens_per_expert.tolist() == [cap] * 4
+    for g, g_ref in zip(_grads(gpu, xg, y), _grads(layer, x, y_ref)):
+        torch.testing.assert_close(g.cpu(), g_ref, atol=1e-5, rtol=1e-5)
+
+
+def _rel_err(a, b):
+    return ((a.float().cpu() - b.float().cpu()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("router,K,cf", [("topk", 1, None), ("topk", 2, 1.0), ("expert_choice", 1, 2.0)])
+def test_grouped_mm_bf16_gradients_match_fp32(router, K, cf):
+    """The grouped_mm path's output and every gradient (router included) against the fp32 CPU layer, with
+    one expert that gets no tokens at all (an empty group)."""
+    layer = make_layer(E=4, K=K, cf=cf, D=64, F=128, router=router).train()
+    with torch.no_grad():
+        layer.router.weight[3, 0] = -100.0  # with x[:, 0] = 1: expert 3 is last for every token
+    x = torch.randn(256, 64)
+    x[:, 0] = 1.0
+    y_ref, aux_ref = layer(x.requires_grad_())
+    g_ref = _grads(layer, x, y_ref)
+    gpu = _gpu_copy(layer)
+    xg = x.detach().cuda().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, aux = gpu(xg)
+    assert aux.tokens_per_expert.tolist() == aux_ref.tokens_per_expert.tolist()
+    if router == "topk":
+        assert aux.tokens_per_expert[3] == 0
+    assert _rel_err(y, y_ref) < 2e-2
+    for g, r in zip(_grads(gpu, xg, y), g_ref):
+        assert torch.isfinite(g).all() and _rel_err(g, r) < 3e-2
+
+
+def test_bf16_training_on_cuda(tiny_shards, tmp_path):
+    """A short bf16 run of an MoE CLIP on the GPU: losses finite, router fp32, and the saved model loads on
+    a machine without a GPU."""
+    from test_train import _cfg
+
+    result = train(_cfg(tiny_shards, tmp_path, steps=20, precision="bf16", device="cuda"), progress=False)
+    assert next(result.model.parameters()).is_cuda
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["z"]) for r in result.history)
+    for m in result.model.modules():
+        if isinstance(m, MoE):
+            assert m.router.weight.dtype == torch.float32
+    back = clipmoe.load(result.files["model"])
+    assert next(back.parameters()).device.type == "cpu"
+    tokens = clipmoe.get_tokenizer(back)(["a red square"])
+    with torch.no_grad():
+        torch.testing.assert_close(back.encode_text(tokens), result.model.eval().encode_text(tokens.cuda()).cpu(),
+                                   atol=1e-4, rtol=1e-4)

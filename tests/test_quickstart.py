@@ -4,7 +4,7 @@ import json
 import pytest
 
 import clipmoe
-from clipmoe.quickstart import EVAL_ATTRIBUTES, quickstart
+from clipmoe.quickstart import EVAL_ATTRIBUTES, make_data, quickstart
 
 
 @pytest.mark.slow
@@ -23,3 +23,12 @@ def test_quickstart_reaches_three_times_chance(tmp_path):
     # the training data are shards in the img2dataset layout, with their manifest
     assert (tmp_path / "shards" / "train" / "00000_stats.json").is_file()
     assert json.loads((tmp_path / "shards" / "train" / "manifest.json").read_text())["num_samples"] == 24_000
+
+
+def test_make_data_takes_a_string_path(tmp_path):
+    train, ev = make_data(str(tmp_path / "shards"), train_samples=20, eval_samples=6, shards=2, progress=False)
+    assert train == f"{tmp_path}/shards/train/{{00000..00001}}.tar"
+    assert ev == f"{tmp_path}/shards/eval/00000.tar"
+    counts = [json.loads(p.read_text())["num_samples"] for p in [tmp_path / "shards" / "train" / "manifest.json",
+                                                                   tmp_path / "shards" / "eval" / "manifest.json"]]
+    assert counts == [20, 6]

@@ -14,6 +14,7 @@ import platform
 import statistics
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -49,6 +50,26 @@ def measure(steps: dict, xs: list, reps: int, device) -> dict:
     return {name: statistics.median(v) * 1e3 for name, v in times.items()}
 
 
+def profile_steps(steps: dict, x, device, path) -> dict:
+    """One step of each implementation under torch.profiler: writes the ops/kernels table (by self time) to
+    `path` and returns, per implementation, (GPU kernels launched, their summed device ms); on CPU (0, 0)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    tables, summary = [], {}
+    for name, step in steps.items():
+        with profile(activities=acts) as prof:
+            step(x)
+            _sync(device)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        summary[name] = (len(kernels), sum(e.device_time for e in kernels) / 1e3)
+        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+        tables.append(f"== {name}\n" + prof.key_averages().table(sort_by=sort, row_limit=15))
+    path.write_text("\n".join(tables))
+    return summary
+
+
 def fwd_bwd(layer, out_of, batched=False):
     params = list(layer.parameters())
 
@@ -66,7 +87,8 @@ def deepspeed_layer(k: int, cf, device, dtype):
     try:
         import deepspeed  # noqa: F401
         from deepspeed.moe.layer import MoE as DSMoE
-    except Exception:
+    except Exception as e:  # said once per row, so that a missing column is never a silent one
+        print(f"# no DeepSpeed column: {type(e).__name__}: {e}")
         return None
     import torch.distributed as dist
 
@@ -91,6 +113,7 @@ def main():
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--inputs", type=int, default=4, help="distinct input batches cycled through")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", metavar="DIR", help="also profile one step per row: tables to DIR, kernel counts")
     args = p.parse_args()
     device = torch.device(args.device)
     print(f"# {date.today()} {platform.node()} {device} torch {torch.__version__} threads {torch.get_num_threads()}")
@@ -119,6 +142,13 @@ def main():
                     t_dense, t_ours, t_ds = k * t["dense"], t["ours"], t.get("ds", float("nan"))
                     print(f"{tokens:>6} {dt:>5} {k:>2} {cf_s:>8} | {t_dense:>9.1f} {t_ours:>9.1f} {t_ds:>9.1f} | "
                           f"{t_ours / t_dense:>10.2f} {t_ds / t_ours:>8.2f}", flush=True)
+                    if args.profile:
+                        out = Path(args.profile) / f"{tokens}_{dt}_k{k}_{cf_s}.txt"
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        prof = profile_steps(steps, xs[0], device, out)
+                        if device.type == "cuda":
+                                print("#   kernels, device ms: " + ", ".join(
+                                f"{name} {n} {ms:.2f}" for name, (n, ms) in prof.items()), flush=True)
 
 
 if __name__ == "__main__":
