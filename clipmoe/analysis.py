@@ -32,6 +32,7 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
     tokenizer = get_tokenizer(model)
     loader = loaders.image_text_loader(urls, batch_size=batch_size, transform=eval_tf, tokenize=tokenizer,
                                        shuffle=False)
+    device = next(model.parameters()).device
     grid_tokens = (model.config.vision.image_size // model.config.vision.patch_size) ** 2 + 1
     words: dict[str, list[Counter]] = {}
     patches: dict[str, torch.Tensor] = {}
@@ -40,20 +41,20 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
         if i >= num_batches:
             break
         tokens = batch["text"]
-        out = model(batch["image"], tokens)
+        out = model(batch["image"].to(device), tokens.to(device))
         L = int(tokens.argmax(-1).max()) + 1
         routed_ids = tokens[:, :L][torch.arange(L) <= tokens.argmax(-1, keepdim=True)]  # the text tower's order
         for a in out.aux:
             name = f"{a.tower}.{a.block}"
-            E = a.tokens_per_expert.numel()
-            loads[name] = loads.get(name, 0) + torch.bincount(a.top1, minlength=E).float()
+            E, top1 = a.tokens_per_expert.numel(), a.top1.cpu()
+            loads[name] = loads.get(name, 0) + torch.bincount(top1, minlength=E).float()
             if a.tower == "text":
                 counters = words.setdefault(name, [Counter() for _ in range(E)])
-                for tok, e in zip(routed_ids.tolist(), a.top1.tolist()):
+                for tok, e in zip(routed_ids.tolist(), top1.tolist()):
                     counters[e][tok] += 1
             else:
-                pos = torch.arange(a.top1.numel()) % grid_tokens
-                hist = torch.zeros(E, grid_tokens).index_put_((a.top1, pos), torch.ones(pos.numel()), accumulate=True)
+                pos = torch.arange(top1.numel()) % grid_tokens
+                hist = torch.zeros(E, grid_tokens).index_put_((top1, pos), torch.ones(pos.numel()), accumulate=True)
                 patches[name] = patches.get(name, 0) + hist
     if not loads:
         stats = loader.stats()

@@ -108,7 +108,7 @@ class MoE(nn.Module):
         N, K = experts_NK.shape
         E, A = self.cfg.num_experts, N * K
         expert_A = experts_NK.t().reshape(-1)
-        counts_E = torch.bincount(expert_A, minlength=E)
+        counts_E = _counts(expert_A, E)
         slot_A = torch.arange(A, device=expert_A.device)
         if priority_N is not None:
             rank_N = torch.empty_like(priority_N, dtype=torch.long)
@@ -172,19 +172,28 @@ class MoE(nn.Module):
             y = y_ND
         return y.reshape(shape).to(x.dtype), self._aux(logits_NE, probs_NE, top1_N, counts_E, dropped)
 
-    def _aux(self, logits_NE, probs_NE, top1_N, counts_E, dropped: float) -> MoEAux:
+    def _aux(self, logits_NE, probs_NE, top1_N, counts_E, dropped: float | torch.Tensor) -> MoEAux:
         N, E = probs_NE.shape
         if N == 0:
             zero = probs_NE.sum()
             return MoEAux(self.tower, self.block, zero, zero, zero, zero, counts_E, top1_N, zero.detach())
-        f_E = torch.bincount(top1_N, minlength=E).to(probs_NE.dtype) / N
+        f_E = _counts(top1_N, E).to(probs_NE.dtype) / N
         mean_p_E = probs_NE.mean(0)
         balance = E * (f_E * mean_p_E).sum()
         z = torch.logsumexp(logits_NE, dim=-1).pow(2).mean()
         local = -(probs_NE * probs_NE.clamp_min(1e-20).log()).sum(-1).mean()
         marginal = -(mean_p_E * mean_p_E.clamp_min(1e-20).log()).sum()
+        if not torch.is_tensor(dropped):  # new_full: no host-to-device copy, which would wait for the GPU
+            dropped = probs_NE.new_full((), dropped)
         return MoEAux(self.tower, self.block, balance, z, local, marginal, counts_E.detach(),
-                      probs_NE.detach().argmax(-1), torch.as_tensor(dropped, device=probs_NE.device))
+                      probs_NE.detach().argmax(-1), dropped)
+
+
+def _counts(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) occurrences of 0..n-1 in `ids`. Not torch.bincount: on CUDA that reads max(ids) back to the host,
+    and every such read makes the CPU wait for the GPU instead of queueing the next kernels."""
+    ids = ids.reshape(-1)
+    return torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
 class _RouterLogits(torch.autograd.Function):

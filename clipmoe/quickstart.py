@@ -73,15 +73,16 @@ def evaluate_attributes(model: CLIP, eval_urls: str, batch_size: int = 250) -> d
     tokenizer = get_tokenizer(model)
     loader = loaders.image_text_loader(eval_urls, batch_size=batch_size, transform=eval_tf, tokenize=tokenizer,
                                        shuffle=False, with_meta=True)
+    device = next(model.parameters()).device
     features, metas = [], []
     for batch in loader:
-        features.append(model.encode_image(batch["image"], normalize=True))
+        features.append(model.encode_image(batch["image"].to(device), normalize=True).float().cpu())
         metas.extend(batch["meta"])
     image_features = torch.cat(features)
     results = {}
     for attr, classnames in EVAL_ATTRIBUTES.items():
         prompts = {c: _prompts(attr, c) for c in classnames}
-        weights = zeroshot.build_classifier(model.encode_text, tokenizer, classnames, prompts)
+        weights = zeroshot.build_classifier(model.encode_text, tokenizer, classnames, prompts, device=device)
         labels = torch.tensor([classnames.index(m[attr]) for m in metas])
         metrics = zeroshot.classification_metrics(image_features @ weights, labels)
         results[attr] = {"top1": metrics["top1"], "chance": 1 / len(classnames),

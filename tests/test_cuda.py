@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 def test_grouped_mm_bf16_matches_cpu_fp32(cf):
     torch.manual_seed(0)
     layer = MoE(64, 128, MoEConfig(num_experts=8, top_k=2, capacity_factor=cf), nn.GELU).train()
-    x = torch.randn(512, 64)
+    x = torch.randn(512, 64).bfloat16().float()  # the GPU layer's input, so that both route the same numbers
     y_ref, aux_ref = layer(x)
     gpu = MoE(64, 128, layer.cfg, nn.GELU).cuda().train()
     gpu.load_state_dict(layer.state_dict())
@@ -126,3 +126,18 @@ def test_bf16_training_on_cuda(tiny_shards, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back.encode_text(tokens), result.model.eval().encode_text(tokens.cuda()).cpu(),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_quickstart_evaluation_and_routing_analysis_with_a_gpu_model(tiny_shards, tmp_path):
+    """The functions that read shards on the CPU move each batch to the model's device."""
+    from clipmoe.analysis import analyze_routing
+    from clipmoe.quickstart import evaluate_attributes
+
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=3, every=1, noise_std=0.1)
+    cpu = evaluate_attributes(copy.deepcopy(model), tiny_shards["eval"])
+    gpu = evaluate_attributes(model.cuda(), tiny_shards["eval"])
+    for attr, r in cpu.items():
+        assert abs(gpu[attr]["top1"] - r["top1"]) <= 2 / r["num_samples"], attr
+    report = analyze_routing(model, tiny_shards["eval"], tmp_path, num_batches=1, batch_size=16)
+    assert set(report) == {"image.0", "image.1", "text.0", "text.1"}
+    assert (tmp_path / "routing.png").is_file()

@@ -159,3 +159,42 @@ def test_autocast_bf16_runs_in_bf16_and_returns_fp32_grads():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_ref = loop(ex, x, counts_E)
     torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def emulated_grouped_mm(a_SK, b_EKN, offs):
+    """F.grouped_mm's 2D x 3D semantics (row groups of a ending at offs, one matrix of b each), with autograd."""
+    ends = offs.tolist()
+    return torch.cat([a_SK[s:e] @ b_EKN[i] for i, (s, e) in enumerate(zip([0] + ends[:-1], ends))])
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 7, 0], [4, 4, 4, 4]])
+def test_grouped_mm_path_matches_loop(monkeypatch, counts):
+    """The CUDA bf16 path's logic (offsets, per-row biases, their one-hot gradient) run on the CPU in fp64,
+    with grouped_mm emulated: outputs and every gradient equal the per-expert loop's."""
+    import clipmoe.experts as experts
+
+    asked = []
+    monkeypatch.setattr(experts, "_grouped_mm", lambda x, dtype: asked.append(dtype) or emulated_grouped_mm)
+    ex = make(nn.GELU)
+    counts_E = torch.tensor(counts)
+    x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
+    y = ex(x, counts_E)
+    y_ref = loop(ex, x, counts_E)
+    assert asked == [torch.float64]  # the grouped path ran
+    torch.testing.assert_close(y, y_ref)
+    w = torch.randn_like(y)
+    params = [x, *ex.parameters()]
+    for g, r in zip(torch.autograd.grad((y * w).sum(), params), torch.autograd.grad((y_ref * w).sum(), params)):
+        torch.testing.assert_close(g, r)
+
+
+def test_grouped_bias_gradient_is_per_expert_sum():
+    from clipmoe.experts import _GroupedBias
+
+    expert_S = torch.tensor([0, 0, 2, 2, 2, 3])
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(_GroupedBias.apply, (x, b, expert_S))
+    gx, gb = torch.autograd.grad(_GroupedBias.apply(x, b, expert_S).sum(), [x, b])
+    assert torch.equal(gb, torch.tensor([2.0, 0.0, 3.0, 1.0], dtype=torch.float64)[:, None].expand(4, 5))
+    assert torch.equal(gx, torch.ones_like(x))

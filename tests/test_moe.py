@@ -67,7 +67,7 @@ def make_layer(E=4, K=2, cf=None, k1_gate="multiply", D=8, F=16, seed=0, **kw):
 
 def _grads(layer, x, out):
     torch.manual_seed(1)
-    w = torch.randn_like(out)
+    w = torch.randn(out.shape).to(out)  # drawn on the CPU: the same weights for a layer on any device
     params = [x, layer.router.weight, layer.experts.w1, layer.experts.b1, layer.experts.w2, layer.experts.b2]
     return torch.autograd.grad((out * w).sum(), params)
 
@@ -295,3 +295,11 @@ def test_low_precision_router_with_frozen_input_or_weight():
     logits, _ = layer.route(x)
     (gx,) = torch.autograd.grad(logits.sum(), [x])
     assert torch.equal(gx, (torch.ones(600, 4) @ layer.router.weight.float()).bfloat16())
+
+
+def test_counts_equal_bincount():
+    from clipmoe.moe import _counts
+
+    ids = torch.tensor([[3, 0], [3, 5], [0, 3]])
+    assert _counts(ids, 7).tolist() == torch.bincount(ids.reshape(-1), minlength=7).tolist() == [2, 0, 0, 3, 0, 1, 0]
+    assert _counts(torch.zeros(0, dtype=torch.long), 3).tolist() == [0, 0, 0]

@@ -21,6 +21,7 @@ summary=()
 step() {  # step NAME SECONDS CMD...: CMD's output to the screen and $OUT/NAME.log; rc and time to the table
   local name=$1 limit=$2 t0=$SECONDS
   shift 2
+  [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0  # ONLY="moe_layer quickstart_bf16": a subset
   echo "=== $name: $*"
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   summary+=("$(printf '%-16s rc %-4s %5ss' "$name" "${PIPESTATUS[0]}" "$((SECONDS - t0))")")
@@ -31,10 +32,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
       'F.grouped_mm' if hasattr(F, 'grouped_mm') else 'torch._grouped_mm')"
 step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
 step moe_layer 200 "$PY" scripts/bench/moe_layer.py --device cuda --reps 20 --profile /tmp/moe_profiles
+step moe_layer_b2b 150 env MASTER_PORT=29534 "$PY" scripts/bench/moe_layer.py --device cuda --reps 10 --back-to-back
 tar czf "$OUT/moe_profiles.tar.gz" -C /tmp moe_profiles 2>/dev/null
 step zeroshot 100 "$PY" scripts/bench/zeroshot.py --device cuda --classes 1000
-step quickstart_bf16 130 "$PY" -m clipmoe.cli quickstart --out /tmp/quickstart --set train.precision=bf16
+step quickstart_bf16 200 "$PY" -m clipmoe.cli quickstart --out /tmp/quickstart --set train.precision=bf16
 
 echo "=== summary ($(date -u +%F), $(hostname))"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
-grep -E "^ *[0-9]+ +(fp32|bf16)" "$OUT/moe_layer.log" | tee -a "$OUT/summary.txt"
+for log in moe_layer moe_layer_b2b; do
+  echo "-- $log"; grep -E "^ *[0-9]+ +(fp32|bf16)|kernels, device ms" "$OUT/$log.log" 2>/dev/null
+done | tee -a "$OUT/summary.txt"

@@ -31,22 +31,24 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(steps: dict, xs: list, reps: int, device) -> dict:
+def measure(steps: dict, xs: list, reps: int, device, back_to_back: bool = False) -> dict:
     """Median ms of each step, the implementations interleaved rep by rep (so drifts of a shared machine
     hit all alike), cycling through `xs` (routing, hence per-expert counts, changes every step as in
-    training). Warm-up: every input once through every implementation."""
+    training). Warm-up: every input once through every implementation. `back_to_back` (throughput, on a
+    GPU): each rep times len(xs) steps with one synchronisation at the end, so the CPU may queue ahead."""
     for x in xs:
         for step in steps.values():
             step(x)
     times = {name: [] for name in steps}
     for i in range(reps):
-        x = xs[i % len(xs)]
+        batch = xs if back_to_back else [xs[i % len(xs)]]
         for name, step in steps.items():
             _sync(device)
             t = time.perf_counter()
-            step(x)
+            for x in batch:
+                step(x)
             _sync(device)
-            times[name].append(time.perf_counter() - t)
+            times[name].append((time.perf_counter() - t) / len(batch))
     return {name: statistics.median(v) * 1e3 for name, v in times.items()}
 
 
@@ -113,13 +115,15 @@ def main():
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--inputs", type=int, default=4, help="distinct input batches cycled through")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--back-to-back", action="store_true",
+                   help="time steps back to back, one synchronisation per rep (throughput rather than latency)")
     p.add_argument("--profile", metavar="DIR", help="also profile one step per row: tables to DIR, kernel counts")
     args = p.parse_args()
     device = torch.device(args.device)
     print(f"# {date.today()} {platform.node()} {device} torch {torch.__version__} threads {torch.get_num_threads()}")
     # the allocator moves the CPU numbers (page faults of fresh temporaries; see BENCHMARKS.md)
     malloc = os.environ.get("LD_PRELOAD") or os.environ.get("GLIBC_TUNABLES") or "glibc defaults"
-    print(f"# malloc: {malloc}")
+    print(f"# malloc: {malloc}; " + ("back to back (throughput)" if args.back_to_back else "one step per timing"))
     print(f"{'tokens':>6} {'dtype':>5} {'k':>2} {'cf':>8} | {'dense xk':>9} {'clipmoe':>9} {'deepspeed':>9} | "
           f"{'ours/dense':>10} {'ds/ours':>8}")
     for tokens in args.tokens:
@@ -138,7 +142,7 @@ def main():
                     ds = deepspeed_layer(k, cf, device, dtype)
                     if ds is not None:
                         steps["ds"] = fwd_bwd(ds, lambda o: o[0], batched=True)
-                    t = measure(steps, xs, args.reps, device)
+                    t = measure(steps, xs, args.reps, device, args.back_to_back)
                     t_dense, t_ours, t_ds = k * t["dense"], t["ours"], t.get("ds", float("nan"))
                     print(f"{tokens:>6} {dt:>5} {k:>2} {cf_s:>8} | {t_dense:>9.1f} {t_ours:>9.1f} {t_ds:>9.1f} | "
                           f"{t_ours / t_dense:>10.2f} {t_ds / t_ours:>8.2f}", flush=True)
