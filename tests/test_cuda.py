@@ -141,3 +141,23 @@ def test_quickstart_evaluation_and_routing_analysis_with_a_gpu_model(tiny_shards
     report = analyze_routing(model, tiny_shards["eval"], tmp_path, num_batches=1, batch_size=16)
     assert set(report) == {"image.0", "image.1", "text.0", "text.1"}
     assert (tmp_path / "routing.png").is_file()
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [16, 0, 0, 1]])  # padded products / one product per expert
+def test_fp32_cuda_experts_match_cpu(no_tf32, counts):
+    from clipmoe.experts import Experts, _padding_pays
+
+    assert _padding_pays(counts) == (counts[0] != 16)
+    torch.manual_seed(0)
+    ex = Experts(4, 16, 32, nn.GELU)
+    counts_E = torch.tensor(counts)
+    x = torch.randn(sum(counts), 16, requires_grad=True)
+    y_ref = ex(x, counts_E)
+    w = torch.randn_like(y_ref)
+    g_ref = torch.autograd.grad((y_ref * w).sum(), [x, *ex.parameters()])
+    gpu = copy.deepcopy(ex).cuda()
+    xg = x.detach().cuda().requires_grad_()
+    y = gpu(xg, counts_E.cuda())
+    torch.testing.assert_close(y.cpu(), y_ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(torch.autograd.grad((y * w.cuda()).sum(), [xg, *gpu.parameters()]), g_ref):
+        torch.testing.assert_close(g.cpu(), r, atol=1e-5, rtol=1e-5)

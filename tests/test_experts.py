@@ -198,3 +198,28 @@ def test_grouped_bias_gradient_is_per_expert_sum():
     gx, gb = torch.autograd.grad(_GroupedBias.apply(x, b, expert_S).sum(), [x, b])
     assert torch.equal(gb, torch.tensor([2.0, 0.0, 3.0, 1.0], dtype=torch.float64)[:, None].expand(4, 5))
     assert torch.equal(gx, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [4, 4, 4, 4], [0, 1, 0, 0]])
+def test_padded_path_matches_loop(counts):
+    """The padded batched products (the GPU path for dtypes without grouped_mm) equal the per-expert loop,
+    outputs and every gradient, with empty groups."""
+    from clipmoe.experts import _padded_experts
+
+    ex = make(nn.GELU)
+    counts_E = torch.tensor(counts)
+    x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
+    y = _padded_experts(x, counts_E, max(counts), ex.act, ex.w1, ex.b1, ex.w2, ex.b2)
+    y_ref = loop(ex, x, counts_E)
+    torch.testing.assert_close(y, y_ref)
+    w = torch.randn_like(y)
+    params = [x, *ex.parameters()]
+    for g, r in zip(torch.autograd.grad((y * w).sum(), params), torch.autograd.grad((y_ref * w).sum(), params)):
+        torch.testing.assert_close(g, r)
+
+
+def test_padding_pays_only_when_groups_are_even_enough():
+    from clipmoe.experts import _padding_pays
+
+    assert _padding_pays([4, 4, 4, 4]) and _padding_pays([6, 2, 4, 4])  # 4 x 6 = 24 <= 2 x 16
+    assert not _padding_pays([16, 0, 0, 0]) and not _padding_pays([0, 0, 0, 0])
