@@ -4,7 +4,8 @@
 # a bf16 quickstart on the GPU; a short table at the end. From the repository root on the GPU machine:
 #   bash scripts/bench/gpu_check.sh
 # Packages that machine lacks (open-clip-torch, ftfy, webdataset, deepspeed and their needs) travel as
-# wheels in .whl/ (BENCHMARKS.md says which); they are installed to /tmp/site first. Logs go to $OUT.
+# wheels in .whl/, made by scripts/bench/gpu_wheels.sh; they are installed to /tmp/site first. Logs go to
+# $OUT. ONLY="cuda_tests moe_layer" runs a subset of the steps.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
