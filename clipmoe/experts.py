@@ -65,7 +65,7 @@ class Experts(nn.Module):
         x_SD = x_SD.to(dt)
         w1, b1, w2, b2 = (p.to(dt) for p in (self.w1, self.b1, self.w2, self.b2))
         with torch.autocast(device, enabled=False):  # operands are already in the compute dtype
-            grouped_mm = _grouped_mm(x_SD, dt)
+            grouped_mm = _grouped_mm(x_SD, dt) if x_SD.shape[0] else None  # no tokens: the loop returns (0, D)
             if grouped_mm is not None:
                 offs_E = counts_E.cumsum(0).to(torch.int32)
                 expert_S = torch.repeat_interleave(torch.arange(counts_E.numel(), device=x_SD.device), counts_E,

@@ -109,16 +109,19 @@ class MoE(nn.Module):
         E, A = self.cfg.num_experts, N * K
         expert_A = experts_NK.t().reshape(-1)
         counts_E = _counts(expert_A, E)
-        slot_A = torch.arange(A, device=expert_A.device)
-        if priority_N is not None:
+        if priority_N is None:  # by expert, then by assignment id (choice-major, token order)
+            sorted_A, order_A = torch.sort(expert_A, stable=True)
+        else:  # by expert, then by slot priority
             rank_N = torch.empty_like(priority_N, dtype=torch.long)
             rank_N[torch.argsort(priority_N, descending=True, stable=True)] = torch.arange(N, device=rank_N.device)
             slot_A = (torch.arange(K, device=rank_N.device).unsqueeze(1) * N + rank_N).reshape(-1)
-        order_A = torch.argsort(expert_A * A + slot_A)  # by expert, then by slot priority
+            order_A = torch.argsort(expert_A * A + slot_A)
+            sorted_A = None
         if cap is None:
             return order_A, counts_E, counts_E
+        sorted_A = expert_A[order_A] if sorted_A is None else sorted_A
         starts_E = counts_E.cumsum(0) - counts_E
-        rank_A = torch.arange(A, device=order_A.device) - starts_E[expert_A[order_A]]
+        rank_A = torch.arange(A, device=order_A.device) - starts_E[sorted_A]
         return order_A[rank_A < cap], counts_E.clamp(max=cap), counts_E
 
     def _token_choice(self, x_ND: torch.Tensor, probs_NE: torch.Tensor, cap: Optional[int]):
@@ -177,16 +180,19 @@ class MoE(nn.Module):
         if N == 0:
             zero = probs_NE.sum()
             return MoEAux(self.tower, self.block, zero, zero, zero, zero, counts_E, top1_N, zero.detach())
-        f_E = _counts(top1_N, E).to(probs_NE.dtype) / N
+        # with top-1 token choice the routed counts are the first choices' counts: no second count
+        top1_E = counts_E if self.cfg.router == "topk" and self.cfg.top_k == 1 else _counts(top1_N, E)
+        f_E = top1_E.to(probs_NE.dtype) / N
         mean_p_E = probs_NE.mean(0)
         balance = E * (f_E * mean_p_E).sum()
-        z = torch.logsumexp(logits_NE, dim=-1).pow(2).mean()
-        local = -(probs_NE * probs_NE.clamp_min(1e-20).log()).sum(-1).mean()
+        lse_N = torch.logsumexp(logits_NE, dim=-1)
+        z = lse_N.pow(2).mean()
+        local = -(probs_NE * (logits_NE - lse_N.unsqueeze(1))).sum(-1).mean()  # log p = logits - lse
         marginal = -(mean_p_E * mean_p_E.clamp_min(1e-20).log()).sum()
         if not torch.is_tensor(dropped):  # new_full: no host-to-device copy, which would wait for the GPU
             dropped = probs_NE.new_full((), dropped)
-        return MoEAux(self.tower, self.block, balance, z, local, marginal, counts_E.detach(),
-                      probs_NE.detach().argmax(-1), dropped)
+        return MoEAux(self.tower, self.block, balance, z, local, marginal, counts_E.detach(), top1_N.detach(),
+                      dropped)
 
 
 def _counts(ids: torch.Tensor, n: int) -> torch.Tensor:

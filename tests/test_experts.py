@@ -167,7 +167,7 @@ def emulated_grouped_mm(a_SK, b_EKN, offs):
     return torch.cat([a_SK[s:e] @ b_EKN[i] for i, (s, e) in enumerate(zip([0] + ends[:-1], ends))])
 
 
-@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 7, 0], [4, 4, 4, 4]])
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 7, 0], [4, 4, 4, 4], [0, 0, 0, 0]])
 def test_grouped_mm_path_matches_loop(monkeypatch, counts):
     """The CUDA bf16 path's logic (offsets, per-row biases, their one-hot gradient) run on the CPU in fp64,
     with grouped_mm emulated: outputs and every gradient equal the per-expert loop's."""
@@ -180,7 +180,7 @@ def test_grouped_mm_path_matches_loop(monkeypatch, counts):
     x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
     y = ex(x, counts_E)
     y_ref = loop(ex, x, counts_E)
-    assert asked == [torch.float64]  # the grouped path ran
+    assert asked == ([torch.float64] if sum(counts) else [])  # the grouped path ran, except with no tokens
     torch.testing.assert_close(y, y_ref)
     w = torch.randn_like(y)
     params = [x, *ex.parameters()]
