@@ -54,32 +54,33 @@ def _gpu_copy(layer):
     return copy.deepcopy(layer).cuda()
 
 
+def _gpu_matches_reference(layer, x, y_ref):
+    """A GPU copy of `layer` on x: output and every gradient within 1e-5 of the CPU reference's; its aux."""
+    gpu = _gpu_copy(layer)
+    xg = x.detach().cuda().requires_grad_()
+    y, aux = gpu(xg)
+    torch.testing.assert_close(y.cpu(), y_ref, atol=1e-5, rtol=1e-5)
+    for g, g_ref in zip(_grads(gpu, xg, y), _grads(layer, x, y_ref)):
+        torch.testing.assert_close(g.cpu(), g_ref, atol=1e-5, rtol=1e-5)
+    return aux
+
+
 @pytest.mark.parametrize("K,cf,batch_priority", [(1, None, False), (2, None, False), (2, 0.5, False),
                                                  (2, 0.5, True), (1, 1.25, False), (3, 1.0, False)])
 def test_fp32_cuda_layer_matches_reference_loop(no_tf32, K, cf, batch_priority):
     layer = make_layer(E=4, K=K, cf=cf, batch_priority=batch_priority).train()
     x = torch.randn(37, 8, requires_grad=True)
     y_ref, dropped = reference_moe(layer, x)
-    gpu = _gpu_copy(layer)
-    xg = x.detach().cuda().requires_grad_()
-    y, aux = gpu(xg)
-    torch.testing.assert_close(y.cpu(), y_ref, atol=1e-5, rtol=1e-5)
+    aux = _gpu_matches_reference(layer, x, y_ref)
     assert round(aux.dropped_fraction.item() * 37 * K) == dropped
-    for g, g_ref in zip(_grads(gpu, xg, y), _grads(layer, x, y_ref)):
-        torch.testing.assert_close(g.cpu(), g_ref, atol=1e-5, rtol=1e-5)
 
 
 def test_fp32_cuda_expert_choice_matches_reference(no_tf32):
     layer = make_layer(E=4, cf=1.0, router="expert_choice").train()
     x = torch.randn(30, 8, requires_grad=True)
     y_ref, cap = reference_expert_choice(layer, x)
-    gpu = _gpu_copy(layer)
-    xg = x.detach().cuda().requires_grad_()
-    y, aux = gpu(xg)
-    torch.testing.assert_close(y.cpu(), y_ref, atol=1e-5, rtol=1e-5)
+    aux = _gpu_matches_reference(layer, x, y_ref)
     assert aux.tokens_per_expert.tolist() == [cap] * 4
-    for g, g_ref in zip(_grads(gpu, xg, y), _grads(layer, x, y_ref)):
-        torch.testing.assert_close(g.cpu(), g_ref, atol=1e-5, rtol=1e-5)
 
 
 def _rel_err(a, b):

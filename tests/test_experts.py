@@ -15,6 +15,18 @@ def loop(ex: Experts, x_SD, counts_E):
     return torch.cat(outs)
 
 
+def assert_equals_loop(ex: Experts, x_SD, counts_E, y_SD):
+    """y and the gradients of x and every parameter equal the per-expert loop's."""
+    y_ref = loop(ex, x_SD, counts_E)
+    torch.testing.assert_close(y_SD, y_ref)
+    w = torch.randn_like(y_SD)
+    inputs = [x_SD, *ex.parameters()]
+    grads = torch.autograd.grad((y_SD * w).sum(), inputs, allow_unused=True)
+    grads_ref = torch.autograd.grad((y_ref * w).sum(), inputs, allow_unused=True, materialize_grads=True)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)  # experts without tokens get zeros, not garbage
+
+
 def make(act_layer, dtype=torch.float64, E=4, D=6, F_=10):
     torch.manual_seed(0)
     ex = Experts(E, D, F_, act_layer).to(dtype)
@@ -34,15 +46,7 @@ def test_matches_autograd_loop(act_layer, counts, lanes):
     ex.lanes = lanes
     counts_E = torch.tensor(counts)
     x = torch.randn(int(counts_E.sum()), 6, dtype=torch.float64, requires_grad=True)
-    y = ex(x, counts_E)
-    y_ref = loop(ex, x, counts_E)
-    torch.testing.assert_close(y, y_ref)
-    w = torch.randn_like(y)
-    inputs = [x, *ex.parameters()]
-    grads = torch.autograd.grad((y * w).sum(), inputs, allow_unused=True)
-    grads_ref = torch.autograd.grad((y_ref * w).sum(), inputs, allow_unused=True, materialize_grads=True)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref)  # experts without tokens get zeros, not garbage
+    assert_equals_loop(ex, x, counts_E, ex(x, counts_E))
 
 
 @pytest.mark.parametrize("lanes", [1, 2])
@@ -179,13 +183,8 @@ def test_grouped_mm_path_matches_loop(monkeypatch, counts):
     counts_E = torch.tensor(counts)
     x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
     y = ex(x, counts_E)
-    y_ref = loop(ex, x, counts_E)
     assert asked == ([torch.float64] if sum(counts) else [])  # the grouped path ran, except with no tokens
-    torch.testing.assert_close(y, y_ref)
-    w = torch.randn_like(y)
-    params = [x, *ex.parameters()]
-    for g, r in zip(torch.autograd.grad((y * w).sum(), params), torch.autograd.grad((y_ref * w).sum(), params)):
-        torch.testing.assert_close(g, r)
+    assert_equals_loop(ex, x, counts_E, y)
 
 
 def test_grouped_bias_gradient_is_per_expert_sum():
@@ -209,13 +208,7 @@ def test_padded_path_matches_loop(counts):
     ex = make(nn.GELU)
     counts_E = torch.tensor(counts)
     x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
-    y = _padded_experts(x, counts_E, max(counts), ex.act, ex.w1, ex.b1, ex.w2, ex.b2)
-    y_ref = loop(ex, x, counts_E)
-    torch.testing.assert_close(y, y_ref)
-    w = torch.randn_like(y)
-    params = [x, *ex.parameters()]
-    for g, r in zip(torch.autograd.grad((y * w).sum(), params), torch.autograd.grad((y_ref * w).sum(), params)):
-        torch.testing.assert_close(g, r)
+    assert_equals_loop(ex, x, counts_E, _padded_experts(x, counts_E, max(counts), ex.act, ex.w1, ex.b1, ex.w2, ex.b2))
 
 
 def test_padding_pays_only_when_groups_are_even_enough():
