@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from .experts import expert_of_rows
+
 
 @dataclass
 class Slots:
@@ -40,7 +42,7 @@ class Slots:
         if align > 1:
             counts_E = (kept_E + align - 1) // align * align
             shift_E = (counts_E.cumsum(0) - counts_E) - (kept_E.cumsum(0) - kept_E)
-            expert_S = torch.repeat_interleave(torch.arange(kept_E.numel(), device=dev), kept_E, output_size=S)
+            expert_S = expert_of_rows(kept_E, S)
             real_S = torch.arange(S, device=dev) + shift_E[expert_S]
             token_P = torch.zeros(int(counts_E.sum()), dtype=torch.long, device=dev)
             token_P[real_S] = token_S

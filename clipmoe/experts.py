@@ -68,8 +68,7 @@ class Experts(nn.Module):
             grouped_mm = _grouped_mm(x_SD, dt) if x_SD.shape[0] else None  # no tokens: the loop returns (0, D)
             if grouped_mm is not None:
                 offs_E = counts_E.cumsum(0).to(torch.int32)
-                expert_S = torch.repeat_interleave(torch.arange(counts_E.numel(), device=x_SD.device), counts_E,
-                                                   output_size=x_SD.shape[0])
+                expert_S = expert_of_rows(counts_E, x_SD.shape[0])
                 h_SF = self.act(_GroupedBias.apply(grouped_mm(x_SD, w1.transpose(1, 2), offs=offs_E), b1, expert_S))
                 return _GroupedBias.apply(grouped_mm(h_SF, w2, offs=offs_E), b2, expert_S)
             splits = counts_E.tolist()
@@ -77,6 +76,13 @@ class Experts(nn.Module):
                 return _padded_experts(x_SD, counts_E, max(splits), self.act, w1, b1, w2, b2)
             lanes = 1 if x_SD.device.type != "cpu" else self.lanes or min(2, torch.get_num_threads())
             return _ExpertMLP.apply(x_SD, splits, self.act, lanes, w1, b1, w2, b2)
+
+
+def expert_of_rows(counts_E: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(num_rows,) the expert of each row of rows grouped by expert, `counts_E` each. `num_rows` is their
+    sum, given so that no count is read back to the host."""
+    return torch.repeat_interleave(torch.arange(counts_E.numel(), device=counts_E.device), counts_E,
+                                   output_size=num_rows)
 
 
 def _padding_pays(splits: list[int]) -> bool:
@@ -91,7 +97,7 @@ def _padded_experts(x_SD, counts_E, C: int, act, w1, b1, w2, b2) -> torch.Tensor
     """The experts as two batched products over groups padded to C rows: (E, C, D) -> (E, C, F) -> (E, C, D).
     Padding rows are zero inputs whose outputs are never read, so they add nothing to any gradient."""
     E, S = counts_E.numel(), x_SD.shape[0]
-    expert_S = torch.repeat_interleave(torch.arange(E, device=x_SD.device), counts_E, output_size=S)
+    expert_S = expert_of_rows(counts_E, S)
     starts_E = counts_E.cumsum(0) - counts_E
     pos_S = expert_S * C + torch.arange(S, device=x_SD.device) - starts_E[expert_S]
     x_ECD = x_SD.new_zeros(E * C, x_SD.shape[1]).index_copy(0, pos_S, x_SD).view(E, C, -1)
