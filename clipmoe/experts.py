@@ -59,7 +59,15 @@ class Experts(nn.Module):
         at 4,096 tokens), with multiples of 32 the shapes recur and the padding costs ~3% of the FLOPs."""
         return 32 if x.device.type == "cpu" and cls.compute_dtype(x) in (torch.bfloat16, torch.float16) else 1
 
-    def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def sync_free(self, x: torch.Tensor) -> bool:
+        """Whether the experts run on x without reading the group sizes on the host (grouped_mm). Routing then
+        lays out every assignment, the dropped ones after all groups (`forward(..., tail=True)`), so that no
+        shape depends on the routing and the CPU never waits for the GPU."""
+        return x.shape[0] > 0 and _grouped_mm(x, self.compute_dtype(x)) is not None
+
+    def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor, tail: bool = False) -> torch.Tensor:
+        """`tail`: x may hold rows after the groups (their number is known only on the device, as
+        S - sum(counts_E)); they get zero outputs and pass no gradient (grouped_mm path only)."""
         device = x_SD.device.type
         dt = self.compute_dtype(x_SD)
         x_SD = x_SD.to(dt)
@@ -69,8 +77,14 @@ class Experts(nn.Module):
             if grouped_mm is not None:
                 offs_E = counts_E.cumsum(0).to(torch.int32)
                 expert_S = expert_of_rows(counts_E, x_SD.shape[0])
-                h_SF = self.act(_GroupedBias.apply(grouped_mm(x_SD, w1.transpose(1, 2), offs=offs_E), b1, expert_S))
-                return _GroupedBias.apply(grouped_mm(h_SF, w2, offs=offs_E), b2, expert_S)
+                valid_S = expert_S < counts_E.numel() if tail else None
+                if tail:  # grouped_mm leaves the input gradient of rows past offs[-1] undefined
+                    x_SD = _ZeroTail.apply(x_SD, valid_S)
+                h_SF = self.act(_GroupedBias.apply(grouped_mm(x_SD, w1.transpose(1, 2), offs=offs_E), b1, expert_S,
+                                                   valid_S))
+                return _GroupedBias.apply(grouped_mm(h_SF, w2, offs=offs_E), b2, expert_S, valid_S)
+            if tail:
+                raise ValueError("rows after the expert groups need the grouped_mm path (Experts.sync_free)")
             splits = counts_E.tolist()
             if x_SD.is_cuda and _padding_pays(splits):
                 return _padded_experts(x_SD, counts_E, max(splits), self.act, w1, b1, w2, b2)
@@ -79,10 +93,10 @@ class Experts(nn.Module):
 
 
 def expert_of_rows(counts_E: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """(num_rows,) the expert of each row of rows grouped by expert, `counts_E` each. `num_rows` is their
-    sum, given so that no count is read back to the host."""
-    return torch.repeat_interleave(torch.arange(counts_E.numel(), device=counts_E.device), counts_E,
-                                   output_size=num_rows)
+    """(num_rows,) the expert of each row of rows grouped by expert, `counts_E` each; E for rows after the
+    last group. A binary search of each row in the groups' ends: no count is read back to the host."""
+    rows = torch.arange(num_rows, device=counts_E.device, dtype=counts_E.dtype)
+    return torch.searchsorted(counts_E.cumsum(0), rows, right=True)
 
 
 def _padding_pays(splits: list[int]) -> bool:
@@ -107,26 +121,48 @@ def _padded_experts(x_SD, counts_E, C: int, act, w1, b1, w2, b2) -> torch.Tensor
 
 
 class _GroupedBias(torch.autograd.Function):
-    """x_SF + b_EF[expert_S]: each row plus its expert's bias. The bias gradient is one (E, S) one-hot
-    product, accumulated in fp32 by the GEMM. Indexing's own backward scatter-adds the S rows into E
-    with atomics, in bf16 for a bf16 layer: on an H200 that took 0.5 ms per call at 32,768 x 2,048,
-    36% of the whole layer's GPU time (forward and backward, E = 8, k = 2)."""
+    """x_SF + b_EF[expert_S]: each row plus its expert's bias; rows where `valid_S` is False (after the groups,
+    where grouped_mm leaves its output and input gradient undefined) are 0 and pass gradient 0. The bias
+    gradient is one (E, S) one-hot product, accumulated in fp32 by the GEMM. Indexing's own backward
+    scatter-adds the S rows into E with atomics, in bf16 for a bf16 layer: on an H200 that took 0.5 ms per
+    call at 32,768 x 2,048, 36% of the whole layer's GPU time (forward and backward, E = 8, k = 2)."""
 
     @staticmethod
-    def forward(ctx, x_SF, b_EF, expert_S):
-        ctx.save_for_backward(expert_S)
-        ctx.num_experts = b_EF.shape[0]
-        return x_SF + b_EF.index_select(0, expert_S)
+    def forward(ctx, x_SF, b_EF, expert_S, valid_S=None):
+        E = b_EF.shape[0]
+        ctx.save_for_backward(expert_S, valid_S)
+        ctx.num_experts = E
+        if valid_S is None:
+            return x_SF + b_EF.index_select(0, expert_S)
+        # where, not a product: the undefined rows may hold NaN
+        return torch.where(valid_S.unsqueeze(1), x_SF + b_EF.index_select(0, expert_S.clamp(max=E - 1)), 0)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_SF):
-        (expert_S,) = ctx.saved_tensors
+        expert_S, valid_S = ctx.saved_tensors
+        if valid_S is not None:
+            g_SF = torch.where(valid_S.unsqueeze(1), g_SF, 0)
         g_b = None
         if ctx.needs_input_grad[1]:
             onehot_ES = expert_S == torch.arange(ctx.num_experts, device=expert_S.device).unsqueeze(1)
             g_b = onehot_ES.to(g_SF.dtype) @ g_SF
-        return g_SF, g_b, None
+        return g_SF, g_b, None, None
+
+
+class _ZeroTail(torch.autograd.Function):
+    """Identity forward; the backward zeroes the gradient of rows where `valid_S` is False."""
+
+    @staticmethod
+    def forward(ctx, x_SD, valid_S):
+        ctx.save_for_backward(valid_S)
+        return x_SD.view_as(x_SD)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_SD):
+        (valid_S,) = ctx.saved_tensors
+        return torch.where(valid_S.unsqueeze(1), g_SD, 0), None
 
 
 def _grouped_mm(x: torch.Tensor, dtype: torch.dtype) -> Optional[Callable]:
@@ -200,7 +236,8 @@ def _run_lanes(run: Callable[[int], None], splits: list[int], lanes: int) -> Non
     the other cores idle. Two experts at a time on one thread each, against one at a time on two threads,
     per layer forward + backward on 2 cores: bf16 4,096 tokens k=1 -12%, k=2 -6%, fp32 4,096 k=1 -4%,
     bf16 16,384 -2% (two lanes that both used two threads: -5%, -4%, -1%, -2%). Each expert writes only its
-    own rows and its own gradient slices, so the result is the same bit for bit."""
+    own rows and its own gradient slices: no races (MKL's fp32 products may round differently on another
+    thread count, so the bits can differ from those of one lane on all threads)."""
     groups = _lane_groups(splits, lanes)
     if len(groups) <= 1:
         for e in (groups[0] if groups else ()):

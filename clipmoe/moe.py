@@ -98,12 +98,15 @@ class MoE(nn.Module):
             gates_NK = gates_NK - gates_NK.detach() + 1.0  # value 1, gradient of the gate
         return gates_NK, experts_NK
 
-    def dispatch_order(self, experts_NK: torch.Tensor, cap: Optional[int], priority_N: Optional[torch.Tensor] = None):
-        """Which assignments run, sorted by expert: returns (order_S, kept_counts_E, counts_E).
+    def dispatch_order(self, experts_NK: torch.Tensor, cap: Optional[int], priority_N: Optional[torch.Tensor] = None,
+                       tail: bool = False):
+        """Which assignments run, sorted by expert: returns (order, kept_counts_E, counts_E).
 
         Assignment a = k * N + n is token n's k-th choice. Slots are taken choice-major (all first
         choices before any second choice, GShard/Switch), within a choice in token order, or with
-        `priority_N` (Batch Prioritized Routing) in decreasing priority.
+        `priority_N` (Batch Prioritized Routing) in decreasing priority. `order` lists the kept
+        assignments; with `tail`, all assignments, the dropped ones after the kept ones (a shape that does
+        not depend on the routing: nothing is read back to the host).
         """
         N, K = experts_NK.shape
         E, A = self.cfg.num_experts, N * K
@@ -121,19 +124,25 @@ class MoE(nn.Module):
             return order_A, counts_E, counts_E
         sorted_A = expert_A[order_A] if sorted_A is None else sorted_A
         starts_E = counts_E.cumsum(0) - counts_E
-        rank_A = torch.arange(A, device=order_A.device) - starts_E[sorted_A]
-        return order_A[rank_A < cap], counts_E.clamp(max=cap), counts_E
+        kept_A = torch.arange(A, device=order_A.device) - starts_E[sorted_A] < cap  # rank within its expert
+        if tail:  # a stable partition: kept ones first, still grouped by expert
+            return order_A[torch.argsort((~kept_A).to(torch.uint8), stable=True)], counts_E.clamp(max=cap), counts_E
+        return order_A[kept_A], counts_E.clamp(max=cap), counts_E
 
     def _token_choice(self, x_ND: torch.Tensor, probs_NE: torch.Tensor, cap: Optional[int]):
-        N = probs_NE.shape[0]
+        N, A = probs_NE.shape[0], probs_NE.shape[0] * self.cfg.top_k
         gates_NK, experts_NK = self.top_k(probs_NE)
         priority_N = probs_NE.max(dim=-1).values.detach() if self.cfg.batch_priority else None
-        order_S, kept_E, counts_E = self.dispatch_order(experts_NK, cap, priority_N)
-        slots = Slots.arrange(order_S, kept_E, N, self.cfg.top_k, self.experts.align(x_ND))
+        tail = cap is not None and self.experts.sync_free(x_ND)
+        order_S, kept_E, counts_E = self.dispatch_order(experts_NK, cap, priority_N, tail)
+        align = 1 if tail else self.experts.align(x_ND)  # padding slots are for the CPU's per-expert products
+        slots = Slots.arrange(order_S, kept_E, N, self.cfg.top_k, align)
         # dispatch -> experts -> combine: the seam where expert parallelism's all-to-all slots in
-        h_PD = self.experts(Dispatch.apply(x_ND, slots), slots.counts_E)
+        h_PD = self.experts(Dispatch.apply(x_ND, slots), slots.counts_E, tail=tail)
         y_ND = Combine.apply(h_PD, gates_NK, slots)
-        return y_ND, counts_E, experts_NK[:, 0], 1.0 - order_S.numel() / max(1, experts_NK.numel())
+        # dropped: computed on the device when only the device knows how many were kept
+        dropped = 1.0 - kept_E.sum() / max(1, A) if tail else 1.0 - order_S.numel() / max(1, A)
+        return y_ND, counts_E, experts_NK[:, 0], dropped
 
     def _expert_choice(self, x_ND: torch.Tensor, probs_NE: torch.Tensor, cap: int):
         N, E = probs_NE.shape

@@ -65,8 +65,11 @@ def test_gradcheck(lanes):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lanes_give_the_same_bits(dtype):
-    """Experts run two (or three) at a time on CPU; each writes only its own rows and gradient slices."""
+def test_lanes_give_the_same_results(dtype):
+    """Experts run two (or three) at a time on CPU, each lane on its share of the threads, each writing only its
+    own rows and gradient slices. Two and three lanes (one thread each on 2 cores) give the same bits; one
+    lane on all threads may round differently (MKL's fp32 products depend on the thread count: seen on an
+    AMD EPYC), so it is compared within rounding."""
     ex = make(nn.GELU, dtype=dtype, E=5, D=32, F_=64)
     counts_E = torch.tensor([40, 7, 0, 33, 64])
     x = torch.randn(int(counts_E.sum()), 32, dtype=dtype, requires_grad=True)
@@ -78,9 +81,10 @@ def test_lanes_give_the_same_bits(dtype):
         y = ex(x, counts_E)
         y.float().square().sum().backward()
         results.append([y.detach(), x.grad, *(p.grad for p in ex.parameters())])
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    for a, b, c in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)  # outputs up to ~20: summation-order rounding
+        if torch.get_num_threads() <= 3:  # then both run one thread per lane
+            assert torch.equal(b, c)
 
 
 def test_lanes_leave_the_thread_count_as_it_was():
@@ -165,26 +169,44 @@ def test_autocast_bf16_runs_in_bf16_and_returns_fp32_grads():
     torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
 
 
-def emulated_grouped_mm(a_SK, b_EKN, offs):
-    """F.grouped_mm's 2D x 3D semantics (row groups of a ending at offs, one matrix of b each), with autograd."""
-    ends = offs.tolist()
-    return torch.cat([a_SK[s:e] @ b_EKN[i] for i, (s, e) in enumerate(zip([0] + ends[:-1], ends))])
-
-
 @pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 7, 0], [4, 4, 4, 4], [0, 0, 0, 0]])
-def test_grouped_mm_path_matches_loop(monkeypatch, counts):
+def test_grouped_mm_path_matches_loop(emulated_grouped_mm, counts):
     """The CUDA bf16 path's logic (offsets, per-row biases, their one-hot gradient) run on the CPU in fp64,
     with grouped_mm emulated: outputs and every gradient equal the per-expert loop's."""
-    import clipmoe.experts as experts
-
-    asked = []
-    monkeypatch.setattr(experts, "_grouped_mm", lambda x, dtype: asked.append(dtype) or emulated_grouped_mm)
     ex = make(nn.GELU)
     counts_E = torch.tensor(counts)
     x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
     y = ex(x, counts_E)
-    assert asked == ([torch.float64] if sum(counts) else [])  # the grouped path ran, except with no tokens
+    assert emulated_grouped_mm == ([torch.float64] if sum(counts) else [])  # the grouped path ran, except with no tokens
     assert_equals_loop(ex, x, counts_E, y)
+
+
+@pytest.mark.parametrize("counts,tail", [([3, 0, 5, 2], 4), ([0, 0, 0, 0], 3), ([4, 4, 4, 4], 0)])
+def test_grouped_mm_rows_after_the_groups(emulated_grouped_mm, counts, tail):
+    """With `tail`, rows after the groups (where grouped_mm leaves output and input gradient undefined: NaN in
+    the emulation) give zero output and zero gradient, and the rest equals the loop on the grouped rows."""
+    ex = make(nn.GELU)
+    counts_E = torch.tensor(counts)
+    x = torch.randn(sum(counts) + tail, 6, dtype=torch.float64, requires_grad=True)
+    y = ex(x, counts_E, tail=True)
+    assert emulated_grouped_mm == [torch.float64]
+    assert torch.equal(y[sum(counts):], torch.zeros(tail, 6, dtype=torch.float64))
+    w = torch.randn_like(y)
+    grads = torch.autograd.grad((y * w).sum(), [x, *ex.parameters()])
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(grads[0][sum(counts):], torch.zeros(tail, 6, dtype=torch.float64))
+    x_in = x[:sum(counts)].detach().requires_grad_()
+    y_ref = loop(ex, x_in, counts_E)
+    torch.testing.assert_close(y[:sum(counts)], y_ref)
+    grads_ref = torch.autograd.grad((y_ref * w[:sum(counts)]).sum(), [x_in, *ex.parameters()], materialize_grads=True)
+    torch.testing.assert_close(grads[0][:sum(counts)], grads_ref[0])
+    for g, g_ref in zip(grads[1:], grads_ref[1:]):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_rows_after_the_groups_need_the_grouped_path():
+    with pytest.raises(ValueError, match="grouped_mm"):
+        make(nn.GELU)(torch.randn(5, 6, dtype=torch.float64), torch.tensor([1, 1, 1, 1]), tail=True)
 
 
 def test_grouped_bias_gradient_is_per_expert_sum():
@@ -194,6 +216,8 @@ def test_grouped_bias_gradient_is_per_expert_sum():
     x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(_GroupedBias.apply, (x, b, expert_S))
+    valid_S = torch.tensor([True, True, True, True, False, False])
+    torch.autograd.gradcheck(_GroupedBias.apply, (x, b, expert_S, valid_S))
     gx, gb = torch.autograd.grad(_GroupedBias.apply(x, b, expert_S).sum(), [x, b])
     assert torch.equal(gb, torch.tensor([2.0, 0.0, 3.0, 1.0], dtype=torch.float64)[:, None].expand(4, 5))
     assert torch.equal(gx, torch.ones_like(x))

@@ -72,13 +72,9 @@ def _grads(layer, x, out):
     return torch.autograd.grad((out * w).sum(), params)
 
 
-@pytest.mark.parametrize("K,k1_gate", [(1, "multiply"), (1, "straight_through"), (2, "multiply"), (3, "multiply")])
-@pytest.mark.parametrize("cf", [None, 0.3, 0.5, 1.0, 1.25])
-@pytest.mark.parametrize("batch_priority", [False, True])
-@pytest.mark.parametrize("align", [1, 8])
-def test_matches_reference_loop(K, cf, k1_gate, batch_priority, align):
-    layer = make_layer(E=4, K=K, cf=cf, k1_gate=k1_gate, batch_priority=batch_priority).train()
-    layer.experts.align = lambda x: align  # padded expert groups, as on CPU in bf16
+def assert_matches_reference(layer: MoE, cf):
+    """Outputs, dropped fraction and every gradient (router included) equal the reference loop's."""
+    K = layer.cfg.top_k
     x = torch.randn(37, 8, requires_grad=True)
     y, aux = layer(x)
     y_ref, dropped = reference_moe(layer, x)
@@ -90,6 +86,31 @@ def test_matches_reference_loop(K, cf, k1_gate, batch_priority, align):
         assert dropped > 0  # total capacity E*C is below the K*N assignments
     for g, g_ref in zip(_grads(layer, x, y), _grads(layer, x, y_ref)):
         torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+ROUTINGS = pytest.mark.parametrize("K,k1_gate", [(1, "multiply"), (1, "straight_through"), (2, "multiply"),
+                                                 (3, "multiply")])
+
+
+@ROUTINGS
+@pytest.mark.parametrize("cf", [None, 0.3, 0.5, 1.0, 1.25])
+@pytest.mark.parametrize("batch_priority", [False, True])
+@pytest.mark.parametrize("align", [1, 8])
+def test_matches_reference_loop(K, cf, k1_gate, batch_priority, align):
+    layer = make_layer(E=4, K=K, cf=cf, k1_gate=k1_gate, batch_priority=batch_priority).train()
+    layer.experts.align = lambda x: align  # padded expert groups, as on CPU in bf16
+    assert_matches_reference(layer, cf)
+
+
+@ROUTINGS
+@pytest.mark.parametrize("cf", [None, 0.3, 1.25])
+@pytest.mark.parametrize("batch_priority", [False, True])
+def test_sync_free_layout_matches_reference_loop(emulated_grouped_mm, K, cf, k1_gate, batch_priority):
+    """The layout of the grouped_mm path (GPUs): every assignment keeps a row, the dropped ones after the
+    groups, where grouped_mm's output and input gradient are undefined (NaN in the emulation)."""
+    layer = make_layer(E=4, K=K, cf=cf, k1_gate=k1_gate, batch_priority=batch_priority).train()
+    assert_matches_reference(layer, cf)
+    assert emulated_grouped_mm  # the grouped path ran
 
 
 def test_batch_priority_keeps_confident_tokens():
@@ -254,7 +275,7 @@ def test_bf16_layer_pads_groups_and_matches_fp32():
     assert layer.experts.align(x.bfloat16()) == 32 and layer.experts.align(x) == 1
     counts = []
     real = layer.experts.forward
-    layer.experts.forward = lambda x_SD, counts_E: counts.append(counts_E.tolist()) or real(x_SD, counts_E)
+    layer.experts.forward = lambda x_SD, counts_E, tail=False: counts.append(counts_E.tolist()) or real(x_SD, counts_E, tail)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y16, _ = layer(x)
     assert all(c % 32 == 0 for c in counts[0]) and sum(counts[0]) >= 100
