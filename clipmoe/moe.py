@@ -163,6 +163,12 @@ class MoE(nn.Module):
         return y_ND, counts_E, probs_NE.argmax(-1), dropped
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
+        graph = self.__dict__.get("_cuda_graph")  # see cuda_graphs.capture
+        if graph is not None and graph.accepts(x, token_mask, self.training):
+            return graph(x)
+        return self.eager_forward(x, token_mask)
+
+    def eager_forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
         shape = x.shape
         x_ND = x.reshape(-1, shape[-1])
         keep_N = None

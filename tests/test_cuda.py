@@ -162,3 +162,58 @@ def test_fp32_cuda_experts_match_cpu(no_tf32, counts):
     torch.testing.assert_close(y.cpu(), y_ref, atol=1e-5, rtol=1e-5)
     for g, r in zip(torch.autograd.grad((y * w.cuda()).sum(), [xg, *gpu.parameters()]), g_ref):
         torch.testing.assert_close(g.cpu(), r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("router,K,cf", [("topk", 1, 1.0), ("topk", 2, None), ("topk", 2, 0.5),
+                                         ("expert_choice", 1, 2.0)])
+def test_cuda_graph_replays_equal_eager(router, K, cf):
+    """A captured layer's replays give the eager layer's outputs, aux terms and gradients, for fresh inputs
+    and after optimizer steps (parameters updated in place); dropped assignments included."""
+    from clipmoe import cuda_graphs
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=8, top_k=K, capacity_factor=cf, eval_capacity_factor=cf, router=router)
+    eager = MoE(64, 256, cfg, nn.GELU).cuda().bfloat16().train()
+    nn.init.normal_(eager.router.weight, std=0.3)  # uneven routing: capacity drops assignments
+    graphed = copy.deepcopy(eager)
+    xs = [torch.randn(512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(4)]
+    cuda_graphs.capture(graphed, torch.randn_like(xs[0]).requires_grad_())
+    optims = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, graphed)]
+    w = torch.randn(512, 64, device="cuda")
+    for x in xs:
+        runs = []
+        for layer, opt in zip((eager, graphed), optims):
+            opt.zero_grad(set_to_none=True)
+            x.grad = None
+            y, aux = layer(x)
+            ((y.float() * w).sum() + aux.balance_loss + aux.z_loss).backward()
+            terms = [aux.balance_loss, aux.z_loss, aux.entropy, aux.dropped_fraction]
+            runs.append(([y, x.grad, *(p.grad for p in layer.parameters())], [t.item() for t in terms],
+                         aux.tokens_per_expert.tolist()))
+            opt.step()
+        (t_e, a_e, c_e), (t_g, a_g, c_g) = runs
+        assert c_g == c_e
+        assert a_g == pytest.approx(a_e, rel=1e-3, abs=1e-6)
+        if cf is not None and router == "topk" and cf < 1:
+            assert a_e[3] > 0  # assignments were dropped
+        for g, e in zip(t_g, t_e):
+            assert torch.isfinite(g).all() and _rel_err(g, e) < 1e-2
+
+
+def test_cuda_graph_falls_back_to_eager_and_refuses_what_cannot_be_captured():
+    from clipmoe import cuda_graphs
+
+    torch.manual_seed(0)
+    layer = MoE(64, 128, MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0), nn.GELU).cuda().bfloat16()
+    ref = copy.deepcopy(layer)
+    cuda_graphs.capture(layer.train(), torch.randn(256, 64, device="cuda", dtype=torch.bfloat16))
+    other = torch.randn(100, 64, device="cuda", dtype=torch.bfloat16)  # another shape: eager
+    torch.testing.assert_close(layer(other)[0], ref.train()(other)[0])
+    mask = torch.rand(256, device="cuda") > 0.5  # a token mask: eager
+    x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x, mask)[0], ref(x, mask)[0])
+    torch.testing.assert_close(layer.eval()(x)[0], ref.eval()(x)[0])  # the other mode: eager
+    cuda_graphs.release(layer)
+    assert "_cuda_graph" not in layer.__dict__
+    with pytest.raises(ValueError, match="sync-free"):  # fp32: no grouped_mm, the counts are read on the host
+        cuda_graphs.capture(layer.float(), torch.randn(256, 64, device="cuda"))

@@ -324,3 +324,10 @@ def test_counts_equal_bincount():
     ids = torch.tensor([[3, 0], [3, 5], [0, 3]])
     assert _counts(ids, 7).tolist() == torch.bincount(ids.reshape(-1), minlength=7).tolist() == [2, 0, 0, 3, 0, 1, 0]
     assert _counts(torch.zeros(0, dtype=torch.long), 3).tolist() == [0, 0, 0]
+
+
+def test_cuda_graph_capture_needs_a_cuda_input():
+    from clipmoe import cuda_graphs
+
+    with pytest.raises(ValueError, match="CUDA input"):
+        cuda_graphs.capture(make_layer(), torch.randn(4, 8))

@@ -3,12 +3,15 @@ MLP (the compute no top-k layer can avoid), forward + backward, same process, sa
 
     python scripts/bench/moe_layer.py [--tokens 4096 16384] [--dtypes fp32 bf16] [--reps 8] [--device cpu]
 
-Prints one row per setting with median times in ms (the three implementations interleaved, inputs
-cycled so that routing changes every step) and the ratios clipmoe / dense-k and DeepSpeed / clipmoe.
+Prints one row per setting with median times in ms (the implementations interleaved, inputs cycled so
+that routing changes every step) and the ratios clipmoe / dense-k and DeepSpeed / clipmoe. On a GPU, where
+the layer can be captured (bf16: `cuda_graphs.capture`), the same layer replayed as CUDA graphs is a
+fourth column ("graphed").
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clipmoe import cuda_graphs
 from clipmoe.config import MoEConfig
 from clipmoe.model import Mlp
 from clipmoe.moe import MoE
@@ -124,8 +128,8 @@ def main():
     # the allocator moves the CPU numbers (page faults of fresh temporaries; see BENCHMARKS.md)
     malloc = os.environ.get("LD_PRELOAD") or os.environ.get("GLIBC_TUNABLES") or "glibc defaults"
     print(f"# malloc: {malloc}; " + ("back to back (throughput)" if args.back_to_back else "one step per timing"))
-    print(f"{'tokens':>6} {'dtype':>5} {'k':>2} {'cf':>8} | {'dense xk':>9} {'clipmoe':>9} {'deepspeed':>9} | "
-          f"{'ours/dense':>10} {'ds/ours':>8}")
+    print(f"{'tokens':>6} {'dtype':>5} {'k':>2} {'cf':>8} | {'dense xk':>9} {'clipmoe':>9} {'deepspeed':>9} "
+          f"{'graphed':>9} | {'ours/dense':>10} {'ds/ours':>8} {'ds/graphed':>10}")
     for tokens in args.tokens:
         for dt in args.dtypes:
             dtype = torch.bfloat16 if dt == "bf16" else torch.float32
@@ -142,10 +146,15 @@ def main():
                     ds = deepspeed_layer(k, cf, device, dtype)
                     if ds is not None:
                         steps["ds"] = fwd_bwd(ds, lambda o: o[0], batched=True)
+                    if device.type == "cuda" and ours.experts.sync_free(xs[0]):  # the same layer, CUDA-graphed
+                        graphed = cuda_graphs.capture(copy.deepcopy(ours), torch.randn_like(xs[0]).requires_grad_())
+                        steps["graphed"] = fwd_bwd(graphed, lambda o: o[0])
                     t = measure(steps, xs, args.reps, device, args.back_to_back)
-                    t_dense, t_ours, t_ds = k * t["dense"], t["ours"], t.get("ds", float("nan"))
-                    print(f"{tokens:>6} {dt:>5} {k:>2} {cf_s:>8} | {t_dense:>9.1f} {t_ours:>9.1f} {t_ds:>9.1f} | "
-                          f"{t_ours / t_dense:>10.2f} {t_ds / t_ours:>8.2f}", flush=True)
+                    nan = float("nan")
+                    t_dense, t_ours, t_ds, t_g = k * t["dense"], t["ours"], t.get("ds", nan), t.get("graphed", nan)
+                    print(f"{tokens:>6} {dt:>5} {k:>2} {cf_s:>8} | {t_dense:>9.1f} {t_ours:>9.1f} {t_ds:>9.1f} "
+                          f"{t_g:>9.1f} | {t_ours / t_dense:>10.2f} {t_ds / t_ours:>8.2f} {t_ds / t_g:>10.2f}",
+                          flush=True)
                     if args.profile:
                         out = Path(args.profile) / f"{tokens}_{dt}_k{k}_{cf_s}.txt"
                         out.parent.mkdir(parents=True, exist_ok=True)
