@@ -148,8 +148,8 @@ class MoE(nn.Module):
         N, E = probs_NE.shape
         gates_EC, token_EC = probs_NE.t().topk(cap, dim=1)  # each expert's most confident tokens
         counts_E = torch.full((E,), cap, dtype=torch.long, device=probs_NE.device)
-        served = torch.zeros(N, dtype=torch.bool, device=probs_NE.device)
-        served[token_EC.reshape(-1)] = True
+        # index_fill_, not `served[idx] = True`: that copies the True from the host (not allowed in a CUDA graph)
+        served = torch.zeros(N, dtype=torch.bool, device=probs_NE.device).index_fill_(0, token_EC.reshape(-1), True)
         dropped = 1.0 - served.float().mean() if N else 0.0  # tokens no expert took (no host sync)
         align = self.experts.align(x_ND)
         pad = -cap % align  # padding slots read token 0 with gate 0: they add nothing, forward or back
