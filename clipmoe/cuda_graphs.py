@@ -49,19 +49,30 @@ class GraphedMoE:
                              f"input, autocast {torch.is_autocast_enabled('cuda')}")
         self.shape, self.dtype, self.requires_grad = sample.shape, sample.dtype, sample.requires_grad
         self.training = layer.training
-        self.autocast = torch.is_autocast_enabled("cuda")
+        self.autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        self._params = [p.data_ptr() for p in layer.parameters()]
         self.tower, self.block = layer.tower, layer.block
+        self.replays = 0
         self._graphed = torch.cuda.make_graphed_callables(_Flat(layer).train(layer.training), (sample,),
                                                           num_warmup_iters=warmup)
 
-    def accepts(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], training: bool) -> bool:
-        return (token_mask is None and x.shape == self.shape and x.dtype == self.dtype and x.is_cuda
-                and x.requires_grad == self.requires_grad and training == self.training
-                and torch.is_autocast_enabled("cuda") == self.autocast)
+    def accepts(self, layer: MoE, x: torch.Tensor, token_mask: Optional[torch.Tensor]) -> bool:
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        if not (token_mask is None and x.shape == self.shape and x.dtype == self.dtype and x.is_cuda
+                and x.requires_grad == self.requires_grad and layer.training == self.training
+                and autocast == self.autocast):
+            return False
+        if [p.data_ptr() for p in layer.parameters()] != self._params:  # the graphs would read the old ones
+            raise RuntimeError(f"MoE layer {layer.tower}.{layer.block}: its parameters were replaced after CUDA graph "
+                               "capture (model.to(), .half(), ...); capture after moving the model, or "
+                               "cuda_graphs.release(layer) and capture again")
+        return True
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        self.replays += 1
         y, balance, z, entropy, marginal, counts, top1, dropped = self._graphed(x)
-        return y, MoEAux(self.tower, self.block, balance, z, entropy, marginal, counts, top1, dropped)
+        return y, MoEAux(self.tower, self.block, counts, top1, dropped, balance_loss=balance, z_loss=z,
+                         entropy=entropy, marginal_entropy=marginal)
 
 
 def capture(layer: MoE, sample: torch.Tensor, warmup: int = 3) -> MoE:
@@ -77,3 +88,31 @@ def capture(layer: MoE, sample: torch.Tensor, warmup: int = 3) -> MoE:
 def release(layer: MoE) -> MoE:
     layer.__dict__.pop("_cuda_graph", None)
     return layer
+
+
+def capture_model(model: nn.Module, *inputs, autocast_dtype: Optional[torch.dtype] = None, warmup: int = 3) -> list[MoE]:
+    """Captures every MoE layer that a forward of `model` on `inputs` calls without a token mask on the sync-free
+    path (the image tower's, in bf16), for the shapes of that call; the other layers stay eager. Call it in
+    train mode on a batch of the training shape, before wrapping the model in DDP. With `autocast_dtype`, the
+    forward and the captures run under CUDA autocast to that dtype, without its cache (which graphs cannot
+    use): train under `torch.autocast("cuda", dtype, cache_enabled=False)` too. Returns the captured layers."""
+    calls: dict[MoE, tuple] = {}
+
+    def record(layer, args):
+        x, mask = args[0], (args[1] if len(args) > 1 else None)
+        if mask is None and layer not in calls and x.is_cuda and layer.experts.sync_free(x):
+            calls[layer] = (x.shape, x.dtype, x.requires_grad, x.device)
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, MoE)]
+    autocast = torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
+                              cache_enabled=False)
+    try:
+        with autocast:
+            model(*inputs)  # only to see each layer's input
+    finally:
+        for h in handles:
+            h.remove()
+    with autocast:
+        for layer, (shape, dtype, requires_grad, device) in calls.items():
+            capture(layer, torch.randn(shape, dtype=dtype, device=device).requires_grad_(requires_grad), warmup)
+    return list(calls)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Optional
 
 import torch
@@ -26,19 +26,70 @@ from .dispatch import Combine, Dispatch, Slots
 from .experts import Experts
 
 
-@dataclass
 class MoEAux:
-    """What one MoE layer reports about its last forward. Loss terms are raw (no coefficients)."""
+    """What one MoE layer reports about its last forward. The loss terms are raw (no coefficients) and are
+    computed from the fp32 router logits on first use, so a forward whose terms nobody reads (inference, a
+    LIMoE term with coefficient 0) launches none of their kernels.
 
-    tower: str
-    block: int
-    balance_loss: torch.Tensor  # scalar, E * sum_i f_i * P_i; 1 when balanced
-    z_loss: torch.Tensor  # scalar, mean(logsumexp(logits)^2)
-    entropy: torch.Tensor  # scalar, LIMoE's local term: mean over tokens of H(p(.|x)) (nats)
-    marginal_entropy: torch.Tensor  # scalar, H(mean over tokens of p(.|x)); LIMoE's global term is -this
-    tokens_per_expert: torch.Tensor  # (E,) assignments routed to each expert before capacity, detached
-    top1: torch.Tensor  # (N,) each routed token's most probable expert, detached (routing analysis)
-    dropped_fraction: torch.Tensor  # scalar: token choice, assignments dropped; expert choice, tokens unserved
+    tokens_per_expert: (E,) assignments routed to each expert before capacity, detached.
+    top1: (N,) each routed token's most probable expert, detached (routing analysis).
+    dropped_fraction: scalar; token choice: assignments dropped; expert choice: tokens no expert took.
+    balance_loss: E * sum_i f_i * P_i (Switch; f from the top-1 choices); 1 when balanced.
+    z_loss: mean(logsumexp(logits)^2) (ST-MoE).
+    entropy: LIMoE's local term, the mean over tokens of H(p(.|x)) in nats.
+    marginal_entropy: H(mean over tokens of p(.|x)); LIMoE's global term is -this.
+    """
+
+    def __init__(self, tower: str, block: int, tokens_per_expert: torch.Tensor, top1: torch.Tensor,
+                 dropped_fraction: torch.Tensor, logits: Optional[torch.Tensor] = None,
+                 probs: Optional[torch.Tensor] = None, top1_counts: Optional[torch.Tensor] = None, **terms):
+        self.tower, self.block = tower, block
+        self.tokens_per_expert, self.top1, self.dropped_fraction = tokens_per_expert, top1, dropped_fraction
+        self._logits, self._probs = logits, probs
+        self._top1_counts = top1_counts  # the top-1 choices' counts where the layer has them; else from top1
+        self.__dict__.update(terms)  # terms computed elsewhere (a CUDA graph's outputs) take the properties' place
+
+    def __repr__(self):
+        return f"MoEAux(tower={self.tower!r}, block={self.block}, tokens_per_expert={self.tokens_per_expert.tolist()})"
+
+    @cached_property
+    def _mean_p(self) -> torch.Tensor:
+        return self._probs.mean(0) if self._probs.shape[0] else self._probs.sum(0)
+
+    @cached_property
+    def _lse(self) -> torch.Tensor:
+        return torch.logsumexp(self._logits, dim=-1)
+
+    def _empty(self) -> Optional[torch.Tensor]:
+        return self._probs.sum() if self._probs.shape[0] == 0 else None  # no tokens: 0, still in the graph
+
+    @cached_property
+    def balance_loss(self) -> torch.Tensor:
+        if (zero := self._empty()) is not None:
+            return zero
+        N, E = self._probs.shape
+        counts_E = _counts(self.top1, E) if self._top1_counts is None else self._top1_counts
+        return (E / N) * (counts_E.to(self._probs.dtype) @ self._mean_p)
+
+    @cached_property
+    def z_loss(self) -> torch.Tensor:
+        if (zero := self._empty()) is not None:
+            return zero
+        return (self._lse @ self._lse) / self._lse.numel()
+
+    @cached_property
+    def entropy(self) -> torch.Tensor:
+        if (zero := self._empty()) is not None:
+            return zero
+        # H = lse - sum_e p_e * logits_e, since log p = logits - lse and p sums to 1
+        return (self._lse.sum() - (self._probs * self._logits).sum()) / self._lse.numel()
+
+    @cached_property
+    def marginal_entropy(self) -> torch.Tensor:
+        if (zero := self._empty()) is not None:
+            return zero
+        m = self._mean_p  # clamped log: an expert no token may pick (p = 0) gets a finite gradient
+        return -(m @ m.clamp_min(1e-20).log())
 
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, factor: Optional[float], minimum: int) -> Optional[int]:
@@ -164,7 +215,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
         graph = self.__dict__.get("_cuda_graph")  # see cuda_graphs.capture
-        if graph is not None and graph.accepts(x, token_mask, self.training):
+        if graph is not None and graph.accepts(self, x, token_mask):
             return graph(x)
         return self.eager_forward(x, token_mask)
 
@@ -191,23 +242,14 @@ class MoE(nn.Module):
         return y.reshape(shape).to(x.dtype), self._aux(logits_NE, probs_NE, top1_N, counts_E, dropped)
 
     def _aux(self, logits_NE, probs_NE, top1_N, counts_E, dropped: float | torch.Tensor) -> MoEAux:
-        N, E = probs_NE.shape
-        if N == 0:
-            zero = probs_NE.sum()
-            return MoEAux(self.tower, self.block, zero, zero, zero, zero, counts_E, top1_N, zero.detach())
         # with top-1 token choice the routed counts are the first choices' counts: no second count
-        top1_E = counts_E if self.cfg.router == "topk" and self.cfg.top_k == 1 else _counts(top1_N, E)
-        f_E = top1_E.to(probs_NE.dtype) / N
-        mean_p_E = probs_NE.mean(0)
-        balance = E * (f_E * mean_p_E).sum()
-        lse_N = torch.logsumexp(logits_NE, dim=-1)
-        z = lse_N.pow(2).mean()
-        local = -(probs_NE * (logits_NE - lse_N.unsqueeze(1))).sum(-1).mean()  # log p = logits - lse
-        marginal = -(mean_p_E * mean_p_E.clamp_min(1e-20).log()).sum()
+        top1_E = counts_E if self.cfg.router == "topk" and self.cfg.top_k == 1 else None
+        if probs_NE.shape[0] == 0:
+            dropped = 0.0  # nothing was routed, so nothing was dropped
         if not torch.is_tensor(dropped):  # new_full: no host-to-device copy, which would wait for the GPU
             dropped = probs_NE.new_full((), dropped)
-        return MoEAux(self.tower, self.block, balance, z, local, marginal, counts_E.detach(), top1_N.detach(),
-                      dropped)
+        return MoEAux(self.tower, self.block, counts_E.detach(), top1_N.detach(), dropped, logits_NE, probs_NE,
+                      top1_E)
 
 
 def _counts(ids: torch.Tensor, n: int) -> torch.Tensor:

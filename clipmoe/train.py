@@ -9,7 +9,7 @@ import math
 import os
 import random
 from dataclasses import dataclass, field
-from itertools import count
+from itertools import chain, count
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 import loaders
 from loaders.transforms import TrainTransform, normalize_batch
 
+from . import cuda_graphs
 from .checkpoint import save
 from .config import OptimConfig, RunConfig
 from .errors import ClipmoeError
@@ -41,6 +42,7 @@ class TrainResult:
     out_dir: Path
     files: dict = field(default_factory=dict)
     zeroshot: list[dict] = field(default_factory=list)  # {"step", "results"} per evaluation (rank 0)
+    cuda_graphs: dict = field(default_factory=dict)  # "image.3" -> steps that layer ran as CUDA graphs
 
 
 def _device(name: str) -> torch.device:
@@ -109,6 +111,11 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         seed=tc.seed, shuffle=cfg.data.shuffle, strict=cfg.data.strict, drop_last=True,
         samples_per_epoch=cfg.data.samples_per_epoch, pin_memory=device.type == "cuda",
         draft_size=model.config.vision.image_size)
+    batches, graphed = _batches(loader), []
+    if tc.cuda_graphs:  # the first batch shows the shapes to capture for, and is then trained on
+        first = next(batches)
+        graphed = _capture_cuda_graphs(model, first, device)
+        batches = chain([first], batches)
     has_moe = any(isinstance(m, MoE) for m in model.modules())  # idle experts get no gradient
     net = DistributedDataParallel(model, find_unused_parameters=has_moe) if world > 1 else model
     opt, sched = build_optimizer(model, cfg.optim, tc.steps)
@@ -117,12 +124,13 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     out_dir.mkdir(parents=True, exist_ok=True)
     history, load_sums, zeroshot_runs = [], {}, []
     bar = tqdm(total=tc.steps, desc="train", disable=not progress or rank != 0, dynamic_ncols=True)
-    batches = _batches(loader)
     for step in range(tc.steps):
         batch = next(batches)
         images = normalize_batch(batch["image"].to(device, non_blocking=True), MEAN, STD)
         tokens = batch["text"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+        # CUDA graphs cannot use autocast's cache of cast weights
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16",
+                            cache_enabled=not graphed):
             out = net(images, tokens)
         terms = total_loss(out, cfg.loss)
         opt.zero_grad(set_to_none=True)
@@ -150,12 +158,28 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
             zeroshot_runs.append(_evaluate(model, ev, step, history))
             model.train()
     bar.close()
+    replays = {f"{m.tower}.{m.block}": m.__dict__["_cuda_graph"].replays for m in graphed}
+    for layer in graphed:  # the graphs hold memory, and a model with them cannot be copied
+        cuda_graphs.release(layer)
 
     expert_load = {k: (v / v.sum()).tolist() for k, v in load_sums.items()}
-    result = TrainResult(model.eval(), history, expert_load, loader.stats(), out_dir, zeroshot=zeroshot_runs)
+    result = TrainResult(model.eval(), history, expert_load, loader.stats(), out_dir, zeroshot=zeroshot_runs,
+                         cuda_graphs=replays)
     if rank == 0:
         result.files = write_run_outputs(result)
     return result
+
+
+def _capture_cuda_graphs(model: CLIP, first: dict, device: torch.device) -> list[MoE]:
+    """Captures the MoE layers that CUDA graphs can run (the image tower's) for the shapes of batch `first`."""
+    if device.type != "cuda":
+        raise ClipmoeError(f"train.cuda_graphs needs a CUDA device; training runs on {device}")
+    images = normalize_batch(first["image"].to(device), MEAN, STD)
+    layers = cuda_graphs.capture_model(model, images, first["text"].to(device), autocast_dtype=torch.bfloat16)
+    if not layers:
+        raise ClipmoeError("train.cuda_graphs: no MoE layer to capture (graphs take the image tower's MoE layers; "
+                           "the text tower's run eagerly, since their token masks change the shapes)")
+    return layers
 
 
 def _evaluate(model: CLIP, ev, step: int, history: list[dict]) -> dict:

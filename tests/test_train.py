@@ -7,6 +7,7 @@ import torch
 
 import clipmoe
 from clipmoe.config import RunConfig, from_dict
+from clipmoe.errors import ClipmoeError, ConfigError
 from clipmoe.loss import clip_loss, total_loss
 from clipmoe.moe import MoE
 from clipmoe.train import train
@@ -153,3 +154,10 @@ def test_zeroshot_evaluation_hook(tiny_shards, tmp_path):
 def test_eval_config_needs_a_data_root():
     with pytest.raises(clipmoe.ConfigError, match="data_root"):
         from_dict(RunConfig, {"eval": {"zeroshot": ["imagenet1k"]}})
+
+
+def test_cuda_graphs_need_bf16_and_a_gpu(tiny_shards, tmp_path):
+    with pytest.raises(ConfigError, match="cuda_graphs.*bf16"):
+        _cfg(tiny_shards, tmp_path, cuda_graphs=True)
+    with pytest.raises(ClipmoeError, match="needs a CUDA device"):
+        train(_cfg(tiny_shards, tmp_path, cuda_graphs=True, precision="bf16", device="cpu"), progress=False)

@@ -6,7 +6,8 @@ MLP (the compute no top-k layer can avoid), forward + backward, same process, sa
 Prints one row per setting with median times in ms (the implementations interleaved, inputs cycled so
 that routing changes every step) and the ratios clipmoe / dense-k and DeepSpeed / clipmoe. On a GPU, where
 the layer can be captured (bf16: `cuda_graphs.capture`), the same layer replayed as CUDA graphs is a
-fourth column ("graphed").
+fourth column ("graphed"). Each step backpropagates what training does: the output's sum plus the layer's
+auxiliary losses (clipmoe: 0.01 balance + 0.001 z-loss; DeepSpeed: 0.01 l_aux).
 """
 from __future__ import annotations
 
@@ -76,16 +77,32 @@ def profile_steps(steps: dict, x, device, path) -> dict:
     return summary
 
 
-def fwd_bwd(layer, out_of, batched=False):
+def fwd_bwd(layer, loss_of, batched=False):
     params = list(layer.parameters())
 
     def step(x):
         x.grad = None
         for p in params:  # as an optimizer's zero_grad(set_to_none=True): no gradient accumulation
             p.grad = None
-        y = out_of(layer(x.unsqueeze(0) if batched else x))
-        y.float().sum().backward()
+        loss_of(layer(x.unsqueeze(0) if batched else x)).backward()
     return step
+
+
+# What training backpropagates: the output (through a sum) and, for the MoE layers, their auxiliary losses
+# with the default coefficients (clipmoe: balance 0.01 and z-loss 1e-3; DeepSpeed: its balance loss l_aux,
+# 0.01 as in its examples; it has no z-loss).
+def dense_loss(out):
+    return out[0].float().sum()
+
+
+def clipmoe_loss(out):
+    y, aux = out
+    return y.float().sum() + 0.01 * aux.balance_loss + 1e-3 * aux.z_loss
+
+
+def deepspeed_loss(out):
+    y, l_aux, _ = out
+    return y.float().sum() + 0.01 * l_aux
 
 
 def deepspeed_layer(k: int, cf, device, dtype):
@@ -142,13 +159,13 @@ def main():
                     dense = Mlp(D, F_, nn.GELU).to(device=device, dtype=dtype)
                     cfg = MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, eval_capacity_factor=cf)
                     ours = MoE(D, F_, cfg, nn.GELU).to(device=device, dtype=dtype).train()
-                    steps = {"dense": fwd_bwd(dense, lambda o: o[0]), "ours": fwd_bwd(ours, lambda o: o[0])}
+                    steps = {"dense": fwd_bwd(dense, dense_loss), "ours": fwd_bwd(ours, clipmoe_loss)}
                     ds = deepspeed_layer(k, cf, device, dtype)
                     if ds is not None:
-                        steps["ds"] = fwd_bwd(ds, lambda o: o[0], batched=True)
+                        steps["ds"] = fwd_bwd(ds, deepspeed_loss, batched=True)
                     if device.type == "cuda" and ours.experts.sync_free(xs[0]):  # the same layer, CUDA-graphed
                         graphed = cuda_graphs.capture(copy.deepcopy(ours), torch.randn_like(xs[0]).requires_grad_())
-                        steps["graphed"] = fwd_bwd(graphed, lambda o: o[0])
+                        steps["graphed"] = fwd_bwd(graphed, clipmoe_loss)
                     t = measure(steps, xs, args.reps, device, args.back_to_back)
                     nan = float("nan")
                     t_dense, t_ours, t_ds, t_g = k * t["dense"], t["ours"], t.get("ds", nan), t.get("graphed", nan)
