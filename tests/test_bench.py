@@ -17,3 +17,12 @@ def test_moe_layer_bench_runs_and_profiles(tmp_path):
     rows = [line for line in out.stdout.splitlines() if line.split()[:2] == ["64", "fp32"]]
     assert len(rows) == 1 and "back to back" in out.stdout
     assert "== ours" in (tmp_path / "64_fp32_k2_1.25.txt").read_text()
+
+
+def test_train_step_bench_runs():
+    out = subprocess.run(
+        [sys.executable, "scripts/bench/train_step.py", "--arch", "clipmoe-micro", "--batch", "4", "--steps", "1",
+         "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "train step ms: eager" in out.stdout

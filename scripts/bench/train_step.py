@@ -33,8 +33,9 @@ def main():
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--device", default="cuda", help="cpu only to smoke-test the script: nothing is captured there")
     args = p.parse_args()
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     torch.manual_seed(0)
     moe = {"num_experts": args.experts, "top_k": args.top_k, "every": 2, "capacity_factor": args.capacity_factor}
     model = clipmoe.create_model(args.arch, vision={"moe": moe}, text={"moe": moe}).to(device).train()
@@ -49,23 +50,25 @@ def main():
         opt, _ = build_optimizer(m, OptimConfig(), args.steps)
 
         def step(m=m, opt=opt, cache=name == "eager"):
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache):
+            with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache):
                 out = m(images, tokens)
             loss = total_loss(out, LossConfig())["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         steps[name] = step
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i in range(args.steps + 3):  # 3 warm-up steps each
         for name, step in steps.items():
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             step()
-            torch.cuda.synchronize()
+            sync()
             if i >= 3:
                 times[name].append(time.perf_counter() - t)
     eager, graphed = (statistics.median(times[n]) * 1e3 for n in ("eager", "graphed"))
-    print(f"# {date.today()} {platform.node()} {torch.cuda.get_device_name(0)} torch {torch.__version__}")
+    where = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    print(f"# {date.today()} {platform.node()} {where} torch {torch.__version__}")
     print(f"# {args.arch}, batch {args.batch}, {args.experts} experts top-{args.top_k} cf {args.capacity_factor} "
           f"every 2nd block of both towers; graphed layers: {', '.join(f'{m.tower}.{m.block}' for m in layers)}")
     print(f"train step ms: eager {eager:.2f}  graphed {graphed:.2f}  eager/graphed {eager / graphed:.2f}")
