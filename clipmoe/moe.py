@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import functools
 from functools import cached_property
 from typing import Callable, Optional
 
@@ -24,6 +25,15 @@ from torch.autograd.function import once_differentiable
 from .config import MoEConfig
 from .dispatch import Combine, Dispatch, Slots
 from .experts import Experts
+
+
+def _no_autocast(term):
+    """Computes an aux term in fp32 wherever it is first read: under autocast a dot product would run in bf16."""
+    @functools.wraps(term)
+    def wrapper(self):
+        with torch.autocast(self._probs.device.type, enabled=False):
+            return term(self)
+    return wrapper
 
 
 class MoEAux:
@@ -64,6 +74,7 @@ class MoEAux:
         return self._probs.sum() if self._probs.shape[0] == 0 else None  # no tokens: 0, still in the graph
 
     @cached_property
+    @_no_autocast
     def balance_loss(self) -> torch.Tensor:
         if (zero := self._empty()) is not None:
             return zero
@@ -72,12 +83,14 @@ class MoEAux:
         return (E / N) * (counts_E.to(self._probs.dtype) @ self._mean_p)
 
     @cached_property
+    @_no_autocast
     def z_loss(self) -> torch.Tensor:
         if (zero := self._empty()) is not None:
             return zero
         return (self._lse @ self._lse) / self._lse.numel()
 
     @cached_property
+    @_no_autocast
     def entropy(self) -> torch.Tensor:
         if (zero := self._empty()) is not None:
             return zero
@@ -85,6 +98,7 @@ class MoEAux:
         return (self._lse.sum() - (self._probs * self._logits).sum()) / self._lse.numel()
 
     @cached_property
+    @_no_autocast
     def marginal_entropy(self) -> torch.Tensor:
         if (zero := self._empty()) is not None:
             return zero

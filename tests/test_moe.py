@@ -331,3 +331,15 @@ def test_cuda_graph_capture_needs_a_cuda_input():
 
     with pytest.raises(ValueError, match="CUDA input"):
         cuda_graphs.capture(make_layer(), torch.randn(4, 8))
+
+
+def test_aux_terms_are_fp32_wherever_they_are_first_read():
+    """The terms are computed on first use; read inside a bf16 autocast region they are still fp32 maths."""
+    layer = make_layer(E=4, K=2, cf=None).train()
+    x = torch.randn(64, 8)
+    _, ref = layer(x)
+    _, aux = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = [aux.balance_loss, aux.z_loss, aux.entropy, aux.marginal_entropy]
+    for t, r in zip(terms, [ref.balance_loss, ref.z_loss, ref.entropy, ref.marginal_entropy]):
+        assert t.dtype == torch.float32 and t.item() == pytest.approx(r.item(), rel=1e-6)
