@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The device check on one GPU, about 7 minutes (an H200 took 4.5 before the train_step and quickstart_graphs
 # steps): the CUDA tests, the MoE layer benchmark (clipmoe vs DeepSpeed vs k dense passes, with a kernel profile
-# of every row), a training step eager vs with CUDA graphs,
+# of every row), a training step eager vs with CUDA graphs, the zero-shot classifier benchmark and bf16
+# quickstarts (eager, and with train.cuda_graphs); a short table at the end. From the repository root on
+# the GPU machine:
 #   bash scripts/bench/gpu_check.sh
 # Packages that machine lacks (open-clip-torch, ftfy, webdataset, deepspeed and their needs) travel as
 # wheels in .whl/, made by scripts/bench/gpu_wheels.sh; they are installed to /tmp/site first. Logs go to
