@@ -109,8 +109,11 @@ def test_sync_free_layout_matches_reference_loop(emulated_grouped_mm, K, cf, k1_
     """The layout of the grouped_mm path (GPUs): every assignment keeps a row, the dropped ones after the
     groups, where grouped_mm's output and input gradient are undefined (NaN in the emulation)."""
     layer = make_layer(E=4, K=K, cf=cf, k1_gate=k1_gate, batch_priority=batch_priority).train()
+    tails, real = [], layer.experts.forward
+    layer.experts.forward = lambda x_SD, counts_E, tail=False: tails.append(tail) or real(x_SD, counts_E, tail)
     assert_matches_reference(layer, cf)
     assert emulated_grouped_mm  # the grouped path ran
+    assert tails == [cf is not None]  # with capacity, in the layout with rows after the groups
 
 
 def test_batch_priority_keeps_confident_tokens():
