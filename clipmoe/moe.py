@@ -64,20 +64,15 @@ class MoEAux:
 
     @cached_property
     def _mean_p(self) -> torch.Tensor:
-        return self._probs.mean(0) if self._probs.shape[0] else self._probs.sum(0)
+        return self._probs.mean(0)
 
     @cached_property
     def _lse(self) -> torch.Tensor:
         return torch.logsumexp(self._logits, dim=-1)
 
-    def _empty(self) -> Optional[torch.Tensor]:
-        return self._probs.sum() if self._probs.shape[0] == 0 else None  # no tokens: 0, still in the graph
-
     @cached_property
     @_no_autocast
     def balance_loss(self) -> torch.Tensor:
-        if (zero := self._empty()) is not None:
-            return zero
         N, E = self._probs.shape
         counts_E = _counts(self.top1, E) if self._top1_counts is None else self._top1_counts
         return (E / N) * (counts_E.to(self._probs.dtype) @ self._mean_p)
@@ -85,23 +80,17 @@ class MoEAux:
     @cached_property
     @_no_autocast
     def z_loss(self) -> torch.Tensor:
-        if (zero := self._empty()) is not None:
-            return zero
         return (self._lse @ self._lse) / self._lse.numel()
 
     @cached_property
     @_no_autocast
     def entropy(self) -> torch.Tensor:
-        if (zero := self._empty()) is not None:
-            return zero
         # H = lse - sum_e p_e * logits_e, since log p = logits - lse and p sums to 1
         return (self._lse.sum() - (self._probs * self._logits).sum()) / self._lse.numel()
 
     @cached_property
     @_no_autocast
     def marginal_entropy(self) -> torch.Tensor:
-        if (zero := self._empty()) is not None:
-            return zero
         m = self._mean_p  # clamped log: an expert no token may pick (p = 0) gets a finite gradient
         return -(m @ m.clamp_min(1e-20).log())
 
@@ -258,8 +247,10 @@ class MoE(nn.Module):
     def _aux(self, logits_NE, probs_NE, top1_N, counts_E, dropped: float | torch.Tensor) -> MoEAux:
         # with top-1 token choice the routed counts are the first choices' counts: no second count
         top1_E = counts_E if self.cfg.router == "topk" and self.cfg.top_k == 1 else None
-        if probs_NE.shape[0] == 0:
-            dropped = 0.0  # nothing was routed, so nothing was dropped
+        if probs_NE.shape[0] == 0:  # nothing routed: every term 0 (still in the graph), nothing dropped
+            zero = probs_NE.sum()
+            return MoEAux(self.tower, self.block, counts_E.detach(), top1_N.detach(), zero.detach(),
+                          balance_loss=zero, z_loss=zero, entropy=zero, marginal_entropy=zero)
         if not torch.is_tensor(dropped):  # new_full: no host-to-device copy, which would wait for the GPU
             dropped = probs_NE.new_full((), dropped)
         return MoEAux(self.tower, self.block, counts_E.detach(), top1_N.detach(), dropped, logits_NE, probs_NE,
