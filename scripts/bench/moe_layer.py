@@ -177,7 +177,7 @@ def main():
                         out.parent.mkdir(parents=True, exist_ok=True)
                         prof = profile_steps(steps, xs[0], device, out)
                         if device.type == "cuda":
-                                print("#   kernels, device ms: " + ", ".join(
+                            print("#   kernels, device ms: " + ", ".join(
                                 f"{name} {n} {ms:.2f}" for name, (n, ms) in prof.items()), flush=True)
 
 
