@@ -12,7 +12,8 @@ kernels on CPU, whose speed on the same FLOPs varies up to 2x with operand layou
 (E, F, D) and the hidden activations kept transposed, (F, c), the six products of 8 experts' forward and
 backward at c = 512 tokens took 29.7 ms against 44.3 for (E, D, F) / (E, F, D) weights with (c, F)
 activations, and 27.9 for the dense MLP's at 4,096 tokens (the best of all 16 combinations of weight,
-activation and batching layouts measured; fp32 is indifferent to layout).
+activation and batching layouts measured). fp32 keeps nn.Linear's (c, F) activations instead
+(`_hidden_f_major`).
 """
 from __future__ import annotations
 
@@ -177,14 +178,10 @@ def _grouped_mm(x: torch.Tensor, dtype: torch.dtype) -> Optional[Callable]:
     return fn if fn is not None and torch.cuda.get_device_capability(x.device) >= min_capability else None
 
 
-def _lane_groups(splits: list[int], lanes: int) -> list[list[int]]:
-    """The experts with tokens, dealt to `lanes` groups of about equal token counts (largest first)."""
-    groups, load = [[] for _ in range(lanes)], [0] * lanes
-    for e in sorted((e for e, n in enumerate(splits) if n), key=lambda e: -splits[e]):
-        i = load.index(min(load))
-        groups[i].append(e)
-        load[i] += splits[e]
-    return [g for g in groups if g]
+def _largest_first(splits: list[int]) -> list[int]:
+    """The experts with tokens, most tokens first (the order lanes take them in: the longest jobs start
+    first, so the lanes finish close together)."""
+    return sorted((e for e, n in enumerate(splits) if n), key=lambda e: -splits[e])
 
 
 _POOL: dict = {}  # pid -> executor: this process's helper threads (lanes 2.. of every caller), made on first use
@@ -229,7 +226,9 @@ def _intra_op_threads(n: int):
 
 
 def _run_lanes(run: Callable[[int], None], splits: list[int], lanes: int) -> None:
-    """run(e) for every expert with tokens, the experts split into `lanes` groups that run at once.
+    """run(e) once for every expert with tokens, on `lanes` threads at once, each taking the next expert
+    (largest first) when it is done with one: a static split left one lane idle for up to 20% of the
+    forward when the same products ran slower on one core than on the other (fp32, 2-core EPYC).
 
     Each lane gets torch's threads divided by the number of lanes. Why: on CPU, oneDNN runs a product
     with a few hundred rows and a 2,048-long reduction on about one core, so one expert at a time leaves
@@ -238,27 +237,41 @@ def _run_lanes(run: Callable[[int], None], splits: list[int], lanes: int) -> Non
     bf16 16,384 -2% (two lanes that both used two threads: -5%, -4%, -1%, -2%). Each expert writes only its
     own rows and its own gradient slices: no races (MKL's fp32 products may round differently on another
     thread count, so the bits can differ from those of one lane on all threads)."""
-    groups = _lane_groups(splits, lanes)
-    if len(groups) <= 1:
-        for e in (groups[0] if groups else ()):
+    todo = _largest_first(splits)
+    lanes = min(lanes, len(todo))
+    if lanes <= 1:
+        for e in todo:
             run(e)
         return
     inference = torch.is_inference_mode_enabled()
-    per_lane = max(1, torch.get_num_threads() // len(groups))  # the cores shared out, not oversubscribed
+    per_lane = max(1, torch.get_num_threads() // lanes)  # the cores shared out, not oversubscribed
+    queue, lock = iter(todo), threading.Lock()
 
-    def lane(experts):  # a fresh thread has default grad / inference modes: set this one's
+    def lane():  # a fresh thread has default grad / inference modes: set this one's
         with torch.inference_mode(inference), torch.no_grad(), _intra_op_threads(per_lane):
-            for e in experts:
+            while True:
+                with lock:
+                    e = next(queue, None)
+                if e is None:
+                    return
                 run(e)
 
-    futures = [_executor().submit(lane, g) for g in groups[1:]]
+    futures = [_executor().submit(lane) for _ in range(lanes - 1)]
     try:
-        lane(groups[0])
+        lane()
     finally:
         for f in futures:  # wait for every lane, even when this one failed
             f.exception()
     for f in futures:
         f.result()
+
+
+def _hidden_f_major(x: torch.Tensor) -> bool:
+    """Whether the per-expert products keep the hidden activations (F, c) in memory (oneDNN's fast layout for
+    bf16/fp16 on CPU) rather than (c, F), nn.Linear's. fp32 goes through MKL, which is faster the other way:
+    8 experts' forward + backward at 4,096 tokens took 4-11% less with (c, F) on a 2-core AVX2 EPYC, and
+    12-13% less at 16,384 (the two layouts were level on a Xeon)."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def _act_backward(act: nn.Module, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -278,16 +291,20 @@ class _ExpertMLP(torch.autograd.Function):
         x_SD = x_SD.contiguous()
         y_SD = x_SD.new_empty(x_SD.shape)
         x_E, y_E = x_SD.split(splits), y_SD.split(splits)
-        hidden = [None] * (2 * len(splits))  # per expert: pre-activation and activation, both (F, c)
+        hidden = [None] * (2 * len(splits))  # per expert: pre-activation and activation, both (F, c) views
+        f_major = _hidden_f_major(x_SD)
 
         def run(e):
-            h_Fc = torch.addmm(b1_EF[e].unsqueeze(1), w1_EFD[e], x_E[e].t())
+            if f_major:
+                h_Fc = torch.addmm(b1_EF[e].unsqueeze(1), w1_EFD[e], x_E[e].t())
+            else:  # stored (c, F); the (F, c) view costs nothing
+                h_Fc = torch.addmm(b1_EF[e], x_E[e], w1_EFD[e].t()).t()
             a_Fc = act(h_Fc)
             torch.addmm(b2_ED[e], a_Fc.t(), w2_EFD[e], out=y_E[e])
             hidden[2 * e], hidden[2 * e + 1] = h_Fc, a_Fc
 
         _run_lanes(run, splits, lanes)
-        ctx.splits, ctx.act, ctx.lanes = splits, act, lanes
+        ctx.splits, ctx.act, ctx.lanes, ctx.f_major = splits, act, lanes, f_major
         ctx.save_for_backward(x_SD, w1_EFD, w2_EFD, *hidden)  # freed by autograd unless retain_graph
         return y_SD
 
@@ -308,7 +325,8 @@ class _ExpertMLP(torch.autograd.Function):
 
         def run(e):
             x_cD, gy_cD, h_Fc, a_Fc = x_E[e], gy_E[e], hidden[2 * e], hidden[2 * e + 1]
-            gh_Fc = _act_backward(ctx.act, torch.mm(w2_EFD[e], gy_cD.t()), h_Fc)
+            ga_Fc = torch.mm(w2_EFD[e], gy_cD.t()) if ctx.f_major else torch.mm(gy_cD, w2_EFD[e].t()).t()
+            gh_Fc = _act_backward(ctx.act, ga_Fc, h_Fc)
             if need_w:
                 torch.mm(a_Fc, gy_cD, out=gw2[e])
                 torch.sum(gy_cD, 0, out=gb2[e])

@@ -1,4 +1,6 @@
 """The experts' hand-written forward/backward against autograd through a plain per-expert loop."""
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,7 +112,7 @@ def test_lanes_under_inference_mode_and_errors_reach_the_caller():
         y = ex(x, counts_E)
     torch.testing.assert_close(y, loop(ex, x, counts_E).detach())
 
-    class FailsOnFour(nn.Module):  # fails for the expert with 4 tokens, which runs on the second lane
+    class FailsOnFour(nn.Module):  # fails for the expert with 4 tokens, on whichever lane takes it
         def forward(self, h):
             if h.shape[1] == 4:
                 raise RuntimeError("boom in a lane")
@@ -121,15 +123,23 @@ def test_lanes_under_inference_mode_and_errors_reach_the_caller():
         ex(x, counts_E)
 
 
-def test_lane_groups_balance_tokens_and_skip_empty_experts():
-    from clipmoe.experts import _lane_groups
+def test_lanes_run_every_expert_with_tokens_once_largest_first():
+    from clipmoe.experts import _largest_first, _run_lanes
 
-    assert _lane_groups([5, 3, 0, 4], 2) == [[0], [3, 1]]
-    assert _lane_groups([0, 0], 2) == []
-    assert _lane_groups([1, 0], 3) == [[0]]
-    groups = _lane_groups([100, 90, 80, 70, 60, 50, 40, 30], 2)
-    loads = [sum([100, 90, 80, 70, 60, 50, 40, 30][e] for e in g) for g in groups]
-    assert sorted(e for g in groups for e in g) == list(range(8)) and abs(loads[0] - loads[1]) <= 30
+    assert _largest_first([5, 3, 0, 4]) == [0, 3, 1]
+    assert _largest_first([0, 0]) == []
+    splits = [100, 90, 0, 70, 60, 50, 40, 30, 1]
+    for lanes in (1, 2, 3):
+        ran, lock = [], threading.Lock()
+
+        def run(e):
+            with lock:
+                ran.append((e, threading.get_ident()))
+
+        _run_lanes(run, splits, lanes)
+        assert sorted(e for e, _ in ran) == [e for e, n in enumerate(splits) if n]
+        if lanes == 1:  # no helper thread: in order, on the caller's thread
+            assert ran == [(e, threading.get_ident()) for e in _largest_first(splits)]
 
 
 def test_executor_is_remade_in_a_forked_child(monkeypatch):
