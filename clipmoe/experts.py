@@ -227,8 +227,9 @@ def _intra_op_threads(n: int):
 
 def _run_lanes(run: Callable[[int], None], splits: list[int], lanes: int) -> None:
     """run(e) once for every expert with tokens, on `lanes` threads at once, each taking the next expert
-    (largest first) when it is done with one: a static split left one lane idle for up to 20% of the
-    forward when the same products ran slower on one core than on the other (fp32, 2-core EPYC).
+    (largest first) when it is done with one. A static split by token counts left one lane idle for up to
+    90 ms of a 370 ms backward (fp32, 4,096 tokens, 2-core EPYC, where an expert's products took 30-45 ms
+    from one call to the next).
 
     Each lane gets torch's threads divided by the number of lanes. Why: on CPU, oneDNN runs a product
     with a few hundred rows and a 2,048-long reduction on about one core, so one expert at a time leaves
@@ -236,7 +237,9 @@ def _run_lanes(run: Callable[[int], None], splits: list[int], lanes: int) -> Non
     per layer forward + backward on 2 cores: bf16 4,096 tokens k=1 -12%, k=2 -6%, fp32 4,096 k=1 -4%,
     bf16 16,384 -2% (two lanes that both used two threads: -5%, -4%, -1%, -2%). Each expert writes only its
     own rows and its own gradient slices: no races (MKL's fp32 products may round differently on another
-    thread count, so the bits can differ from those of one lane on all threads)."""
+    thread count, so the bits can differ from those of one lane on all threads). Caveat: once the
+    process has called torch.set_num_threads(n), MKL (fp32) ignores the per-lane count and each lane's
+    products use n threads; oneDNN (bf16) keeps to it."""
     todo = _largest_first(splits)
     lanes = min(lanes, len(todo))
     if lanes <= 1:
