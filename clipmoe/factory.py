@@ -13,7 +13,7 @@ from open_clip.transform import image_transform
 
 from .architectures import get_model_config
 from .checkpoint import load, load_weights, read_checkpoint, read_config
-from .config import ModelConfig, deep_merge, from_dict, to_dict
+from .config import ModelConfig, ModelSection, deep_merge, from_dict, to_dict
 from .errors import ClipmoeError
 from .model import CLIP
 from .tokenizer import Tokenizer
@@ -23,18 +23,26 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def create_model(spec: Union[str, ModelConfig], pretrained: Optional[str] = None, **overrides) -> CLIP:
+def create_model(spec: Union[str, ModelConfig, ModelSection], pretrained: Optional[str] = None, **overrides) -> CLIP:
     """Builds a CLIP model.
 
     Args:
-        spec: an architecture name (`clipmoe.list_architectures()`), a ModelConfig, or the path of a
-            file written by `clipmoe.save`.
+        spec: an architecture name (`clipmoe.list_architectures()`), a ModelConfig, a run config's `model`
+            section (its weights and overrides apply, under those given here), or the path of a file
+            written by `clipmoe.save`.
         pretrained: an open_clip / OpenAI checkpoint file (.safetensors, .bin, .pt, .pth) or one of
             open_clip's pretrained tags for this architecture (fetched by open_clip's loader).
         **overrides: nested ModelConfig fields, e.g. `vision={"moe": {"num_experts": 8}}`, `quick_gelu=True`.
     Returns:
         the model in eval mode, on the CPU.
     """
+    if isinstance(spec, ModelSection):
+        pretrained = pretrained or spec.pretrained
+        overrides = deep_merge(spec.overrides, overrides)
+        spec = spec.arch
+    elif not isinstance(spec, (str, Path, ModelConfig)):
+        raise ClipmoeError(f"create_model takes an architecture name, a ModelConfig, a run config's model section "
+                           f"or a saved model's path, not {type(spec).__name__}")
     if isinstance(spec, (str, Path)) and Path(spec).suffix == ".safetensors" and Path(spec).is_file():
         model = load(spec)
         if overrides or pretrained:

@@ -99,7 +99,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     torch.manual_seed(tc.seed + rank)
     random.seed(tc.seed + rank)
     if model is None:
-        model = create_model(cfg.model.arch, pretrained=cfg.model.pretrained, **cfg.model.overrides)
+        model = create_model(cfg.model)
     model = model.to(device).train()
     if not cfg.data.train:
         raise ClipmoeError("data.train: no training shards given")

@@ -31,6 +31,18 @@ def test_quickstart_yaml_matches_embedded_default():
     assert load_run_config(CONFIGS / "quickstart.yaml") == from_dict(RunConfig, QUICKSTART)
 
 
+def test_create_model_from_a_run_configs_model_section():
+    section = load_run_config(CONFIGS / "quickstart.yaml").model
+    model = clipmoe.create_model(section)
+    assert model.config.name == "clipmoe-tiny" and model.config.vision.moe.num_experts == 4
+    # overrides given to create_model apply on top of the section's
+    model = clipmoe.create_model(section, vision={"moe": {"num_experts": 2}})
+    assert model.config.vision.moe.num_experts == 2 and model.config.vision.moe.top_k == 2
+    assert model.config.text.moe.num_experts == 4
+    with pytest.raises(clipmoe.ClipmoeError, match="not dict"):
+        clipmoe.create_model({"arch": "clipmoe-tiny"})
+
+
 def test_base_derivation_and_overrides(tmp_path):
     (tmp_path / "a.yaml").write_text("train: {steps: 5, seed: 3}\noptim: {lr: 0.1}\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {steps: 7}\n")
