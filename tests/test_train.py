@@ -1,6 +1,7 @@
 """A short real training run on procedural shards: the loss falls and the run's outputs are written."""
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from clipmoe.config import RunConfig, from_dict
 from clipmoe.errors import ClipmoeError, ConfigError
 from clipmoe.loss import clip_loss, total_loss
 from clipmoe.moe import MoE
-from clipmoe.train import train
+from clipmoe.train import cpu_bf16_matmul_is_slow, train
 
 
 def _cfg(tiny_shards, tmp_path, **train):
@@ -46,7 +47,12 @@ def test_loss_falls_and_outputs_written(tiny_shards, tmp_path):
 
 
 def test_bf16_autocast_keeps_losses_finite(tiny_shards, tmp_path):
-    result = train(_cfg(tiny_shards, tmp_path, steps=20, precision="bf16"), progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(_cfg(tiny_shards, tmp_path, steps=20, precision="bf16"), progress=False)
+    # said once where this CPU has no fast bf16 matmul (an AVX2 machine), never where it has
+    slow = [w for w in caught if "without bf16 matmul kernels" in str(w.message)]
+    assert len(slow) == int(cpu_bf16_matmul_is_slow())
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
     assert result.model.image.blocks[0].mlp.router.weight.dtype == torch.float32
 
