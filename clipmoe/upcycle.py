@@ -45,7 +45,7 @@ def upcycle(
             file together with `arch`.
         num_experts, top_k: experts per MoE layer and experts per token (token-choice routing).
         every / last / blocks: placement, per tower (every n-th block, the last n, or explicit indices).
-        towers: which towers get MoE layers ("image", "text").
+        towers: which towers get MoE layers: "image", "text", or a sequence of them.
         router: "topk" (token choice) or "expert_choice".
         capacity_factor, eval_capacity_factor: None (default) is dropless, which keeps the model equal
             to its source; a float drops tokens past capacity. For expert choice, C = N * factor / E
@@ -57,6 +57,7 @@ def upcycle(
         With noise_std = reinit_fraction = 0 and no dropped token, the result computes what `model` did.
     """
     model = _source(model, arch)
+    towers = (towers,) if isinstance(towers, str) else tuple(towers)  # towers="image" means that tower only
     bad = [t for t in towers if t not in TOWERS]
     if bad or not towers:
         raise ClipmoeError(f"towers must be a non-empty subset of {TOWERS}, got {tuple(towers)}")

@@ -106,3 +106,8 @@ def test_upcycle_rejects_bad_towers_and_moe_source():
         clipmoe.upcycle(dense, towers=("audio",))
     with pytest.raises(clipmoe.ClipmoeError, match="already has MoE"):
         clipmoe.upcycle(clipmoe.upcycle(dense, num_experts=2), num_experts=2)
+    # one tower by name, not its letters
+    image_only = clipmoe.upcycle(dense, num_experts=2, towers="image")
+    assert image_only.config.vision.moe is not None and image_only.config.text.moe is None
+    with pytest.raises(clipmoe.ClipmoeError, match="towers"):
+        clipmoe.upcycle(dense, towers=())
