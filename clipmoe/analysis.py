@@ -18,12 +18,14 @@ from .plots import plot_routing
 
 @torch.no_grad()
 def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4, batch_size: int = 64,
-                    top_words: int = 10) -> dict:
+                    top_words: int = 10, min_count: int = 3) -> dict:
     """Routes `num_batches` batches of shards through `model` and writes `routing.json` and `routing.png`.
 
     Returns per MoE layer ("image.3", "text.1", ...): `load` (fraction of routed tokens whose top-1 is
-    each expert), and for text layers `top_words` per expert (the words it takes most, with counts) or
-    for image layers `patch_map` per expert (fraction of its tokens at each grid position, CLS first).
+    each expert), and for text layers `top_words` per expert: [word, count, share] for the words of which
+    it takes the largest share of occurrences (words seen at least `min_count` times; by raw count alone
+    every expert's list would start with "a" and "the"), or for image layers `patch_map` per expert
+    (fraction of its tokens at each grid position, CLS first).
     """
     if not any(isinstance(m, MoE) for m in model.modules()):
         raise ClipmoeError("the model has no MoE layers: there is no routing to analyse (upcycle it first)")
@@ -64,8 +66,7 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
     for name, load in sorted(loads.items()):
         entry = {"load": (load / load.sum()).tolist()}
         if name in words:
-            entry["top_words"] = [[(tokenizer.decode([t]).strip(), n) for t, n in c.most_common(top_words + 3)
-                                   if t not in special][:top_words] for c in words[name]]
+            entry["top_words"] = _top_words(words[name], tokenizer, special, top_words, min_count)
         if name in patches:
             hist = patches[name]
             entry["patch_map"] = (hist / hist.sum(1, keepdim=True).clamp_min(1)).tolist()
@@ -75,3 +76,17 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
     (out_dir / "routing.json").write_text(json.dumps(report, indent=1))
     plot_routing(report, out_dir / "routing.png", grid=int((grid_tokens - 1) ** 0.5))
     return report
+
+
+def _top_words(counters: list[Counter], tokenizer, special: set, k: int, min_count: int) -> list[list]:
+    """Per expert, [word, count, share] for the k words of which it took the largest share (ties: more
+    occurrences first), among words seen at least `min_count` times in all (fewer where no word is)."""
+    total = sum(counters, Counter())
+    for t in special:
+        total.pop(t, None)
+    floor = min(min_count, max(total.values(), default=0))
+    out = []
+    for c in counters:
+        ranked = sorted(((c[t] / n, c[t], t) for t, n in total.items() if n >= floor and c[t]), reverse=True)
+        out.append([[tokenizer.decode([t]).strip(), count, round(share, 4)] for share, count, t in ranked[:k]])
+    return out

@@ -49,16 +49,17 @@ def plot_expert_load(load: dict[str, list[float]], path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_routing(report: dict, path: str | Path, grid: int) -> Path:
-    """Heat map of expert load per layer and tower, then where in the image each expert's tokens sit."""
+def plot_routing(report: dict, path: str | Path, grid: int, words_shown: int = 6) -> Path:
+    """Heat map of expert load per layer and tower; then, per image layer, where in the image each expert's
+    tokens sit, and per text layer, the words each expert takes the largest share of."""
     import numpy as np
 
     towers = [t for t in ("image", "text") if any(k.startswith(t) for k in report)]
     image_layers = [k for k in report if "patch_map" in report[k]]
+    text_layers = [k for k in report if report[k].get("top_words")]
     num_experts = max(len(v["load"]) for v in report.values())
-    rows = 1 + len(image_layers)
-    fig, axes = plt.subplots(rows, max(len(towers), num_experts), figsize=(2.2 * max(len(towers), num_experts), 2.4 * rows),
-                             squeeze=False)
+    cols, rows = max(len(towers), num_experts), 1 + len(image_layers) + len(text_layers)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, tower in zip(axes[0], towers):
@@ -74,7 +75,14 @@ def plot_routing(report: dict, path: str | Path, grid: int) -> Path:
         for e, pmap in enumerate(report[name]["patch_map"]):
             ax = axes[r][e]
             ax.imshow(np.array(pmap[1:]).reshape(grid, grid), cmap="magma", vmin=0)
-            ax.set_title(f"{name} expert {e}", fontsize=8)
+            ax.set_title(f"{name} expert {e}: patches", fontsize=8)
+    for r, name in enumerate(text_layers, start=1 + len(image_layers)):
+        for e, top in enumerate(report[name]["top_words"]):
+            ax = axes[r][e]
+            ax.set_title(f"{name} expert {e}: words", fontsize=8)
+            lines = [f"{w[:14]:<14} {share:4.0%}" for w, _, share in top[:words_shown]] or ["(none)"]
+            ax.text(0.05, 0.95, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=8,
+                    transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -67,8 +67,11 @@ def test_analyze_routing_writes_heatmap_and_words(tmp_path, tiny_shards):
     assert set(report) == {"image.0", "image.1", "text.0", "text.1"}
     for name, entry in report.items():
         assert abs(sum(entry["load"]) - 1) < 1e-5
-    words = [w for top in report["text.0"]["top_words"] for w, _ in top]
+    words = [w for top in report["text.0"]["top_words"] for w, _, _ in top]
     assert words and all(isinstance(w, str) and w for w in words)
+    for top in report["text.0"]["top_words"]:  # by the share of the word this expert took, largest first
+        shares = [share for _, _, share in top]
+        assert shares == sorted(shares, reverse=True) and all(0 < x <= 1 for x in shares)
     assert len(report["image.0"]["patch_map"]) == 3 and len(report["image.0"]["patch_map"][0]) == 2 * 2 + 1
     assert (tmp_path / "routing.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "routing.json").read_text()).keys() == report.keys()
@@ -78,6 +81,25 @@ def test_analyze_routing_writes_heatmap_and_words(tmp_path, tiny_shards):
              "--batches", "1")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "cli" / "routing.png").is_file() and "expert 0:" in r.stdout
+
+
+def test_top_words_rank_by_the_share_an_expert_took():
+    from collections import Counter
+
+    from clipmoe.analysis import _top_words
+
+    class Letters:  # token id -> its letter
+        def decode(self, ids):
+            return chr(ids[0])
+
+    a, b, c, sot = ord("a"), ord("b"), ord("c"), 1
+    experts = [Counter({a: 9, b: 1, c: 2, sot: 50}), Counter({a: 1, b: 3})]
+    # c was seen twice in all (< min_count 3) and the start token is special: neither is listed
+    assert _top_words(experts, Letters(), {sot}, k=5, min_count=3) == [[["a", 9, 0.9], ["b", 1, 0.25]],
+                                                                        [["b", 3, 0.75], ["a", 1, 0.1]]]
+    assert _top_words(experts, Letters(), {sot}, k=1, min_count=3) == [[["a", 9, 0.9]], [["b", 3, 0.75]]]
+    # when no word reaches min_count, the floor drops to the most frequent word's count
+    assert _top_words([Counter({a: 1}), Counter({b: 2})], Letters(), set(), k=5, min_count=3) == [[], [["b", 2, 1.0]]]
 
 
 def test_analyze_routing_errors_are_one_line(tmp_path):
