@@ -6,8 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-from loaders import DataError
-
 from .errors import ClipmoeError
 
 
@@ -206,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from loaders import DataError  # here, not at the top: `clipmoe --help` needs no torch
+
     try:
         args.func(args)
     except (ClipmoeError, DataError) as e:

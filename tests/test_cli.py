@@ -13,6 +13,30 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", "clipmoe.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+def test_help_and_import_need_no_torch_and_names_stay_functions():
+    code = """
+import sys
+import clipmoe
+from clipmoe.cli import build_parser
+build_parser().format_help()
+assert "torch" not in sys.modules, "import clipmoe or the parser loaded torch"
+import clipmoe.upcycle, clipmoe.zeroshot_eval  # loading a submodule must not hide the function of its name
+assert callable(clipmoe.upcycle) and callable(clipmoe.zeroshot_eval)
+assert all(getattr(clipmoe, name) is not None for name in clipmoe.__all__)
+assert isinstance(clipmoe.create_model("clipmoe-micro"), clipmoe.CLIP)
+try:
+    clipmoe.no_such_name
+except AttributeError:
+    pass
+else:
+    raise AssertionError("unknown names must raise AttributeError")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = _run("--help")
+    assert r.returncode == 0 and "analyze-routing" in r.stdout
+
+
 def test_upcycle_and_encode(tmp_path):
     dense = clipmoe.save(clipmoe.create_model("clipmoe-micro"), tmp_path / "dense.safetensors")
     out = tmp_path / "moe.safetensors"
