@@ -27,6 +27,7 @@ from clipmoe import cuda_graphs
 from clipmoe.config import MoEConfig
 from clipmoe.model import Mlp
 from clipmoe.moe import MoE
+from clipmoe.train import cpu_bf16_matmul_is_slow
 
 D, F_, E = 512, 2048, 8
 
@@ -130,7 +131,8 @@ def deepspeed_layer(k: int, cf, device, dtype):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--dtypes", nargs="+", default=None,
+                   help="default: fp32 bf16 (fp32 only on a CPU without bf16 matmul kernels)")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--cfs", nargs="+", default=["1.25", "dropless"])
     p.add_argument("--reps", type=int, default=8)
@@ -141,10 +143,15 @@ def main():
     p.add_argument("--profile", metavar="DIR", help="also profile one step per row: tables to DIR, kernel counts")
     args = p.parse_args()
     device = torch.device(args.device)
+    no_bf16 = args.dtypes is None and device.type == "cpu" and cpu_bf16_matmul_is_slow()
+    if args.dtypes is None:  # without bf16 kernels one dense bf16 step takes ~100 s at 4,096 tokens
+        args.dtypes = ["fp32"] if no_bf16 else ["fp32", "bf16"]
     print(f"# {date.today()} {platform.node()} {device} torch {torch.__version__} threads {torch.get_num_threads()}")
     # the allocator moves the CPU numbers (page faults of fresh temporaries; see BENCHMARKS.md)
     malloc = os.environ.get("LD_PRELOAD") or os.environ.get("GLIBC_TUNABLES") or "glibc defaults"
     print(f"# malloc: {malloc}; " + ("back to back (throughput)" if args.back_to_back else "one step per timing"))
+    if no_bf16:
+        print("# no bf16 rows: this CPU has no bf16 matmul kernels (AVX-512 or AMX); --dtypes bf16 runs them")
     print(f"{'tokens':>6} {'dtype':>5} {'k':>2} {'cf':>8} | {'dense xk':>9} {'clipmoe':>9} {'deepspeed':>9} "
           f"{'graphed':>9} | {'ours/dense':>10} {'ds/ours':>8} {'ds/graphed':>10}")
     for tokens in args.tokens:
