@@ -11,10 +11,9 @@ S assignments kept after capacity (S <= A).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-import functools
-from functools import cached_property
 from typing import Callable, Optional
 
 import torch
@@ -62,33 +61,33 @@ class MoEAux:
     def __repr__(self):
         return f"MoEAux(tower={self.tower!r}, block={self.block}, tokens_per_expert={self.tokens_per_expert.tolist()})"
 
-    @cached_property
+    @functools.cached_property
     def _mean_p(self) -> torch.Tensor:
         return self._probs.mean(0)
 
-    @cached_property
+    @functools.cached_property
     def _lse(self) -> torch.Tensor:
         return torch.logsumexp(self._logits, dim=-1)
 
-    @cached_property
+    @functools.cached_property
     @_no_autocast
     def balance_loss(self) -> torch.Tensor:
         N, E = self._probs.shape
         counts_E = _counts(self.top1, E) if self._top1_counts is None else self._top1_counts
         return (E / N) * (counts_E.to(self._probs.dtype) @ self._mean_p)
 
-    @cached_property
+    @functools.cached_property
     @_no_autocast
     def z_loss(self) -> torch.Tensor:
         return (self._lse @ self._lse) / self._lse.numel()
 
-    @cached_property
+    @functools.cached_property
     @_no_autocast
     def entropy(self) -> torch.Tensor:
         # H = lse - sum_e p_e * logits_e, since log p = logits - lse and p sums to 1
         return (self._lse.sum() - (self._probs * self._logits).sum()) / self._lse.numel()
 
-    @cached_property
+    @functools.cached_property
     @_no_autocast
     def marginal_entropy(self) -> torch.Tensor:
         m = self._mean_p  # clamped log: an expert no token may pick (p = 0) gets a finite gradient
