@@ -27,6 +27,8 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
     every expert's list would start with "a" and "the"), or for image layers `patch_map` per expert
     (fraction of its tokens at each grid position, CLS first).
     """
+    if num_batches < 1:
+        raise ClipmoeError(f"num_batches must be >= 1, got {num_batches}")
     if not any(isinstance(m, MoE) for m in model.modules()):
         raise ClipmoeError("the model has no MoE layers: there is no routing to analyse (upcycle it first)")
     model.eval()
@@ -80,10 +82,13 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
 
 def _top_words(counters: list[Counter], tokenizer, special: set, k: int, min_count: int) -> list[list]:
     """Per expert, [word, count, share] for the k words of which it took the largest share (ties: more
-    occurrences first), among words seen at least `min_count` times in all (fewer where no word is)."""
+    occurrences first), among words seen at least `min_count` times in all (fewer where no word is).
+    Punctuation tokens ("," ".") are not words and are left out."""
     total = sum(counters, Counter())
     for t in special:
         total.pop(t, None)
+    for t in [t for t in total if not any(ch.isalnum() for ch in tokenizer.decode([t]))]:
+        del total[t]
     floor = min(min_count, max(total.values(), default=0))
     out = []
     for c in counters:

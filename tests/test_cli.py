@@ -116,9 +116,9 @@ def test_top_words_rank_by_the_share_an_expert_took():
         def decode(self, ids):
             return chr(ids[0])
 
-    a, b, c, sot = ord("a"), ord("b"), ord("c"), 1
-    experts = [Counter({a: 9, b: 1, c: 2, sot: 50}), Counter({a: 1, b: 3})]
-    # c was seen twice in all (< min_count 3) and the start token is special: neither is listed
+    a, b, c, comma, sot = ord("a"), ord("b"), ord("c"), ord(","), 1
+    experts = [Counter({a: 9, b: 1, c: 2, sot: 50, comma: 7}), Counter({a: 1, b: 3})]
+    # c was seen twice in all (< min_count 3), the start token is special and "," is not a word: none is listed
     assert _top_words(experts, Letters(), {sot}, k=5, min_count=3) == [[["a", 9, 0.9], ["b", 1, 0.25]],
                                                                         [["b", 3, 0.75], ["a", 1, 0.1]]]
     assert _top_words(experts, Letters(), {sot}, k=1, min_count=3) == [[["a", 9, 0.9]], [["b", 3, 0.75]]]
@@ -133,9 +133,11 @@ def test_analyze_routing_errors_are_one_line(tmp_path):
     (tmp_path / "bad-0.tar").write_bytes(b"not a tar")
     cases = [(moe, str(tmp_path / "none-{0..1}.tar"), "no samples could be read"),
              (moe, str(tmp_path / "bad-0.tar"), "truncated_shard"),
-             (dense, str(tmp_path / "bad-0.tar"), "no MoE layers")]
+             (dense, str(tmp_path / "bad-0.tar"), "no MoE layers"),
+             (moe, str(tmp_path / "bad-0.tar"), "num_batches must be >= 1")]
     for model, data, message in cases:
-        r = _run("analyze-routing", "--model", str(model), "--data", data, "--out", str(tmp_path / "out"))
+        batches = ["--batches", "0"] if "num_batches" in message else []
+        r = _run("analyze-routing", "--model", str(model), "--data", data, "--out", str(tmp_path / "out"), *batches)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
 
 
