@@ -25,7 +25,11 @@ def _train(args) -> None:
 
     result = train(load_run_config(args.config, args.set))
     last = result.history[-1]
-    print(f"step {last['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step"))
+    scalars = {k: v for k, v in last.items() if k != "step" and isinstance(v, (int, float))}
+    print(f"step {last['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+    for layer in last.get("moe", []):  # the moe_report of the last logged step
+        print(f"  {layer['tower']}.{layer['block']:<3} tokens per expert {layer['tokens_per_expert']}, "
+              f"dropped {layer['dropped_fraction']:.1%}")
     print(f"data: {result.data_stats}")
     for name, path in result.files.items():
         print(f"  {name:<17} {path}")

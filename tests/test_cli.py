@@ -37,6 +37,26 @@ else:
     assert r.returncode == 0 and "analyze-routing" in r.stdout
 
 
+def test_train_prints_the_last_row_and_moe_layers(tmp_path, tiny_shards):
+    from PIL import Image
+
+    root = tmp_path / "colours"  # a folder benchmark, so the last row also carries zero-shot results
+    for name, rgb in {"red": (220, 30, 30), "blue": (30, 40, 220)}.items():
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (16, 16), rgb).save(root / name / "0.png")
+    moe = {"num_experts": 2, "top_k": 1, "every": 1}
+    cfg = {"model": {"arch": "clipmoe-micro", "overrides": {"vision": {"moe": moe}, "text": {"moe": moe}}},
+           "data": {"train": tiny_shards["train"], "batch_size": 8},
+           "train": {"steps": 5, "log_every": 1, "out_dir": str(tmp_path / "run")},
+           "eval": {"zeroshot": ["folder"], "data_root": str(root), "every": 0}}
+    (tmp_path / "run.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    r = _run("train", str(tmp_path / "run.yaml"), "--set", "train.steps=3")
+    assert r.returncode == 0, r.stderr
+    assert "step 2: lr" in r.stdout and "contrastive" in r.stdout
+    assert "image.0   tokens per expert" in r.stdout and "text.1   tokens per expert" in r.stdout
+    assert (tmp_path / "run" / "loss.png").is_file()
+
+
 def test_upcycle_and_encode(tmp_path):
     dense = clipmoe.save(clipmoe.create_model("clipmoe-micro"), tmp_path / "dense.safetensors")
     out = tmp_path / "moe.safetensors"
