@@ -43,7 +43,8 @@ class MoEConfig:
     k1_gate: str = "multiply"
     expert_mlp_ratio: Optional[float] = None  # expert hidden width / tower width; None: the tower's
     # "topk": tokens choose experts; "expert_choice": each expert takes its top C tokens (Zhou et al.
-    # 2022), C = ceil(N * capacity_factor / E) with capacity_factor 2.0 when null.
+    # 2022), C = ceil(N * capacity_factor / E) (2.0 in the paper). Null is dropless there too: C = N, every
+    # expert may take every token (E times a dense layer's compute); a null eval factor keeps training's.
     router: str = "topk"
     batch_priority: bool = False  # V-MoE's Batch Prioritized Routing: confident tokens claim slots first
     jitter: float = 0.0  # Switch: router inputs times U(1 - jitter, 1 + jitter) in training

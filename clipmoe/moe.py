@@ -122,9 +122,10 @@ class MoE(nn.Module):
     def capacity(self, num_tokens: int) -> Optional[int]:
         cfg = self.cfg
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
-        if cfg.router == "expert_choice":  # there is no dropless expert choice: C = N * c / E
-            factor = factor or cfg.capacity_factor or 2.0
-            if math.isinf(factor):
+        if cfg.router == "expert_choice":  # C = N * c / E
+            if factor is None and not self.training:  # evaluation keeps training's C unless given its own
+                factor = cfg.capacity_factor
+            if factor is None or math.isinf(factor):  # dropless: only C = N guarantees every token an expert
                 return num_tokens
             return min(num_tokens, max(cfg.min_capacity, math.ceil(num_tokens * factor / cfg.num_experts)))
         return capacity(num_tokens, cfg.num_experts, cfg.top_k, factor, cfg.min_capacity)

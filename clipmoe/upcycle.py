@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import FORMAT, load
+from .checkpoint import FORMAT, load, load_weights
 from .config import MoEConfig
 from .errors import ClipmoeError
 from .factory import create_model
@@ -19,7 +19,7 @@ TOWERS = ("image", "text")
 
 
 def upcycle(
-    model: Union[CLIP, str, Path],
+    model: Union[CLIP, torch.nn.Module, Mapping[str, torch.Tensor], str, Path],
     num_experts: int = 8,
     top_k: int = 2,
     every: int = 2,
@@ -41,15 +41,16 @@ def upcycle(
     """Returns a new MoE model upcycled from a dense one (`model` itself is not changed).
 
     Args:
-        model: a CLIP model, the path of a `clipmoe.save` file, or an open_clip / OpenAI checkpoint
-            file together with `arch`.
+        model: a clipmoe CLIP model, the path of a `clipmoe.save` file, or, together with `arch`, an
+            open_clip / OpenAI checkpoint file, an open_clip model or its state dict.
         num_experts, top_k: experts per MoE layer and experts per token (token-choice routing).
         every / last / blocks: placement, per tower (every n-th block, the last n, or explicit indices).
         towers: which towers get MoE layers: "image", "text", or a sequence of them.
         router: "topk" (token choice) or "expert_choice".
         capacity_factor, eval_capacity_factor: None (default) is dropless, which keeps the model equal
-            to its source; a float drops tokens past capacity. For expert choice, C = N * factor / E
-            (factor = num_experts makes every expert take every token: again equal to the source).
+            to its source; a float drops tokens past capacity. For expert choice, C = N * factor / E, and
+            dropless (None, or factor = num_experts) is C = N: every expert takes every token, its output
+            weighted by the router's probability, which again equals the source (at E times the compute).
         batch_priority, min_capacity, jitter: as in MoEConfig.
         noise_std: relative std of Gaussian noise added to each expert copy to break their symmetry.
         reinit_fraction: Drop-Upcycling (Nakamura et al. 2025): this fraction of each expert's hidden
@@ -87,6 +88,21 @@ def upcycle(
 def _source(model, arch: Optional[str]) -> CLIP:
     if isinstance(model, CLIP):
         return model
+    if isinstance(model, (torch.nn.Module, Mapping)):
+        if not arch:
+            raise ClipmoeError(f"give arch= (e.g. 'ViT-B-32') to upcycle a {type(model).__module__}.{type(model).__name__}: only clipmoe "
+                               "models carry their architecture")
+        overrides = {}
+        if isinstance(model, torch.nn.Module):
+            # open_clip picks the activation by name ("-quickgelu"): follow the model, not the name given
+            overrides["quick_gelu"] = any(type(m).__name__ == "QuickGELU" for m in model.modules())
+        state = model.state_dict() if isinstance(model, torch.nn.Module) else dict(model)
+        dense = create_model(arch, **overrides)
+        load_weights(dense, state, f"the {type(model).__name__} given")
+        return dense.train(model.training) if isinstance(model, torch.nn.Module) else dense
+    if not isinstance(model, (str, Path)):
+        raise ClipmoeError(f"upcycle takes a CLIP model, an open_clip model or state dict (with arch=) or a "
+                           f"checkpoint path, not {type(model).__name__}")
     path = Path(model)
     if arch:
         return create_model(arch, pretrained=str(path))

@@ -1,4 +1,5 @@
 """The MoE layer against a slow, obvious reference loop, and its auxiliary terms against formulas."""
+import dataclasses
 import math
 
 import pytest
@@ -192,9 +193,14 @@ def test_infinite_capacity_factor_is_dropless():
     (y_inf, aux), (y_none, _) = inf_layer(x), dropless(x)
     assert aux.dropped_fraction.item() == 0
     torch.testing.assert_close(y_inf, y_none, rtol=0, atol=0)
-    ec = make_layer(E=4, K=1, cf=math.inf, router="expert_choice").train()
-    assert ec.capacity(30) == 30  # every expert takes every token
-    assert torch.isfinite(ec(x)[0]).all()
+    for cf in (math.inf, None):  # dropless expert choice: every expert takes every token
+        ec = make_layer(E=4, K=1, cf=cf, router="expert_choice")
+        assert ec.train().capacity(30) == 30 and ec.eval().capacity(30) == 30
+        y, aux = ec.train()(x)
+        assert aux.dropped_fraction.item() == 0 and aux.tokens_per_expert.tolist() == [30] * 4
+        torch.testing.assert_close(y, reference_expert_choice(ec, x)[0], rtol=1e-5, atol=1e-5)
+    ec.cfg = dataclasses.replace(ec.cfg, capacity_factor=2.0, eval_capacity_factor=None)
+    assert ec.train().capacity(30) == ec.eval().capacity(30) == 15  # a null eval factor keeps training's
 
 
 def test_dropped_tokens_get_zero_and_counts_follow_capacity():

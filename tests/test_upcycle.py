@@ -47,6 +47,7 @@ def test_upcycled_vit_b32_equals_dense(dense_b32, k, every):
     {"top_k": 2, "batch_priority": True},
     {"top_k": 2, "capacity_factor": 4.0, "eval_capacity_factor": 4.0, "min_capacity": 10_000},
     {"router": "expert_choice", "capacity_factor": 4.0, "eval_capacity_factor": 4.0},  # C = N: nothing dropped
+    {"router": "expert_choice"},  # dropless (the default None) expert choice is C = N too
 ])
 def test_every_non_dropping_mode_equals_dense(kwargs):
     dense = clipmoe.create_model("clipmoe-tiny")
@@ -77,6 +78,16 @@ def test_upcycle_open_clip_checkpoint(tmp_path):
         assert (up.eval().encode_image(images) - ref.encode_image(images)).abs().max() < 1e-5
     with pytest.raises(clipmoe.ClipmoeError, match="arch="):
         clipmoe.upcycle(tmp_path / "b32.bin")
+    # the open_clip model itself, or its state dict; the model's activation wins over the name's "-quickgelu"
+    from_model = clipmoe.upcycle(ref, arch="ViT-B-32-quickgelu", num_experts=2, top_k=1, every=6)
+    from_state = clipmoe.upcycle(ref.state_dict(), arch="ViT-B-32", num_experts=2, every=12)
+    assert not from_model.config.quick_gelu and not from_model.training
+    with torch.no_grad():
+        for up in (from_model, from_state):
+            assert (up.eval().encode_image(images) - ref.encode_image(images)).abs().max() < 1e-5
+    for bad, match in [(ref, "arch="), (3, "not int")]:
+        with pytest.raises(clipmoe.ClipmoeError, match=match):
+            clipmoe.upcycle(bad)
 
 
 def test_experts_are_copies_and_router_zero():
