@@ -35,6 +35,9 @@ def _no_autocast(term):
     return wrapper
 
 
+_TERMS = ("balance_loss", "z_loss", "entropy", "marginal_entropy")
+
+
 class MoEAux:
     """What one MoE layer reports about its last forward. The loss terms are raw (no coefficients) and are
     computed from the fp32 router logits on first use, so a forward whose terms nobody reads (inference, a
@@ -57,6 +60,13 @@ class MoEAux:
         self._logits, self._probs = logits, probs
         self._top1_counts = top1_counts  # the top-1 choices' counts where the layer has them; else from top1
         self.__dict__.update(terms)  # terms computed elsewhere (a CUDA graph's outputs) take the properties' place
+
+    def detach(self) -> "MoEAux":
+        """The same report holding no autograd graph (a layer keeps this of its last call: `moe_report(model)`)."""
+        terms = {k: v.detach() for k, v in self.__dict__.items() if k in _TERMS and torch.is_tensor(v)}
+        logits, probs = (None if t is None else t.detach() for t in (self._logits, self._probs))
+        return MoEAux(self.tower, self.block, self.tokens_per_expert, self.top1, self.dropped_fraction.detach(),
+                      logits, probs, self._top1_counts, **terms)
 
     def __repr__(self):
         return f"MoEAux(tower={self.tower!r}, block={self.block}, tokens_per_expert={self.tokens_per_expert.tolist()})"
@@ -118,6 +128,7 @@ class MoE(nn.Module):
         nn.init.normal_(self.router.weight, std=0.02)
         self.experts = Experts(cfg.num_experts, dim, hidden, act_layer)
         self.shared = shared  # an always-on dense MLP (cfg.shared_expert), built by the caller
+        self.last_aux: Optional[MoEAux] = None  # the report of the last call, detached (moe_report(model))
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         cfg = self.cfg
@@ -219,8 +230,11 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
         graph = self.__dict__.get("_cuda_graph")  # see cuda_graphs.capture
         if graph is not None and graph.accepts(self, x, token_mask):
-            return graph(x)
-        return self.eager_forward(x, token_mask)
+            y, aux = graph(x)
+        else:
+            y, aux = self.eager_forward(x, token_mask)
+        self.last_aux = aux.detach()
+        return y, aux
 
     def eager_forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
         shape = x.shape
@@ -302,8 +316,14 @@ class _RouterLogits(torch.autograd.Function):
 
 def moe_report(output) -> list[dict]:
     """Per MoE layer of a forward (a CLIPOutput or a list of MoEAux): tower, block, tokens per expert,
-    fraction dropped, router entropy, balance and z loss, as plain Python numbers."""
-    aux = getattr(output, "aux", output)
+    fraction dropped, router entropy, balance and z loss, as plain Python numbers.
+
+    Given a model instead, each of its MoE layers' last call, which also covers `encode_image` /
+    `encode_text` (after `encode_text` alone, the image layers' entries are of their own last call)."""
+    if isinstance(output, nn.Module):
+        aux = [m.last_aux for m in output.modules() if isinstance(m, MoE) and m.last_aux is not None]
+    else:
+        aux = getattr(output, "aux", output)
     return [{
         "tower": a.tower,
         "block": a.block,

@@ -174,6 +174,26 @@ def test_moe_report_keys():
     assert sum(row["tokens_per_expert"]) == 32 and isinstance(row["entropy"], float)
 
 
+def test_moe_report_of_a_model_is_each_layers_last_call():
+    import clipmoe
+
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=4, top_k=2, every=1).train()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.router.weight.normal_()
+    tokenize = clipmoe.get_tokenizer(model)
+    assert clipmoe.moe_report(model) == []  # no call yet
+    out = model(torch.randn(2, 3, 16, 16), tokenize(["a red square", "b"]))
+    assert clipmoe.moe_report(model) == clipmoe.moe_report(out)
+    kept = [m.last_aux for m in model.modules() if isinstance(m, MoE)]
+    assert not any(t.requires_grad for a in kept for t in (a._logits, a._probs, a.dropped_fraction))  # no graph held
+    out.image_features.sum().backward()  # reading the kept reports did not touch the training graph
+    model.encode_text(tokenize(["one two three four five six"]))
+    text_rows = [r for r in clipmoe.moe_report(model) if r["tower"] == "text"]
+    assert [sum(r["tokens_per_expert"]) for r in text_rows] == [2 * 8, 2 * 8]  # sot + 6 words + eot, k = 2
+
+
 def test_capacity_rule():
     assert capacity(100, 8, 2, 1.25, 4) == math.ceil(2 * 100 / 8 * 1.25)
     assert capacity(4, 8, 1, 1.0, 4) == 4
