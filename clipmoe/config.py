@@ -137,12 +137,27 @@ def _check_tower(cfg) -> None:
 
 
 @dataclass
+class UpcycleConfig:
+    """How a dense `pretrained` checkpoint fills MoE layers (sparse upcycling; see clipmoe.upcycle)."""
+
+    noise_std: float = 0.0  # relative noise on each expert copy
+    reinit_fraction: float = 0.0  # Drop-Upcycling: share of each expert's hidden units re-initialised
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.noise_std >= 0, "noise_std", self.noise_std, "must be >= 0")
+        _check(0 <= self.reinit_fraction <= 1, "reinit_fraction", self.reinit_fraction, "must be in [0, 1]")
+
+
+@dataclass
 class ModelSection:
-    """The model of a run: an architecture by name, optional weights, overrides and upcycling."""
+    """The model of a run: an architecture by name, optional weights, overrides and upcycling. A dense
+    `pretrained` checkpoint under overrides that add MoE layers is upcycled into them (`upcycle`)."""
 
     arch: str = "ViT-B-32"
     pretrained: Optional[str] = None
     overrides: dict = field(default_factory=dict)  # merged into the architecture's ModelConfig
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
 
 
 @dataclass

@@ -13,10 +13,11 @@ from open_clip.transform import image_transform
 
 from .architectures import get_model_config
 from .checkpoint import load, load_weights, read_checkpoint, read_config
-from .config import ModelConfig, ModelSection, deep_merge, from_dict, to_dict
+from .config import ModelConfig, ModelSection, UpcycleConfig, deep_merge, from_dict, to_dict
 from .errors import ClipmoeError
 from .model import CLIP
 from .tokenizer import Tokenizer
+from .upcycle import is_dense_state_dict, load_upcycled
 
 # open_clip's CLIP models all normalise with OpenAI's statistics.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -31,13 +32,16 @@ def create_model(spec: Union[str, ModelConfig, ModelSection], pretrained: Option
             section (its weights and overrides apply, under those given here), or the path of a file
             written by `clipmoe.save`.
         pretrained: an open_clip / OpenAI checkpoint file (.safetensors, .bin, .pt, .pth) or one of
-            open_clip's pretrained tags for this architecture (fetched by open_clip's loader).
+            open_clip's pretrained tags for this architecture (fetched by open_clip's loader). A dense
+            checkpoint for a config with MoE layers is upcycled into them (`upcycle.load_upcycled`; a
+            ModelSection's `upcycle` settings apply).
         **overrides: nested ModelConfig fields, e.g. `vision={"moe": {"num_experts": 8}}`, `quick_gelu=True`.
     Returns:
         the model in eval mode, on the CPU.
     """
+    upcycling = UpcycleConfig()
     if isinstance(spec, ModelSection):
-        pretrained = pretrained or spec.pretrained
+        pretrained, upcycling = pretrained or spec.pretrained, spec.upcycle
         overrides = deep_merge(spec.overrides, overrides)
         spec = spec.arch
     elif not isinstance(spec, (str, Path, ModelConfig)):
@@ -55,7 +59,11 @@ def create_model(spec: Union[str, ModelConfig, ModelSection], pretrained: Option
     model = CLIP(cfg)
     if pretrained:
         path = _resolve_pretrained(cfg.name, pretrained)
-        load_weights(model, read_checkpoint(path), str(path))
+        state = read_checkpoint(path)
+        if (cfg.vision.moe or cfg.text.moe) and is_dense_state_dict(state):  # sparse upcycling
+            load_upcycled(model, state, str(path), upcycling.noise_std, upcycling.reinit_fraction, upcycling.seed)
+        else:
+            load_weights(model, state, str(path))
     return model.eval()
 
 

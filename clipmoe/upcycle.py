@@ -12,7 +12,6 @@ import torch
 from .checkpoint import FORMAT, load, load_weights
 from .config import MoEConfig
 from .errors import ClipmoeError
-from .factory import create_model
 from .model import CLIP
 
 TOWERS = ("image", "text")
@@ -85,7 +84,29 @@ def upcycle(
     return new.train(model.training)
 
 
+def load_upcycled(model: CLIP, state_dict: dict, source: str, noise_std: float = 0.0, reinit_fraction: float = 0.0,
+                  seed: int = 0) -> None:
+    """Fills `model`, whose config has MoE layers, from the state dict of the dense model of the same
+    architecture (clipmoe or open_clip keys): what `create_model(..., pretrained=DENSE)` does for an MoE
+    config. Unlike `upcycle`, the routing settings are the config's own: with top-1 and k1_gate "multiply"
+    (the default) the gate scales each output, so the model starts equal to its source only with
+    k1_gate "straight_through" or top_k > 1 (and no dropped token)."""
+    cfg = model.config
+    dense = CLIP(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, moe=None),
+                                     text=dataclasses.replace(cfg.text, moe=None)))
+    load_weights(dense, state_dict, source)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.load_state_dict(_upcycled_state(dense, model, noise_std, reinit_fraction, generator))
+
+
+def is_dense_state_dict(state_dict: dict) -> bool:
+    return not any(".mlp.experts." in k or ".mlp.router." in k for k in state_dict)
+
+
 def _source(model, arch: Optional[str]) -> CLIP:
+    from .factory import create_model  # here: factory upcycles dense checkpoints with this module
+
     if isinstance(model, CLIP):
         return model
     if isinstance(model, (torch.nn.Module, Mapping)):
@@ -139,6 +160,14 @@ def _upcycled_state(dense: CLIP, new: CLIP, noise_std: float, reinit_fraction: f
                 continue
             E = nb.mlp.cfg.num_experts
             fc1, fc2 = db.mlp.fc1, db.mlp.fc2
+            if nb.mlp.experts.w1.shape[1:] != fc1.weight.shape:
+                raise ClipmoeError(f"{tower} block {i}: experts of hidden width {nb.mlp.experts.w1.shape[1]} cannot "
+                                   f"copy a dense MLP of hidden width {fc1.weight.shape[0]} (set expert_mlp_ratio "
+                                   "to null, or to the tower's mlp_ratio, to upcycle)")
+            if nb.mlp.shared is not None:  # the shared expert starts from the dense MLP with a zero output
+                state.update({prefix + "shared." + k: v for k, v in db.mlp.state_dict().items()})
+                state[prefix + "shared.fc2.weight"] = torch.zeros_like(fc2.weight)
+                state[prefix + "shared.fc2.bias"] = torch.zeros_like(fc2.bias)
             experts = {  # both expert matrices are (E, hidden, width); see experts.py
                 "w1": fc1.weight.expand(E, -1, -1), "b1": fc1.bias.expand(E, -1),
                 "w2": fc2.weight.t().expand(E, -1, -1), "b2": fc2.bias.expand(E, -1),

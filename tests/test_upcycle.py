@@ -122,3 +122,32 @@ def test_upcycle_rejects_bad_towers_and_moe_source():
     assert image_only.config.vision.moe is not None and image_only.config.text.moe is None
     with pytest.raises(clipmoe.ClipmoeError, match="towers"):
         clipmoe.upcycle(dense, towers=())
+
+
+def test_dense_pretrained_under_moe_overrides_is_upcycled(tmp_path):
+    from clipmoe.config import ModelSection, from_dict
+
+    torch.manual_seed(0)
+    dense = clipmoe.create_model("clipmoe-micro")
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.save(dense.state_dict(), tmp_path / "dense.pt")
+    open_clip_file = clipmoe.save_open_clip(dense, tmp_path / "dense_open_clip.safetensors")
+    moe = {"num_experts": 3, "top_k": 2, "every": 1, "capacity_factor": None}
+    for source in (tmp_path / "dense.pt", open_clip_file):
+        up = clipmoe.create_model("clipmoe-micro", pretrained=str(source), vision={"moe": moe}, text={"moe": moe})
+        assert isinstance(up.image.blocks[0].mlp, MoE) and isinstance(up.text.blocks[1].mlp, MoE)
+        _check_identity(dense, up, 16, 16)
+    # a run config's model section: a shared expert starts with a zero output, so the model is still the same
+    section = {"arch": "clipmoe-micro", "pretrained": str(tmp_path / "dense.pt"),
+               "overrides": {"vision": {"moe": {**moe, "shared_expert": True}}}}
+    up = clipmoe.create_model(from_dict(ModelSection, section))
+    assert torch.equal(up.image.blocks[0].mlp.shared.fc1.weight, dense.image.blocks[0].mlp.fc1.weight)
+    _check_identity(dense, up, 16, 16)
+    noisy = clipmoe.create_model(from_dict(ModelSection, {**section, "upcycle": {"noise_std": 0.1, "seed": 1}}))
+    w1 = noisy.image.blocks[0].mlp.experts.w1
+    assert not torch.equal(w1[0], w1[1])
+    with pytest.raises(clipmoe.ClipmoeError, match="hidden width"):
+        clipmoe.create_model("clipmoe-micro", pretrained=str(tmp_path / "dense.pt"),
+                             vision={"moe": {**moe, "expert_mlp_ratio": 2.0}})
