@@ -111,8 +111,9 @@ def _source(model, arch: Optional[str]) -> CLIP:
         return model
     if isinstance(model, (torch.nn.Module, Mapping)):
         if not arch:
-            raise ClipmoeError(f"give arch= (e.g. 'ViT-B-32') to upcycle a {type(model).__module__}.{type(model).__name__}: only clipmoe "
-                               "models carry their architecture")
+            kind = f"{type(model).__module__}.{type(model).__name__}"
+            raise ClipmoeError(f"give arch= (e.g. 'ViT-B-32') to upcycle a {kind}: only clipmoe models carry their "
+                               "architecture")
         overrides = {}
         if isinstance(model, torch.nn.Module):
             # open_clip picks the activation by name ("-quickgelu"): follow the model, not the name given
