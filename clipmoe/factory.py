@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import urllib.parse
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Union
@@ -57,13 +58,18 @@ def create_model(spec: Union[str, ModelConfig, ModelSection], pretrained: Option
     else:
         cfg = get_model_config(str(spec), overrides or None)
     model = CLIP(cfg)
+    upcycled = False
     if pretrained:
         path = _resolve_pretrained(cfg.name, pretrained)
         state = read_checkpoint(path)
-        if (cfg.vision.moe or cfg.text.moe) and is_dense_state_dict(state):  # sparse upcycling
+        upcycled = bool(cfg.vision.moe or cfg.text.moe) and is_dense_state_dict(state)
+        if upcycled:  # sparse upcycling
             load_upcycled(model, state, str(path), upcycling.noise_std, upcycling.reinit_fraction, upcycling.seed)
         else:
             load_weights(model, state, str(path))
+    if not upcycled and (upcycling.noise_std or upcycling.reinit_fraction):
+        warnings.warn("model.upcycle settings have no effect: they apply when a dense `pretrained` checkpoint "
+                      "fills MoE layers", stacklevel=2)
     return model.eval()
 
 

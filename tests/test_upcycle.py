@@ -148,6 +148,8 @@ def test_dense_pretrained_under_moe_overrides_is_upcycled(tmp_path):
     noisy = clipmoe.create_model(from_dict(ModelSection, {**section, "upcycle": {"noise_std": 0.1, "seed": 1}}))
     w1 = noisy.image.blocks[0].mlp.experts.w1
     assert not torch.equal(w1[0], w1[1])
+    with pytest.warns(UserWarning, match="no effect"):  # nothing to upcycle: said, not silently ignored
+        clipmoe.create_model(from_dict(ModelSection, {"arch": "clipmoe-micro", "upcycle": {"reinit_fraction": 0.5}}))
     with pytest.raises(clipmoe.ClipmoeError, match="hidden width"):
         clipmoe.create_model("clipmoe-micro", pretrained=str(tmp_path / "dense.pt"),
                              vision={"moe": {**moe, "expert_mlp_ratio": 2.0}})
