@@ -4,9 +4,10 @@ Why: at CLIP-tower sizes one MoE layer's GPU work is well under a millisecond, a
 kernels one at a time costs the host several (H200, 4,096 tokens, bf16: 3.6-5.3 ms per forward + backward
 for 0.5-1.9 ms of GPU time). A replayed graph launches them all at once.
 
-A graph needs fixed shapes and no host syncs, which is what the grouped_mm path gives (CUDA, bf16 compute:
-`Experts.sync_free`): token choice (dropless or with capacity, whose dropped assignments then keep rows
-after the expert groups) or expert choice, on inputs of one shape, without a token mask. Built on
+A graph needs fixed shapes and no host syncs (`MoE.sync_free`): with bf16 compute, the grouped_mm path, for
+token choice (dropless or with capacity, whose dropped assignments then keep rows after the expert groups)
+and expert choice; in other dtypes, capacity mode and expert choice, whose experts then run padded to the
+static capacity; on inputs of one shape, without a token mask. Built on
 `torch.cuda.make_graphed_callables`, so its rules hold: the outputs live in the graph's own memory and the
 next call of the same layer overwrites them (use y and the aux terms, backward included, before calling the
 layer again); parameters are updated in place (any torch optimizer does); under autocast, capture and call
@@ -43,10 +44,11 @@ class GraphedMoE:
     def __init__(self, layer: MoE, sample: torch.Tensor, warmup: int = 3):
         if not sample.is_cuda:
             raise ValueError(f"CUDA graphs need a CUDA input; got one on {sample.device}")
-        if not layer.experts.sync_free(sample):
-            raise ValueError("CUDA graphs need the sync-free grouped_mm path: bf16 compute on a GPU with grouped_mm "
-                             f"(compute capability 8.0+, or 9.0+ on torch without F.grouped_mm); got {sample.dtype} "
-                             f"input, autocast {torch.is_autocast_enabled('cuda')}")
+        if not layer.sync_free(sample):
+            raise ValueError("CUDA graphs need a sync-free layer: bf16 compute on a GPU with grouped_mm (compute "
+                             "capability 8.0+, or 9.0+ on torch without F.grouped_mm), or a capacity factor (or "
+                             f"expert choice) in other dtypes; got {sample.dtype} input, autocast "
+                             f"{torch.is_autocast_enabled('cuda')}, capacity factor {layer.cfg.capacity_factor}")
         self.shape, self.dtype, self.requires_grad = sample.shape, sample.dtype, sample.requires_grad
         self.training = layer.training
         self.autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
@@ -100,7 +102,7 @@ def capture_model(model: nn.Module, *inputs, autocast_dtype: Optional[torch.dtyp
 
     def record(layer, args):
         x, mask = args[0], (args[1] if len(args) > 1 else None)
-        if mask is None and layer not in calls and x.is_cuda and layer.experts.sync_free(x):
+        if mask is None and layer not in calls and x.is_cuda and layer.sync_free(x):
             calls[layer] = (x.shape, x.dtype, x.requires_grad, x.device)
 
     handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, MoE)]

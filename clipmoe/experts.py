@@ -4,7 +4,8 @@ Both weight matrices are stacked as (E, F, D), as in MegaBlocks: `w1[e]` is nn.L
 `w2[e]` is nn.Linear(F, D).weight transposed, so y = act(x w1[e]^T + b1[e]) w2[e] + b2[e].
 
 On CUDA with bf16 the experts run as two `grouped_mm` calls. On CUDA in other dtypes they run as two
-padded batched products when padding at most doubles the rows (`_padded_experts`). Everywhere else
+padded batched products when padding at most doubles the rows (`_padded_experts`), to a static capacity
+where the routing gives one (then no count is read back to the host). Everywhere else
 `_ExpertMLP` runs one matmul per expert on its contiguous slice and writes its outputs and weight
 gradients in place (no concatenation of E pieces, no stacking of E weight gradients); on CPU two experts
 run at a time, each on half of torch's threads (`Experts.lanes`, see `_run_lanes`). The layouts are chosen for oneDNN's bf16
@@ -60,15 +61,25 @@ class Experts(nn.Module):
         at 4,096 tokens), with multiples of 32 the shapes recur and the padding costs ~3% of the FLOPs."""
         return 32 if x.device.type == "cpu" and cls.compute_dtype(x) in (torch.bfloat16, torch.float16) else 1
 
-    def sync_free(self, x: torch.Tensor) -> bool:
-        """Whether the experts run on x without reading the group sizes on the host (grouped_mm). Routing then
-        lays out every assignment, the dropped ones after all groups (`forward(..., tail=True)`), so that no
-        shape depends on the routing and the CPU never waits for the GPU."""
-        return x.shape[0] > 0 and _grouped_mm(x, self.compute_dtype(x)) is not None
+    def sync_free(self, x: torch.Tensor, capacity: Optional[int] = None, rows: Optional[int] = None) -> bool:
+        """Whether the experts run on `rows` rows like x (default: x's) without reading the group sizes on the
+        host: grouped_mm, or, given a `capacity` that bounds every group, padded batched products of that
+        many rows per expert (`_static_padding`). Routing then lays out every assignment, the dropped ones
+        after all groups (`forward(..., tail=True)`), so that no shape depends on the routing and the CPU
+        never waits for the GPU (and the layer can be captured as a CUDA graph)."""
+        rows = x.shape[0] if rows is None else rows
+        if rows == 0:
+            return False
+        if _grouped_mm(x, self.compute_dtype(x)) is not None:
+            return True
+        return capacity is not None and _static_padding(x, self.w1.shape[0] * capacity, rows)
 
-    def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor, tail: bool = False) -> torch.Tensor:
+    def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor, tail: bool = False,
+                capacity: Optional[int] = None) -> torch.Tensor:
         """`tail`: x may hold rows after the groups (their number is known only on the device, as
-        S - sum(counts_E)); they get zero outputs and pass no gradient (grouped_mm path only)."""
+        S - sum(counts_E)); they get zero outputs and pass no gradient (sync-free paths only).
+        `capacity`: a bound on every count known on the host (capacity mode, expert choice), which lets
+        the experts run without reading the counts (see `sync_free`)."""
         device = x_SD.device.type
         dt = self.compute_dtype(x_SD)
         x_SD = x_SD.to(dt)
@@ -84,8 +95,11 @@ class Experts(nn.Module):
                 h_SF = self.act(_GroupedBias.apply(grouped_mm(x_SD, w1.transpose(1, 2), offs=offs_E), b1, expert_S,
                                                    valid_S))
                 return _GroupedBias.apply(grouped_mm(h_SF, w2, offs=offs_E), b2, expert_S, valid_S)
+            E = counts_E.numel()
+            if capacity is not None and x_SD.shape[0] and _static_padding(x_SD, E * capacity, x_SD.shape[0]):
+                return _padded_experts(x_SD, counts_E, capacity, self.act, w1, b1, w2, b2, tail=tail)
             if tail:
-                raise ValueError("rows after the expert groups need the grouped_mm path (Experts.sync_free)")
+                raise ValueError("rows after the expert groups need a sync-free path (Experts.sync_free)")
             splits = counts_E.tolist()
             if x_SD.is_cuda and _padding_pays(splits):
                 return _padded_experts(x_SD, counts_E, max(splits), self.act, w1, b1, w2, b2)
@@ -108,17 +122,33 @@ def _padding_pays(splits: list[int]) -> bool:
     return sum(splits) > 0 and len(splits) * max(splits) <= 2 * sum(splits)
 
 
-def _padded_experts(x_SD, counts_E, C: int, act, w1, b1, w2, b2) -> torch.Tensor:
+def _static_padding(x: torch.Tensor, padded_rows: int, rows: int) -> bool:
+    """Whether experts without grouped_mm for x's dtype run as padded products of a static capacity: on a GPU
+    (on the CPU the per-expert products win), when padding at most doubles the rows. Its point is not the
+    FLOPs but that nothing is read back to the host; tests monkeypatch it to run the path on the CPU."""
+    return x.is_cuda and padded_rows <= 2 * rows
+
+
+def _padded_experts(x_SD, counts_E, C: int, act, w1, b1, w2, b2, tail: bool = False) -> torch.Tensor:
     """The experts as two batched products over groups padded to C rows: (E, C, D) -> (E, C, F) -> (E, C, D).
-    Padding rows are zero inputs whose outputs are never read, so they add nothing to any gradient."""
+    Padding rows are zero inputs whose outputs are never read, so they add nothing to any gradient. With
+    `tail`, rows after the groups go to one spare row past the E x C (never read either) and get output 0."""
     E, S = counts_E.numel(), x_SD.shape[0]
     expert_S = expert_of_rows(counts_E, S)
     starts_E = counts_E.cumsum(0) - counts_E
-    pos_S = expert_S * C + torch.arange(S, device=x_SD.device) - starts_E[expert_S]
-    x_ECD = x_SD.new_zeros(E * C, x_SD.shape[1]).index_copy(0, pos_S, x_SD).view(E, C, -1)
+    if tail:  # expert_S is E past the groups
+        within_S = torch.arange(S, device=x_SD.device) - starts_E.index_select(0, expert_S.clamp(max=E - 1))
+        pos_S = torch.where(expert_S < E, expert_S * C + within_S, E * C)
+    else:
+        pos_S = expert_S * C + torch.arange(S, device=x_SD.device) - starts_E[expert_S]
+    spare = int(tail)
+    x_ECD = x_SD.new_zeros(E * C + spare, x_SD.shape[1]).index_copy(0, pos_S, x_SD)[:E * C].view(E, C, -1)
     h_ECF = act(torch.baddbmm(b1.unsqueeze(1), x_ECD, w1.transpose(1, 2)))
     y_ECD = torch.baddbmm(b2.unsqueeze(1), h_ECF, w2)
-    return y_ECD.view(E * C, -1).index_select(0, pos_S)
+    y_PD = y_ECD.view(E * C, -1)
+    if tail:
+        y_PD = torch.cat([y_PD, y_PD.new_zeros(1, y_PD.shape[1])])
+    return y_PD.index_select(0, pos_S)
 
 
 class _GroupedBias(torch.autograd.Function):

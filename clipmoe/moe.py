@@ -198,12 +198,12 @@ class MoE(nn.Module):
         N, A = probs_NE.shape[0], probs_NE.shape[0] * self.cfg.top_k
         gates_NK, experts_NK = self.top_k(probs_NE)
         priority_N = probs_NE.max(dim=-1).values.detach() if self.cfg.batch_priority else None
-        tail = cap is not None and self.experts.sync_free(x_ND)
+        tail = cap is not None and self.experts.sync_free(x_ND, cap, A)
         order_S, kept_E, counts_E = self.dispatch_order(experts_NK, cap, priority_N, tail)
         align = 1 if tail else self.experts.align(x_ND)  # padding slots are for the CPU's per-expert products
         slots = Slots.arrange(order_S, kept_E, N, self.cfg.top_k, align)
         # dispatch -> experts -> combine: the seam where expert parallelism's all-to-all slots in
-        h_PD = self.experts(Dispatch.apply(x_ND, slots), slots.counts_E, tail=tail)
+        h_PD = self.experts(Dispatch.apply(x_ND, slots), slots.counts_E, tail=tail, capacity=cap if tail else None)
         y_ND = Combine.apply(h_PD, gates_NK, slots)
         # dropped: computed on the device when only the device knows how many were kept
         dropped = 1.0 - kept_E.sum() / max(1, A) if tail else 1.0 - order_S.numel() / max(1, A)
@@ -222,10 +222,19 @@ class MoE(nn.Module):
             gates_EC, token_EC = F.pad(gates_EC, (0, pad)), F.pad(token_EC, (0, pad))
         token_P, gate_P = token_EC.reshape(-1), gates_EC.reshape(-1)
         # a token may be taken by any number of experts, so combine scatter-adds
-        h_PD = self.experts(x_ND.index_select(0, token_P), counts_E + pad)
+        h_PD = self.experts(x_ND.index_select(0, token_P), counts_E + pad, capacity=cap + pad)
         h_PD = h_PD * gate_P.unsqueeze(1).to(h_PD.dtype)
         y_ND = torch.zeros_like(x_ND, dtype=h_PD.dtype).index_add_(0, token_P, h_PD)
         return y_ND, counts_E, probs_NE.argmax(-1), dropped
+
+    def sync_free(self, x: torch.Tensor) -> bool:
+        """Whether a call on x without a token mask reads nothing back to the host (what a CUDA graph needs)."""
+        N = x.reshape(-1, x.shape[-1]).shape[0]
+        cap = self.capacity(N)
+        if self.cfg.router == "expert_choice":
+            pad = -cap % self.experts.align(x)
+            return self.experts.sync_free(x, cap + pad, self.cfg.num_experts * (cap + pad))
+        return self.experts.sync_free(x, cap, N * self.cfg.top_k)
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
         graph = self.__dict__.get("_cuda_graph")  # see cuda_graphs.capture

@@ -44,6 +44,18 @@ class _PoisonedGroupedMM(torch.autograd.Function):
 
 
 @pytest.fixture
+def static_padding(monkeypatch):
+    """Runs the GPU's static-capacity padded experts (fp32 capacity mode, no host sync) on the CPU; returns the
+    list of (padded rows, rows) the path was asked about."""
+    import clipmoe.experts as experts
+
+    asked = []
+    monkeypatch.setattr(experts, "_static_padding",
+                        lambda x, padded, rows: asked.append((padded, rows)) or padded <= 2 * rows)
+    return asked
+
+
+@pytest.fixture
 def emulated_grouped_mm(monkeypatch):
     """Runs the experts' CUDA grouped_mm path on the CPU (in any dtype) with an emulated grouped_mm; returns the
     list of compute dtypes the path was asked for."""

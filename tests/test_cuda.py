@@ -71,6 +71,7 @@ def test_fp32_cuda_layer_matches_reference_loop(no_tf32, K, cf, batch_priority):
     layer = make_layer(E=4, K=K, cf=cf, batch_priority=batch_priority).train()
     x = torch.randn(37, 8, requires_grad=True)
     y_ref, dropped = reference_moe(layer, x)
+    assert _gpu_copy(layer).sync_free(x.cuda()) == (cf is not None)  # capacity: static padding, no host sync
     aux = _gpu_matches_reference(layer, x, y_ref)
     assert round(aux.dropped_fraction.item() * 37 * K) == dropped
 
@@ -164,19 +165,26 @@ def test_fp32_cuda_experts_match_cpu(no_tf32, counts):
         torch.testing.assert_close(g.cpu(), r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("router,K,cf", [("topk", 1, 1.0), ("topk", 2, None), ("topk", 2, 0.5),
                                          ("expert_choice", 1, 2.0)])
-def test_cuda_graph_replays_equal_eager(router, K, cf):
+def test_cuda_graph_replays_equal_eager(router, K, cf, dtype):
     """A captured layer's replays give the eager layer's outputs, aux terms and gradients, for fresh inputs
-    and after optimizer steps (parameters updated in place); dropped assignments included."""
+    and after optimizer steps (parameters updated in place); dropped assignments included. fp32: grouped_mm
+    is bf16 only, so capacity mode and expert choice run padded to their static capacity; dropless cannot
+    be captured."""
     from clipmoe import cuda_graphs
 
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=8, top_k=K, capacity_factor=cf, eval_capacity_factor=cf, router=router)
-    eager = MoE(64, 256, cfg, nn.GELU).cuda().bfloat16().train()
+    eager = MoE(64, 256, cfg, nn.GELU).cuda().to(dtype).train()
     nn.init.normal_(eager.router.weight, std=0.3)  # uneven routing: capacity drops assignments
     graphed = copy.deepcopy(eager)
-    xs = [torch.randn(512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(4)]
+    xs = [torch.randn(512, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(4)]
+    if dtype == torch.float32 and cf is None:
+        with pytest.raises(ValueError, match="sync-free"):
+            cuda_graphs.capture(graphed, torch.randn_like(xs[0]).requires_grad_())
+        return
     cuda_graphs.capture(graphed, torch.randn_like(xs[0]).requires_grad_())
     optims = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, graphed)]
     w = torch.randn(512, 64, device="cuda")

@@ -215,7 +215,7 @@ def test_grouped_mm_rows_after_the_groups(emulated_grouped_mm, counts, tail):
 
 
 def test_rows_after_the_groups_need_the_grouped_path():
-    with pytest.raises(ValueError, match="grouped_mm"):
+    with pytest.raises(ValueError, match="sync-free path"):
         make(nn.GELU)(torch.randn(5, 6, dtype=torch.float64), torch.tensor([1, 1, 1, 1]), tail=True)
 
 
@@ -243,6 +243,31 @@ def test_padded_path_matches_loop(counts):
     counts_E = torch.tensor(counts)
     x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
     assert_equals_loop(ex, x, counts_E, _padded_experts(x, counts_E, max(counts), ex.act, ex.w1, ex.b1, ex.w2, ex.b2))
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [5, 5, 5, 5], [0, 0, 0, 0]])
+def test_static_capacity_padding_with_rows_after_the_groups(counts):
+    """Padded to a static C = 5 with 4 rows after the groups (dropped assignments, fp32 capacity mode on a GPU):
+    the groups equal the loop; the rows after them get output 0 and input gradient 0."""
+    from clipmoe.experts import _padded_experts
+
+    ex = make(nn.GELU)
+    counts_E, S = torch.tensor(counts), sum(counts) + 4
+    x = torch.randn(S, 6, dtype=torch.float64, requires_grad=True)
+    y = _padded_experts(x, counts_E, 5, ex.act, ex.w1, ex.b1, ex.w2, ex.b2, tail=True)
+    n = sum(counts)
+    x_ref = x[:n].detach().requires_grad_()
+    y_ref = loop(ex, x_ref, counts_E)
+    torch.testing.assert_close(y[:n], y_ref)
+    assert y[n:].abs().max() == 0
+    w = torch.randn_like(y)
+    grads = torch.autograd.grad((y * w).sum(), [x, *ex.parameters()])
+    grads_ref = torch.autograd.grad((y_ref * w[:n]).sum(), [x_ref, *ex.parameters()], allow_unused=True,
+                                    materialize_grads=True)
+    torch.testing.assert_close(grads[0][:n], grads_ref[0])
+    assert grads[0][n:].abs().max() == 0
+    for g, g_ref in zip(grads[1:], grads_ref[1:]):
+        torch.testing.assert_close(g, g_ref)
 
 
 def test_padding_pays_only_when_groups_are_even_enough():

@@ -111,10 +111,41 @@ def test_sync_free_layout_matches_reference_loop(emulated_grouped_mm, K, cf, k1_
     groups, where grouped_mm's output and input gradient are undefined (NaN in the emulation)."""
     layer = make_layer(E=4, K=K, cf=cf, k1_gate=k1_gate, batch_priority=batch_priority).train()
     tails, real = [], layer.experts.forward
-    layer.experts.forward = lambda x_SD, counts_E, tail=False: tails.append(tail) or real(x_SD, counts_E, tail)
+    layer.experts.forward = lambda x_SD, counts_E, tail=False, capacity=None: (
+        tails.append(tail) or real(x_SD, counts_E, tail, capacity))
     assert_matches_reference(layer, cf)
     assert emulated_grouped_mm  # the grouped path ran
     assert tails == [cf is not None]  # with capacity, in the layout with rows after the groups
+
+
+@ROUTINGS
+@pytest.mark.parametrize("cf", [0.3, 0.5, 1.0, 1.25])
+@pytest.mark.parametrize("batch_priority", [False, True])
+def test_static_capacity_layout_matches_reference_loop(static_padding, K, cf, k1_gate, batch_priority):
+    """The GPU's layout without grouped_mm (fp32): capacity mode pads every expert to C rows, the dropped
+    assignments after the groups, so that no count is read back to the host."""
+    layer = make_layer(E=4, K=K, cf=cf, k1_gate=k1_gate, batch_priority=batch_priority).train()
+    calls, real = [], layer.experts.forward
+    layer.experts.forward = lambda x_SD, counts_E, tail=False, capacity=None: (
+        calls.append((tail, capacity)) or real(x_SD, counts_E, tail, capacity))
+    assert_matches_reference(layer, cf)
+    assert calls == [(True, layer.capacity(37))] and static_padding
+    x = torch.randn(37, 8)
+    assert layer.sync_free(x)
+    assert not make_layer(E=4, K=K, cf=None).sync_free(x)  # dropless: the counts decide the shapes
+    assert not make_layer(E=4, K=K, cf=4.0).sync_free(x)  # padding to C would more than double the rows
+
+
+@pytest.mark.parametrize("cf", [0.5, 1.0, 2.0])
+def test_expert_choice_static_capacity_matches_reference(static_padding, cf):
+    layer = make_layer(E=4, cf=cf, router="expert_choice").train()
+    x = torch.randn(30, 8, requires_grad=True)
+    y, aux = layer(x)
+    y_ref, cap = reference_expert_choice(layer, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    assert static_padding == [(4 * cap, 4 * cap)] and layer.sync_free(x)
+    for g, g_ref in zip(_grads(layer, x, y), _grads(layer, x, y_ref)):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
 
 
 def test_batch_priority_keeps_confident_tokens():
@@ -304,7 +335,8 @@ def test_bf16_layer_pads_groups_and_matches_fp32():
     assert layer.experts.align(x.bfloat16()) == 32 and layer.experts.align(x) == 1
     counts = []
     real = layer.experts.forward
-    layer.experts.forward = lambda x_SD, counts_E, tail=False: counts.append(counts_E.tolist()) or real(x_SD, counts_E, tail)
+    layer.experts.forward = lambda x_SD, counts_E, tail=False, capacity=None: (
+        counts.append(counts_E.tolist()) or real(x_SD, counts_E, tail, capacity))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y16, _ = layer(x)
     assert all(c % 32 == 0 for c in counts[0]) and sum(counts[0]) >= 100

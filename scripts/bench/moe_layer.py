@@ -5,7 +5,7 @@ MLP (the compute no top-k layer can avoid), forward + backward, same process, sa
 
 Prints one row per setting with median times in ms (the implementations interleaved, inputs cycled so
 that routing changes every step) and the ratios clipmoe / dense-k and DeepSpeed / clipmoe. On a GPU, where
-the layer can be captured (bf16: `cuda_graphs.capture`), the same layer replayed as CUDA graphs is a
+the layer can be captured (`MoE.sync_free`: bf16, or a capacity factor in fp32), the same layer replayed as CUDA graphs is a
 fourth column ("graphed"). Each step backpropagates what training does: the output's sum plus the layer's
 auxiliary losses (clipmoe: 0.01 balance + 0.001 z-loss; DeepSpeed: 0.01 l_aux).
 """
@@ -170,7 +170,7 @@ def main():
                     ds = deepspeed_layer(k, cf, device, dtype)
                     if ds is not None:
                         steps["ds"] = fwd_bwd(ds, deepspeed_loss, batched=True)
-                    if device.type == "cuda" and ours.experts.sync_free(xs[0]):  # the same layer, CUDA-graphed
+                    if device.type == "cuda" and ours.sync_free(xs[0]):  # the same layer, CUDA-graphed
                         graphed = cuda_graphs.capture(copy.deepcopy(ours), torch.randn_like(xs[0]).requires_grad_())
                         steps["graphed"] = fwd_bwd(graphed, clipmoe_loss)
                     t = measure(steps, xs, args.reps, device, args.back_to_back)
