@@ -103,3 +103,9 @@ def test_moe_placement_options():
     assert MoEConfig(blocks=[0, 4, 4]).moe_blocks(6) == [0, 4]
     with pytest.raises(clipmoe.ConfigError, match=r"^model.overrides.vision.moe.blocks: \[5\] has indices"):
         clipmoe.create_model("clipmoe-micro", vision={"moe": {"blocks": [5]}})
+    # asking for MoE layers and getting none is an error, not a silently dense tower
+    for moe, key in [({"every": 3}, "every"), ({"blocks": []}, "blocks")]:
+        with pytest.raises(clipmoe.ConfigError, match=rf"moe.{key}: .* places no MoE layer in a tower of 2 blocks"):
+            clipmoe.create_model("clipmoe-micro", text={"moe": moe})
+    with pytest.raises(clipmoe.ClipmoeError, match="places no MoE layer"):
+        clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), every=3)
