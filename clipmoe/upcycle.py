@@ -105,12 +105,15 @@ def load_upcycled(model: CLIP, state_dict: dict, source: str, noise_std: float =
 
 
 def is_dense_state_dict(state_dict: dict) -> bool:
+    """Whether a state dict (clipmoe or open_clip keys) holds no MoE layer."""
     return not any(".mlp.experts." in k or ".mlp.router." in k for k in state_dict)
 
 
 def _source(model, arch: Optional[str]) -> CLIP:
     from .factory import create_model  # here: factory upcycles dense checkpoints with this module
 
+    if isinstance(getattr(model, "module", None), CLIP):  # DistributedDataParallel(model)
+        model = model.module
     if isinstance(model, CLIP):
         return model
     if isinstance(model, (torch.nn.Module, Mapping)):

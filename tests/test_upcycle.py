@@ -85,6 +85,9 @@ def test_upcycle_open_clip_checkpoint(tmp_path):
     with torch.no_grad():
         for up in (from_model, from_state):
             assert (up.eval().encode_image(images) - ref.encode_image(images)).abs().max() < 1e-5
+    wrapped = torch.nn.Module()  # what DistributedDataParallel looks like from here: the model at .module
+    wrapped.module = clipmoe.create_model("clipmoe-micro")
+    assert isinstance(clipmoe.upcycle(wrapped, num_experts=2, every=1).image.blocks[0].mlp, MoE)
     for bad, match in [(ref, "arch="), (3, "not int")]:
         with pytest.raises(clipmoe.ClipmoeError, match=match):
             clipmoe.upcycle(bad)
