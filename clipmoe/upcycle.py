@@ -30,6 +30,7 @@ def upcycle(
     batch_priority: bool = False,
     min_capacity: int = 4,
     jitter: float = 0.0,
+    shared_expert: bool = False,
     last: Optional[int] = None,
     blocks: Optional[list[int]] = None,
     noise_std: float = 0.0,
@@ -51,6 +52,8 @@ def upcycle(
             dropless (None, or factor = num_experts) is C = N: every expert takes every token, its output
             weighted by the router's probability, which again equals the source (at E times the compute).
         batch_priority, min_capacity, jitter: as in MoEConfig.
+        shared_expert: an always-on dense expert beside the routed ones; it starts as the dense MLP with a
+            zero output projection, so the model still starts equal to its source.
         noise_std: relative std of Gaussian noise added to each expert copy to break their symmetry.
         reinit_fraction: Drop-Upcycling (Nakamura et al. 2025): this fraction of each expert's hidden
             units is re-initialised from the dense weights' statistics, a different subset per expert.
@@ -70,7 +73,7 @@ def upcycle(
     moe = MoEConfig(num_experts=num_experts, top_k=top_k, every=every, last=last, blocks=blocks, router=router,
                     capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                     batch_priority=batch_priority, min_capacity=min_capacity, jitter=jitter,
-                    k1_gate="straight_through")
+                    shared_expert=shared_expert, k1_gate="straight_through")
     cfg = model.config
     tower_cfgs = {"image": cfg.vision, "text": cfg.text}
     for t in towers:

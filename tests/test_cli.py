@@ -82,9 +82,10 @@ def test_upcycle_placement_and_capacity_flags(tmp_path):
     moe = cfg.text.moe
     assert cfg.vision.moe is None and moe.moe_blocks(cfg.text.depth) == [1]
     assert (moe.capacity_factor, moe.eval_capacity_factor, moe.min_capacity, moe.jitter) == (1.5, 2.0, 3, 0.01)
-    r = _run("upcycle", str(dense), str(out), "--last", "1")
+    r = _run("upcycle", str(dense), str(out), "--last", "1", "--shared-expert")
     assert r.returncode == 0, r.stderr
-    assert clipmoe.load(out).config.vision.moe.moe_blocks(2) == [1]
+    moe = clipmoe.load(out).config.vision.moe
+    assert moe.moe_blocks(2) == [1] and moe.shared_expert
     for bad in (["--blocks", "7"], ["--blocks", "one"]):
         r = _run("upcycle", str(dense), str(tmp_path / "x.safetensors"), *bad)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "blocks" in r.stderr, r.stderr

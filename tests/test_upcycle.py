@@ -48,6 +48,7 @@ def test_upcycled_vit_b32_equals_dense(dense_b32, k, every):
     {"top_k": 2, "capacity_factor": 4.0, "eval_capacity_factor": 4.0, "min_capacity": 10_000},
     {"router": "expert_choice", "capacity_factor": 4.0, "eval_capacity_factor": 4.0},  # C = N: nothing dropped
     {"router": "expert_choice"},  # dropless (the default None) expert choice is C = N too
+    {"top_k": 2, "shared_expert": True},  # the shared expert starts with a zero output
 ])
 def test_every_non_dropping_mode_equals_dense(kwargs):
     dense = clipmoe.create_model("clipmoe-tiny")
