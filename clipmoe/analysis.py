@@ -85,13 +85,11 @@ def _top_words(counters: list[Counter], tokenizer, special: set, k: int, min_cou
     occurrences first), among words seen at least `min_count` times in all (fewer where no word is).
     Punctuation tokens ("," ".") are not words and are left out."""
     total = sum(counters, Counter())
-    for t in special:
-        total.pop(t, None)
-    for t in [t for t in total if not any(ch.isalnum() for ch in tokenizer.decode([t]))]:
-        del total[t]
+    text = {t: tokenizer.decode([t]).strip() for t in total if t not in special}
+    total = Counter({t: n for t, n in total.items() if any(ch.isalnum() for ch in text.get(t, ""))})
     floor = min(min_count, max(total.values(), default=0))
     out = []
     for c in counters:
         ranked = sorted(((c[t] / n, c[t], t) for t, n in total.items() if n >= floor and c[t]), reverse=True)
-        out.append([[tokenizer.decode([t]).strip(), count, round(share, 4)] for share, count, t in ranked[:k]])
+        out.append([[text[t], count, round(share, 4)] for share, count, t in ranked[:k]])
     return out

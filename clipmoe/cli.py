@@ -50,8 +50,7 @@ def _upcycle(args) -> None:
                     last=args.last, blocks=blocks, router=args.router, capacity_factor=args.capacity_factor,
                     eval_capacity_factor=args.eval_capacity_factor, batch_priority=args.batch_priority,
                     min_capacity=args.min_capacity, jitter=args.jitter, shared_expert=args.shared_expert,
-                    noise_std=args.noise_std,
-                    reinit_fraction=args.reinit_fraction, arch=args.arch, seed=args.seed)
+                    noise_std=args.noise_std, reinit_fraction=args.reinit_fraction, arch=args.arch, seed=args.seed)
     print(f"wrote {save(model, args.output)}")
 
 

@@ -85,9 +85,7 @@ def upcycle(
         text=dataclasses.replace(cfg.text, moe=moe) if "text" in towers else cfg.text,
     )
     new = CLIP(new_cfg)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        new.load_state_dict(_upcycled_state(model, new, noise_std, reinit_fraction, generator))
+    _fill(new, model, noise_std, reinit_fraction, seed)
     return new.train(model.training)
 
 
@@ -102,9 +100,13 @@ def load_upcycled(model: CLIP, state_dict: dict, source: str, noise_std: float =
     dense = CLIP(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, moe=None),
                                      text=dataclasses.replace(cfg.text, moe=None)))
     load_weights(dense, state_dict, source)
+    _fill(model, dense, noise_std, reinit_fraction, seed)
+
+
+def _fill(new: CLIP, dense: CLIP, noise_std: float, reinit_fraction: float, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        model.load_state_dict(_upcycled_state(dense, model, noise_std, reinit_fraction, generator))
+        new.load_state_dict(_upcycled_state(dense, new, noise_std, reinit_fraction, generator))
 
 
 def is_dense_state_dict(state_dict: dict) -> bool:
@@ -124,14 +126,15 @@ def _source(model, arch: Optional[str]) -> CLIP:
             kind = f"{type(model).__module__}.{type(model).__name__}"
             raise ClipmoeError(f"give arch= (e.g. 'ViT-B-32') to upcycle a {kind}: only clipmoe models carry their "
                                "architecture")
-        overrides = {}
         if isinstance(model, torch.nn.Module):
             # open_clip picks the activation by name ("-quickgelu"): follow the model, not the name given
-            overrides["quick_gelu"] = any(type(m).__name__ == "QuickGELU" for m in model.modules())
-        state = model.state_dict() if isinstance(model, torch.nn.Module) else dict(model)
+            overrides = {"quick_gelu": any(type(m).__name__ == "QuickGELU" for m in model.modules())}
+            state, training = model.state_dict(), model.training
+        else:
+            overrides, state, training = {}, dict(model), False
         dense = create_model(arch, **overrides)
         load_weights(dense, state, f"the {type(model).__name__} given")
-        return dense.train(model.training) if isinstance(model, torch.nn.Module) else dense
+        return dense.train(training)
     if not isinstance(model, (str, Path)):
         raise ClipmoeError(f"upcycle takes a CLIP model, an open_clip model or state dict (with arch=) or a "
                            f"checkpoint path, not {type(model).__name__}")
