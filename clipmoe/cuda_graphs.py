@@ -94,7 +94,8 @@ def release(layer: MoE) -> MoE:
 
 def capture_model(model: nn.Module, *inputs, autocast_dtype: Optional[torch.dtype] = None, warmup: int = 3) -> list[MoE]:
     """Captures every MoE layer that a forward of `model` on `inputs` calls without a token mask on the sync-free
-    path (the image tower's, in bf16), for the shapes of that call; the other layers stay eager. Call it in
+    path (the image tower's: in bf16 all of them, in fp32 those with a capacity factor or expert choice), for the
+    shapes of that call; the other layers stay eager. Call it in
     train mode on a batch of the training shape, before wrapping the model in DDP. With `autocast_dtype`, the
     forward and the captures run under CUDA autocast to that dtype, without its cache (which graphs cannot
     use): train under `torch.autocast("cuda", dtype, cache_enabled=False)` too. Returns the captured layers."""

@@ -128,7 +128,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     batches, graphed = _batches(loader), []
     if tc.cuda_graphs:  # the first batch shows the shapes to capture for, and is then trained on
         first = next(batches)
-        graphed = _capture_cuda_graphs(model, first, device)
+        graphed = _capture_cuda_graphs(model, first, device, torch.bfloat16 if tc.precision == "bf16" else None)
         batches = chain([first], batches)
     has_moe = any(isinstance(m, MoE) for m in model.modules())  # idle experts get no gradient
     net = DistributedDataParallel(model, find_unused_parameters=has_moe) if world > 1 else model
@@ -184,15 +184,17 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     return result
 
 
-def _capture_cuda_graphs(model: CLIP, first: dict, device: torch.device) -> list[MoE]:
-    """Captures the MoE layers that CUDA graphs can run (the image tower's) for the shapes of batch `first`."""
+def _capture_cuda_graphs(model: CLIP, first: dict, device: torch.device, autocast_dtype) -> list[MoE]:
+    """Captures the MoE layers that CUDA graphs can run (the image tower's sync-free ones) for the shapes of
+    batch `first`."""
     if device.type != "cuda":
         raise ClipmoeError(f"train.cuda_graphs needs a CUDA device; training runs on {device}")
     images = normalize_batch(first["image"].to(device), MEAN, STD)
-    layers = cuda_graphs.capture_model(model, images, first["text"].to(device), autocast_dtype=torch.bfloat16)
+    layers = cuda_graphs.capture_model(model, images, first["text"].to(device), autocast_dtype=autocast_dtype)
     if not layers:
         raise ClipmoeError("train.cuda_graphs: no MoE layer to capture (graphs take the image tower's MoE layers; "
-                           "the text tower's run eagerly, since their token masks change the shapes)")
+                           "the text tower's run eagerly, since their token masks change the shapes; in fp32 "
+                           "only layers with a capacity factor or expert choice can be captured, not dropless ones)")
     return layers
 
 

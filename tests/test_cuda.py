@@ -9,6 +9,7 @@ from torch import nn
 
 import clipmoe
 from clipmoe.config import MoEConfig
+from clipmoe.errors import ClipmoeError
 from clipmoe.moe import MoE
 from clipmoe.train import train
 
@@ -231,12 +232,14 @@ def test_cuda_graph_falls_back_to_eager_and_refuses_what_cannot_be_captured():
         cuda_graphs.capture(layer.float(), torch.randn(256, 64, device="cuda"))
 
 
-def test_bf16_training_with_cuda_graphs(tiny_shards, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_training_with_cuda_graphs(tiny_shards, tmp_path, precision):
     """train.cuda_graphs: the image tower's MoE layers run as CUDA graphs at every step (the text tower's,
-    with token masks, eagerly), and the run follows the eager one: same first losses, losses finite."""
+    with token masks, eagerly), and the run follows the eager one: same first losses, losses finite. In fp32
+    the image layers (capacity factor 1.25) run their experts padded to the static capacity."""
     from test_train import _cfg
 
-    runs = [train(_cfg(tiny_shards, tmp_path / str(g), steps=12, precision="bf16", device="cuda", cuda_graphs=g),
+    runs = [train(_cfg(tiny_shards, tmp_path / str(g), steps=12, precision=precision, device="cuda", cuda_graphs=g),
                   progress=False) for g in (False, True)]
     eager, graphed = (r.history for r in runs)
     assert runs[1].cuda_graphs == {"image.0": 12, "image.1": 12} and runs[0].cuda_graphs == {}
@@ -244,3 +247,12 @@ def test_bf16_training_with_cuda_graphs(tiny_shards, tmp_path):
     assert graphed[0]["loss"] == pytest.approx(eager[0]["loss"], rel=1e-2)
     assert graphed[-1]["loss"] == pytest.approx(eager[-1]["loss"], rel=0.1)
     assert "_cuda_graph" not in runs[1].model.image.blocks[0].mlp.__dict__  # released at the end
+
+
+def test_fp32_training_with_cuda_graphs_refuses_dropless_layers(tiny_shards, tmp_path):
+    from test_train import _cfg
+
+    cfg = _cfg(tiny_shards, tmp_path, steps=2, device="cuda", cuda_graphs=True)
+    cfg.model.overrides["vision"]["moe"]["capacity_factor"] = None  # fp32 dropless: counts read on the host
+    with pytest.raises(ClipmoeError, match="no MoE layer to capture.*dropless"):
+        train(cfg, progress=False)
