@@ -142,16 +142,20 @@ class MoE(nn.Module):
         return capacity(num_tokens, cfg.num_experts, cfg.top_k, factor, cfg.min_capacity)
 
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 router logits (N, E) and probabilities (N, E), under any autocast."""
+        """Router logits (N, E) and probabilities (N, E) in fp32 (fp64 for fp64 inputs or weights), under any
+        autocast."""
+        w_ED = self.router.weight
+        dt = torch.promote_types(torch.promote_types(x_ND.dtype, w_ED.dtype), torch.float32)
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
             jitter = self.training and self.cfg.jitter > 0
-            if x_ND.device.type == "cpu" and x_ND.dtype in (torch.bfloat16, torch.float16) and not jitter:
-                logits_NE = _RouterLogits.apply(x_ND, self.router.weight)  # fp32 maths, no fp32 copy of x
+            if x_ND.device.type == "cpu" and x_ND.dtype in (torch.bfloat16, torch.float16) and not jitter \
+                    and dt == torch.float32:
+                logits_NE = _RouterLogits.apply(x_ND, w_ED)  # fp32 maths, no fp32 copy of x
             else:
-                x_ND = x_ND.float()
+                x_ND = x_ND.to(dt)
                 if jitter:
                     x_ND = x_ND * torch.empty_like(x_ND).uniform_(1 - self.cfg.jitter, 1 + self.cfg.jitter)
-                logits_NE = F.linear(x_ND, self.router.weight.float())
+                logits_NE = F.linear(x_ND, w_ED.to(dt))
         return logits_NE, logits_NE.softmax(dim=-1)
 
     def top_k(self, probs_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,8 @@ def upcycle(
     arch: Optional[str] = None,
     seed: int = 0,
 ) -> CLIP:
-    """Returns a new MoE model upcycled from a dense one (`model` itself is not changed).
+    """Returns a new MoE model upcycled from a dense one (`model` itself is not changed), on its device and in
+    its dtype.
 
     Args:
         model: a clipmoe CLIP model, the path of a `clipmoe.save` file, or, together with `arch`, an
@@ -84,9 +85,16 @@ def upcycle(
         vision=dataclasses.replace(cfg.vision, moe=moe) if "image" in towers else cfg.vision,
         text=dataclasses.replace(cfg.text, moe=moe) if "text" in towers else cfg.text,
     )
-    new = CLIP(new_cfg)
+    new = CLIP(new_cfg).to(**_placement(model))
     _fill(new, model, noise_std, reinit_fraction, seed)
     return new.train(model.training)
+
+
+def _placement(model: CLIP) -> dict:
+    """The device and, where all its parameters share one, the dtype of `model`: the upcycled model's."""
+    params = list(model.parameters())
+    dtypes = {p.dtype for p in params}
+    return {"device": params[0].device, **({"dtype": dtypes.pop()} if len(dtypes) == 1 else {})}
 
 
 def load_upcycled(model: CLIP, state_dict: dict, source: str, noise_std: float = 0.0, reinit_fraction: float = 0.0,

@@ -34,7 +34,8 @@ def test_grouped_mm_bf16_matches_cpu_fp32(cf):
 
 def test_upcycled_model_equals_dense_on_gpu():
     dense = clipmoe.create_model("clipmoe-tiny").cuda()
-    up = clipmoe.upcycle(dense, num_experts=4, top_k=2, every=1).cuda().eval()
+    up = clipmoe.upcycle(dense, num_experts=4, top_k=2, every=1).eval()
+    assert all(p.is_cuda for p in up.parameters())  # upcycled where its source lives
     images = torch.randn(4, 3, 64, 64, device="cuda")
     tokens = clipmoe.get_tokenizer(dense)(["a red square", "two circles", "x", ""]).cuda()
     with torch.no_grad():

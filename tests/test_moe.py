@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipmoe.config import MoEConfig
+from clipmoe.model import Mlp
 from clipmoe.moe import MoE, capacity
 
 
@@ -186,7 +187,6 @@ def test_jitter_only_in_training_and_shared_expert_always_on():
     l1, _ = layer.route(x)
     l2, _ = layer.route(x)
     assert not torch.equal(l1, l2)
-    from clipmoe.model import Mlp
 
     shared = Mlp(8, 16, nn.GELU)
     with_shared = MoE(8, 16, MoEConfig(num_experts=4, top_k=2, capacity_factor=None), nn.GELU, shared=shared)
@@ -282,7 +282,6 @@ def test_token_mask_rows_not_routed():
 
 
 def test_one_expert_equals_dense_mlp():
-    from clipmoe.model import Mlp
 
     torch.manual_seed(0)
     mlp = Mlp(8, 16, nn.GELU)
@@ -404,3 +403,35 @@ def test_aux_terms_are_fp32_wherever_they_are_first_read():
         terms = [aux.balance_loss, aux.z_loss, aux.entropy, aux.marginal_entropy]
     for t, r in zip(terms, [ref.balance_loss, ref.z_loss, ref.entropy, ref.marginal_entropy]):
         assert t.dtype == torch.float32 and t.item() == pytest.approx(r.item(), rel=1e-6)
+
+
+_GRADCHECK_MODES = [
+    {"K": 2},  # dropless
+    {"K": 1, "cf": 0.5},  # capacity drops; the gate scales the output
+    {"K": 2, "cf": 0.6, "batch_priority": True},
+    {"router": "expert_choice", "K": 1, "cf": 1.0},
+]  # not k1_gate straight_through: its gradient is by design not the derivative of its value
+
+
+@pytest.mark.parametrize("path,kw", [("default", kw) for kw in _GRADCHECK_MODES + [{"K": 2, "shared_expert": True}]]
+                         + [("grouped_mm", kw) for kw in _GRADCHECK_MODES]
+                         + [("static_padding", kw) for kw in _GRADCHECK_MODES if "cf" in kw], ids=str)
+def test_float64_gradcheck(request, path, kw):
+    """torch.autograd.gradcheck in float64: the layer's output and aux losses against finite differences, for
+    the input, the router and every expert parameter, on each execution path. A float64 layer routes in
+    float64 (with fp32 logits the finite differences would be noise)."""
+    if path != "default":
+        request.getfixturevalue("static_padding" if path == "static_padding" else "emulated_grouped_mm")
+    layer = make_layer(E=4, **kw)
+    if kw.get("shared_expert"):
+        layer.shared = Mlp(8, 16, nn.GELU)
+    layer = layer.double().train()
+    x = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    params = [layer.router.weight, *layer.experts.parameters()]
+
+    def fn(x, *ps):
+        y, aux = layer(x)
+        assert y.dtype == aux.z_loss.dtype == torch.float64
+        return y, aux.balance_loss, aux.z_loss, aux.entropy, aux.marginal_entropy
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4)

@@ -56,6 +56,21 @@ def test_every_non_dropping_mode_equals_dense(kwargs):
     _check_identity(dense, up, 64, 32)
 
 
+def test_upcycle_keeps_the_source_dtype():
+    """The upcycled model is in its source's dtype: a float64 model stays float64 (router and all), and equals
+    its source to float64 rounding; a bf16 model stays bf16."""
+    dense = clipmoe.create_model("clipmoe-tiny").double()
+    for kwargs in ({"top_k": 2}, {"top_k": 1}, {"router": "expert_choice"}):
+        up = clipmoe.upcycle(dense, num_experts=4, every=1, **kwargs).eval()
+        assert {p.dtype for p in up.parameters()} == {torch.float64}
+        images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+        tokens = clipmoe.get_tokenizer(dense)(["a red square", ""])
+        for a, b in zip(_outputs(dense.eval(), images, tokens), _outputs(up, images, tokens)):
+            assert a.dtype == b.dtype == torch.float64 and (a - b).abs().max().item() < 1e-12
+    bf16 = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro").bfloat16(), num_experts=2, every=1, noise_std=0.01)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+
+
 def test_drop_upcycling_reinitialises_a_fraction():
     dense = clipmoe.create_model("clipmoe-micro")
     up = clipmoe.upcycle(dense, num_experts=3, every=1, reinit_fraction=0.5)
