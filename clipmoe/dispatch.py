@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .experts import expert_of_rows
+from .first_order import first_order
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Dispatch(torch.autograd.Function):
         return x_ND.index_select(0, slots.token_P)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g_PD):
         return gather_sum(g_PD.contiguous(), ctx.slots, None), None
 
@@ -102,7 +102,7 @@ class Combine(torch.autograd.Function):
         return gather_sum(h_PD, slots, w_NK)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g_ND):
         h_PD, w_NK = ctx.saved_tensors
         slots = ctx.slots

@@ -28,7 +28,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
+
+from .first_order import first_order
 
 
 class Experts(nn.Module):
@@ -169,7 +170,7 @@ class _GroupedBias(torch.autograd.Function):
         return torch.where(valid_S.unsqueeze(1), x_SF + b_EF.index_select(0, expert_S.clamp(max=E - 1)), 0)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g_SF):
         expert_S, valid_S = ctx.saved_tensors
         if valid_S is not None:
@@ -190,7 +191,7 @@ class _ZeroTail(torch.autograd.Function):
         return x_SD.view_as(x_SD)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g_SD):
         (valid_S,) = ctx.saved_tensors
         return torch.where(valid_S.unsqueeze(1), g_SD, 0), None
@@ -342,7 +343,7 @@ class _ExpertMLP(torch.autograd.Function):
         return y_SD
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, gy_SD):
         x_SD, w1_EFD, w2_EFD, *hidden = ctx.saved_tensors
         gy_SD = gy_SD.contiguous()

@@ -19,11 +19,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from .config import MoEConfig
 from .dispatch import Combine, Dispatch, Slots
 from .experts import Experts
+from .first_order import first_order
 
 
 def _no_autocast(term):
@@ -310,7 +310,7 @@ class _RouterLogits(torch.autograd.Function):
         return logits_NE
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g_NE):
         x_ND, w_ED = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad

@@ -435,3 +435,18 @@ def test_float64_gradcheck(request, path, kw):
         return y, aux.balance_loss, aux.z_loss, aux.entropy, aux.marginal_entropy
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [{"K": 2}, {"K": 1, "cf": 0.5}, {"router": "expert_choice", "K": 1, "cf": 1.0}], ids=str)
+def test_double_backward_is_an_error_not_a_wrong_gradient(kw):
+    """create_graph=True through the layer (a gradient penalty) raises: once_differentiable alone would treat the
+    backward's outputs as constants and silently drop the second-order terms. First order is unaffected."""
+    layer = make_layer(E=4, **kw).train()
+    x = torch.randn(12, 8, requires_grad=True)
+    y, aux = layer(x)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        gx, = torch.autograd.grad((y * torch.randn_like(y)).sum(), x, create_graph=True)
+        gx.square().sum().backward()
+    y, aux = layer(x)
+    (y.sum() + aux.z_loss).backward()
+    assert x.grad is not None and layer.experts.w1.grad is not None
