@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -21,11 +22,15 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
                     top_words: int = 10, min_count: int = 3) -> dict:
     """Routes `num_batches` batches of shards through `model` and writes `routing.json` and `routing.png`.
 
-    Returns per MoE layer ("image.3", "text.1", ...): `load` (fraction of routed tokens whose top-1 is
-    each expert), and for text layers `top_words` per expert: [word, count, share] for the words of which
-    it takes the largest share of occurrences (words seen at least `min_count` times; by raw count alone
-    every expert's list would start with "a" and "the"), or for image layers `patch_map` per expert
-    (fraction of its tokens at each grid position, CLS first).
+    What an expert "takes" is what it computed: every kept choice of top-k routing (with k = 2 a token counts
+    for both its experts; dropped choices for none), and each expert's picks in expert choice.
+
+    Returns per MoE layer ("image.3", "text.1", ...): `load` (each expert's fraction of the layer's computed
+    (token, expert) pairs), and for text layers `top_words` per expert: [word, count, share] for the words of
+    which it takes the largest share of occurrences (words seen at least `min_count` times; by raw count alone
+    every expert's list would start with "a" and "the"; with k = 2 the shares of a word sum to 2 over the
+    experts), or for image layers `patch_map` per expert (fraction of its tokens at each grid position, CLS
+    first).
     """
     if num_batches < 1:
         raise ClipmoeError(f"num_batches must be >= 1, got {num_batches}")
@@ -38,7 +43,8 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
                                        shuffle=False)
     device = next(model.parameters()).device
     grid_tokens = (model.config.vision.image_size // model.config.vision.patch_size) ** 2 + 1
-    words: dict[str, list[Counter]] = {}
+    words: dict[str, list[Counter]] = {}  # per layer: per expert, the words of the tokens it computed
+    seen: dict[str, Counter] = {}  # per layer: the words of its routed tokens
     patches: dict[str, torch.Tensor] = {}
     loads: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(loader):
@@ -50,15 +56,18 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
         routed_ids = tokens[:, :L][torch.arange(L) <= tokens.argmax(-1, keepdim=True)]  # the text tower's order
         for a in out.aux:
             name = f"{a.tower}.{a.block}"
-            E, top1 = a.tokens_per_expert.numel(), a.top1.cpu()
-            loads[name] = loads.get(name, 0) + torch.bincount(top1, minlength=E).float()
+            E = a.tokens_per_expert.numel()
+            # what each expert computed: every kept choice of top-k, each expert's picks in expert choice
+            token_M, expert_M = (t.cpu() for t in a.assignments)
+            loads[name] = loads.get(name, 0) + torch.bincount(expert_M, minlength=E).float()
             if a.tower == "text":
                 counters = words.setdefault(name, [Counter() for _ in range(E)])
-                for tok, e in zip(routed_ids.tolist(), top1.tolist()):
+                for tok, e in zip(routed_ids[token_M].tolist(), expert_M.tolist()):
                     counters[e][tok] += 1
+                seen.setdefault(name, Counter()).update(routed_ids.tolist())
             else:
-                pos = torch.arange(top1.numel()) % grid_tokens
-                hist = torch.zeros(E, grid_tokens).index_put_((top1, pos), torch.ones(pos.numel()), accumulate=True)
+                pos = token_M % grid_tokens
+                hist = torch.zeros(E, grid_tokens).index_put_((expert_M, pos), torch.ones(pos.numel()), accumulate=True)
                 patches[name] = patches.get(name, 0) + hist
     if not loads:
         stats = loader.stats()
@@ -68,7 +77,7 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
     for name, load in sorted(loads.items()):
         entry = {"load": (load / load.sum()).tolist()}
         if name in words:
-            entry["top_words"] = _top_words(words[name], tokenizer, special, top_words, min_count)
+            entry["top_words"] = _top_words(words[name], tokenizer, special, top_words, min_count, seen[name])
         if name in patches:
             hist = patches[name]
             entry["patch_map"] = (hist / hist.sum(1, keepdim=True).clamp_min(1)).tolist()
@@ -80,11 +89,13 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
     return report
 
 
-def _top_words(counters: list[Counter], tokenizer, special: set, k: int, min_count: int) -> list[list]:
-    """Per expert, [word, count, share] for the k words of which it took the largest share (ties: more
-    occurrences first), among words seen at least `min_count` times in all (fewer where no word is).
-    Punctuation tokens ("," ".") are not words and are left out."""
-    total = sum(counters, Counter())
+def _top_words(counters: list[Counter], tokenizer, special: set, k: int, min_count: int,
+               seen: Optional[Counter] = None) -> list[list]:
+    """Per expert, [word, count, share] for the k words of which it took the largest share of the `seen`
+    occurrences (default: the counters' sum, as with top-1 routing; ties: more occurrences first), among words
+    seen at least `min_count` times (fewer where no word is). Punctuation tokens ("," ".") are not words and
+    are left out."""
+    total = sum(counters, Counter()) if seen is None else seen
     text = {t: tokenizer.decode([t]).strip() for t in total if t not in special}
     total = Counter({t: n for t, n in total.items() if any(ch.isalnum() for ch in text.get(t, ""))})
     floor = min(min_count, max(total.values(), default=0))

@@ -46,6 +46,8 @@ class MoEAux:
     tokens_per_expert: (E,) assignments routed to each expert before capacity, detached.
     top1: (N,) each routed token's most probable expert, detached (routing analysis).
     dropped_fraction: scalar; token choice: assignments dropped; expert choice: tokens no expert took.
+    assignments: (token_M, expert_M), the M (routed token, expert) pairs the experts computed (after capacity;
+        expert choice: each expert's picks), on first use; None where unknown (a CUDA graph's call).
     balance_loss: E * sum_i f_i * P_i (Switch; f from the top-1 choices); 1 when balanced.
     z_loss: mean(logsumexp(logits)^2) (ST-MoE).
     entropy: LIMoE's local term, the mean over tokens of H(p(.|x)) in nats.
@@ -54,11 +56,13 @@ class MoEAux:
 
     def __init__(self, tower: str, block: int, tokens_per_expert: torch.Tensor, top1: torch.Tensor,
                  dropped_fraction: torch.Tensor, logits: Optional[torch.Tensor] = None,
-                 probs: Optional[torch.Tensor] = None, top1_counts: Optional[torch.Tensor] = None, **terms):
+                 probs: Optional[torch.Tensor] = None, top1_counts: Optional[torch.Tensor] = None,
+                 assign: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = None, **terms):
         self.tower, self.block = tower, block
         self.tokens_per_expert, self.top1, self.dropped_fraction = tokens_per_expert, top1, dropped_fraction
         self._logits, self._probs = logits, probs
         self._top1_counts = top1_counts  # the top-1 choices' counts where the layer has them; else from top1
+        self._assign = assign  # computes `assignments` from the routing's index tensors (no autograd graph)
         self.__dict__.update(terms)  # terms computed elsewhere (a CUDA graph's outputs) take the properties' place
 
     def detach(self) -> "MoEAux":
@@ -66,10 +70,14 @@ class MoEAux:
         terms = {k: v.detach() for k, v in self.__dict__.items() if k in _TERMS and torch.is_tensor(v)}
         logits, probs = (None if t is None else t.detach() for t in (self._logits, self._probs))
         return MoEAux(self.tower, self.block, self.tokens_per_expert, self.top1, self.dropped_fraction.detach(),
-                      logits, probs, self._top1_counts, **terms)
+                      logits, probs, self._top1_counts, self._assign, **terms)
 
     def __repr__(self):
         return f"MoEAux(tower={self.tower!r}, block={self.block}, tokens_per_expert={self.tokens_per_expert.tolist()})"
+
+    @functools.cached_property
+    def assignments(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        return None if self._assign is None else self._assign()
 
     @functools.cached_property
     def _mean_p(self) -> torch.Tensor:
@@ -211,7 +219,13 @@ class MoE(nn.Module):
         y_ND = Combine.apply(h_PD, gates_NK, slots)
         # dropped: computed on the device when only the device knows how many were kept
         dropped = 1.0 - kept_E.sum() / max(1, A) if tail else 1.0 - order_S.numel() / max(1, A)
-        return y_ND, counts_E, experts_NK[:, 0], dropped
+        slot_NK, experts_NK = slots.slot_NK, experts_NK.detach()
+
+        def assign():  # kept: a slot; on the sync-free path the dropped ones sit after all kept slots
+            token_M, choice_M = (slot_NK < kept_E.sum() if tail else slot_NK >= 0).nonzero(as_tuple=True)
+            return token_M, experts_NK[token_M, choice_M]
+
+        return y_ND, counts_E, experts_NK[:, 0], dropped, assign
 
     def _expert_choice(self, x_ND: torch.Tensor, probs_NE: torch.Tensor, cap: int):
         N, E = probs_NE.shape
@@ -229,7 +243,12 @@ class MoE(nn.Module):
         h_PD = self.experts(x_ND.index_select(0, token_P), counts_E + pad, capacity=cap + pad)
         h_PD = h_PD * gate_P.unsqueeze(1).to(h_PD.dtype)
         y_ND = torch.zeros_like(x_ND, dtype=h_PD.dtype).index_add_(0, token_P, h_PD)
-        return y_ND, counts_E, probs_NE.argmax(-1), dropped
+        picks_EC = token_EC[:, :cap].detach()
+
+        def assign():
+            return picks_EC.reshape(-1), torch.arange(E, device=picks_EC.device).repeat_interleave(cap)
+
+        return y_ND, counts_E, probs_NE.argmax(-1), dropped, assign
 
     def sync_free(self, x: torch.Tensor) -> bool:
         """Whether a call on x without a token mask reads nothing back to the host (what a CUDA graph needs)."""
@@ -260,7 +279,7 @@ class MoE(nn.Module):
 
         logits_NE, probs_NE = self.route(x_ND)
         choose = self._expert_choice if self.cfg.router == "expert_choice" else self._token_choice
-        y_ND, counts_E, top1_N, dropped = choose(x_ND, probs_NE, self.capacity(N))
+        y_ND, counts_E, top1_N, dropped, assign = choose(x_ND, probs_NE, self.capacity(N))
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)[0].to(y_ND.dtype)
 
@@ -269,19 +288,19 @@ class MoE(nn.Module):
             y = y.index_copy(0, keep_N, y_ND)
         else:
             y = y_ND
-        return y.reshape(shape).to(x.dtype), self._aux(logits_NE, probs_NE, top1_N, counts_E, dropped)
+        return y.reshape(shape).to(x.dtype), self._aux(logits_NE, probs_NE, top1_N, counts_E, dropped, assign)
 
-    def _aux(self, logits_NE, probs_NE, top1_N, counts_E, dropped: float | torch.Tensor) -> MoEAux:
+    def _aux(self, logits_NE, probs_NE, top1_N, counts_E, dropped: float | torch.Tensor, assign=None) -> MoEAux:
         # with top-1 token choice the routed counts are the first choices' counts: no second count
         top1_E = counts_E if self.cfg.router == "topk" and self.cfg.top_k == 1 else None
         if probs_NE.shape[0] == 0:  # nothing routed: every term 0 (still in the graph), nothing dropped
             zero = probs_NE.sum()
-            return MoEAux(self.tower, self.block, counts_E.detach(), top1_N.detach(), zero.detach(),
+            return MoEAux(self.tower, self.block, counts_E.detach(), top1_N.detach(), zero.detach(), assign=assign,
                           balance_loss=zero, z_loss=zero, entropy=zero, marginal_entropy=zero)
         if not torch.is_tensor(dropped):  # new_full: no host-to-device copy, which would wait for the GPU
             dropped = probs_NE.new_full((), dropped)
         return MoEAux(self.tower, self.block, counts_E.detach(), top1_N.detach(), dropped, logits_NE, probs_NE,
-                      top1_E)
+                      top1_E, assign)
 
 
 def _counts(ids: torch.Tensor, n: int) -> torch.Tensor:

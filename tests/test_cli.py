@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import clipmoe
@@ -75,13 +76,14 @@ def test_upcycle_and_encode(tmp_path):
 def test_upcycle_placement_and_capacity_flags(tmp_path):
     dense = clipmoe.save(clipmoe.create_model("clipmoe-micro"), tmp_path / "dense.safetensors")
     out = tmp_path / "moe.safetensors"
-    r = _run("upcycle", str(dense), str(out), "--experts", "2", "--blocks", "1", "--towers", "text",
+    r = _run("upcycle", str(dense), str(out), "--num-experts", "2", "--blocks", "1", "--towers", "text",
              "--capacity-factor", "1.5", "--eval-capacity-factor", "2", "--min-capacity", "3", "--jitter", "0.01")
     assert r.returncode == 0, r.stderr
     cfg = clipmoe.load(out).config
     moe = cfg.text.moe
     assert cfg.vision.moe is None and moe.moe_blocks(cfg.text.depth) == [1]
-    assert (moe.capacity_factor, moe.eval_capacity_factor, moe.min_capacity, moe.jitter) == (1.5, 2.0, 3, 0.01)
+    assert (moe.num_experts, moe.capacity_factor, moe.eval_capacity_factor, moe.min_capacity, moe.jitter) == (
+        2, 1.5, 2.0, 3, 0.01)
     r = _run("upcycle", str(dense), str(out), "--last", "1", "--shared-expert")
     assert r.returncode == 0, r.stderr
     moe = clipmoe.load(out).config.vision.moe
@@ -126,6 +128,23 @@ def test_analyze_routing_writes_heatmap_and_words(tmp_path, tiny_shards):
              "--batches", "1")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "cli" / "routing.png").is_file() and "expert 0:" in r.stdout
+
+
+def test_analyze_routing_counts_what_each_expert_computed(tmp_path, tiny_shards):
+    """Expert choice: an expert takes its picks, not the tokens whose most probable expert it is. A fresh upcycle
+    with dropless expert choice (C = N) has every expert compute every token: all of each word."""
+    from clipmoe.analysis import analyze_routing
+
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=4, every=1, router="expert_choice")
+    report = analyze_routing(model, tiny_shards["eval"], tmp_path, num_batches=1, batch_size=16)
+    for entry in report.values():
+        assert entry["load"] == pytest.approx([0.25] * 4)
+    for top in report["text.0"]["top_words"]:  # each expert took every occurrence of every word
+        assert top and all(share == 1 for _, _, share in top)
+    # top-2: every token counts for both its experts (the zero router's tie: the same two for all)
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=4, every=1, top_k=2)
+    report = analyze_routing(model, tiny_shards["eval"], tmp_path, num_batches=1, batch_size=16)
+    assert sorted(report["image.0"]["load"]) == pytest.approx([0, 0, 0.5, 0.5])
 
 
 def test_top_words_rank_by_the_share_an_expert_took():

@@ -450,3 +450,44 @@ def test_double_backward_is_an_error_not_a_wrong_gradient(kw):
     y, aux = layer(x)
     (y.sum() + aux.z_loss).backward()
     assert x.grad is not None and layer.experts.w1.grad is not None
+
+
+def _pairs(aux):
+    token_M, expert_M = aux.assignments
+    return sorted(zip(token_M.tolist(), expert_M.tolist()))
+
+
+@pytest.mark.parametrize("path", ["default", "bf16_padded_groups", "static_padding", "grouped_mm"])
+@pytest.mark.parametrize("kw", [{"K": 2}, {"K": 1, "cf": 0.5}, {"K": 2, "cf": 0.6, "batch_priority": True},
+                                {"K": 3, "cf": 0.4}], ids=str)
+def test_assignments_are_the_kept_choices(request, path, kw):
+    """aux.assignments: the (token, expert) pairs the experts computed, the reference loop's kept choices."""
+    if path in ("static_padding", "grouped_mm"):
+        request.getfixturevalue("static_padding" if path == "static_padding" else "emulated_grouped_mm")
+    layer = make_layer(E=4, **kw).train()
+    x = torch.randn(24, 8)
+    # bf16 on CPU pads each expert's group to 32 slots: padding slots are no assignment
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "bf16_padded_groups"):
+        _, aux = layer(x)
+    probs = (x @ layer.router.weight.t()).softmax(-1)
+    experts = probs.topk(layer.cfg.top_k, dim=-1).indices
+    cap, used, kept = layer.capacity(24), [0] * 4, []
+    tokens = sorted(range(24), key=lambda n: -probs[n].max().item()) if layer.cfg.batch_priority else range(24)
+    for k in range(layer.cfg.top_k):  # choice-major, as the reference loop
+        for n in tokens:
+            e = int(experts[n, k])
+            if cap is None or used[e] < cap:
+                used[e] += 1
+                kept.append((n, e))
+    assert _pairs(aux) == sorted(kept)
+    assert len(kept) == round((1 - aux.dropped_fraction.item()) * 24 * layer.cfg.top_k)
+    assert _pairs(aux.detach()) == sorted(kept)
+
+
+def test_assignments_of_expert_choice_are_each_experts_picks():
+    layer = make_layer(E=4, K=1, cf=1.0, router="expert_choice").train()
+    x = torch.randn(20, 8)
+    _, aux = layer(x)
+    probs = (x @ layer.router.weight.t()).softmax(-1)
+    cap = layer.capacity(20)
+    assert _pairs(aux) == sorted((n, e) for e in range(4) for n in probs[:, e].topk(cap).indices.tolist())
