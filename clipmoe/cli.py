@@ -49,7 +49,7 @@ def _upcycle(args) -> None:
     model = upcycle(args.input, num_experts=args.experts, top_k=args.top_k, every=args.every, towers=towers,
                     last=args.last, blocks=blocks, router=args.router, capacity_factor=args.capacity_factor,
                     eval_capacity_factor=args.eval_capacity_factor, batch_priority=args.batch_priority,
-                    min_capacity=args.min_capacity, jitter=args.jitter, shared_expert=args.shared_expert,
+                    eval_router=args.eval_router, min_capacity=args.min_capacity, jitter=args.jitter, shared_expert=args.shared_expert,
                     noise_std=args.noise_std, reinit_fraction=args.reinit_fraction, arch=args.arch, seed=args.seed)
     print(f"wrote {save(model, args.output)}")
 
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--min-capacity", type=int, default=4)
     u.add_argument("--jitter", type=float, default=0.0, help="router input jitter in training")
     u.add_argument("--batch-priority", action="store_true", help="Batch Prioritized Routing")
+    u.add_argument("--eval-router", choices=["topk"], default=None,
+                   help="expert choice only: evaluate with token choice (batch-independent embeddings)")
     u.add_argument("--shared-expert", action="store_true", help="an always-on dense expert beside the routed ones")
     u.add_argument("--noise-std", type=float, default=0.0, help="relative noise on the expert copies")
     u.add_argument("--reinit-fraction", type=float, default=0.0, help="Drop-Upcycling: hidden units re-initialised")

@@ -46,6 +46,10 @@ class MoEConfig:
     # 2022), C = ceil(N * capacity_factor / E) (2.0 in the paper). Null is dropless there too: C = N, every
     # expert may take every token (E times a dense layer's compute); a null eval factor keeps training's.
     router: str = "topk"
+    # expert choice only: "topk" evaluates as token choice (each token its top_k experts, weighted by their raw
+    # probabilities as expert choice weighs them; eval_capacity_factor null = dropless), so that an embedding
+    # does not depend on what else is in the batch; null evaluates with expert choice
+    eval_router: Optional[str] = None
     batch_priority: bool = False  # V-MoE's Batch Prioritized Routing: confident tokens claim slots first
     jitter: float = 0.0  # Switch: router inputs times U(1 - jitter, 1 + jitter) in training
     shared_expert: bool = False  # an always-on dense MLP beside the experts
@@ -64,6 +68,9 @@ class MoEConfig:
         _check(self.expert_mlp_ratio is None or self.expert_mlp_ratio > 0, "expert_mlp_ratio",
                self.expert_mlp_ratio, "must be > 0")
         _check(self.router in ("topk", "expert_choice"), "router", self.router, "must be 'topk' or 'expert_choice'")
+        _check(self.eval_router in (None, "topk"), "eval_router", self.eval_router, "must be 'topk' or null")
+        _check(self.eval_router is None or self.router == "expert_choice", "eval_router", self.eval_router,
+               "applies to router 'expert_choice' only (token choice already evaluates with top-k)")
         _check(0 <= self.jitter < 1, "jitter", self.jitter, "must be in [0, 1)")
 
     def moe_blocks(self, depth: int) -> list[int]:

@@ -138,10 +138,18 @@ class MoE(nn.Module):
         self.shared = shared  # an always-on dense MLP (cfg.shared_expert), built by the caller
         self.last_aux: Optional[MoEAux] = None  # the report of the last call, detached (moe_report(model))
 
+    @property
+    def routing(self) -> str:
+        """The routing of the next call: the config's, or token choice for an expert-choice layer in eval mode
+        with `eval_router: topk` (whose outputs then do not depend on the rest of the batch)."""
+        if self.cfg.router == "expert_choice" and not self.training and self.cfg.eval_router == "topk":
+            return "topk"
+        return self.cfg.router
+
     def capacity(self, num_tokens: int) -> Optional[int]:
         cfg = self.cfg
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
-        if cfg.router == "expert_choice":  # C = N * c / E
+        if self.routing == "expert_choice":  # C = N * c / E
             if factor is None and not self.training:  # evaluation keeps training's C unless given its own
                 factor = cfg.capacity_factor
             if factor is None or math.isinf(factor):  # dropless: only C = N guarantees every token an expert
@@ -169,6 +177,8 @@ class MoE(nn.Module):
     def top_k(self, probs_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gates (N, K) and experts (N, K) of token-choice routing."""
         gates_NK, experts_NK = probs_NE.topk(self.cfg.top_k, dim=-1)
+        if self.cfg.router == "expert_choice":  # eval_router topk: the raw probabilities, as expert choice weighs
+            return gates_NK, experts_NK
         if self.cfg.top_k > 1:
             gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True)
         elif self.cfg.k1_gate == "straight_through":
@@ -254,7 +264,7 @@ class MoE(nn.Module):
         """Whether a call on x without a token mask reads nothing back to the host (what a CUDA graph needs)."""
         N = x.reshape(-1, x.shape[-1]).shape[0]
         cap = self.capacity(N)
-        if self.cfg.router == "expert_choice":
+        if self.routing == "expert_choice":
             pad = -cap % self.experts.align(x)
             return self.experts.sync_free(x, cap + pad, self.cfg.num_experts * (cap + pad))
         return self.experts.sync_free(x, cap, N * self.cfg.top_k)
@@ -278,7 +288,7 @@ class MoE(nn.Module):
         N = x_ND.shape[0]
 
         logits_NE, probs_NE = self.route(x_ND)
-        choose = self._expert_choice if self.cfg.router == "expert_choice" else self._token_choice
+        choose = self._expert_choice if self.routing == "expert_choice" else self._token_choice
         y_ND, counts_E, top1_N, dropped, assign = choose(x_ND, probs_NE, self.capacity(N))
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)[0].to(y_ND.dtype)
@@ -292,7 +302,7 @@ class MoE(nn.Module):
 
     def _aux(self, logits_NE, probs_NE, top1_N, counts_E, dropped: float | torch.Tensor, assign=None) -> MoEAux:
         # with top-1 token choice the routed counts are the first choices' counts: no second count
-        top1_E = counts_E if self.cfg.router == "topk" and self.cfg.top_k == 1 else None
+        top1_E = counts_E if self.routing == "topk" and self.cfg.top_k == 1 else None
         if probs_NE.shape[0] == 0:  # nothing routed: every term 0 (still in the graph), nothing dropped
             zero = probs_NE.sum()
             return MoEAux(self.tower, self.block, counts_E.detach(), top1_N.detach(), zero.detach(), assign=assign,

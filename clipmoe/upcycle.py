@@ -28,6 +28,7 @@ def upcycle(
     capacity_factor: Optional[float] = None,
     eval_capacity_factor: Optional[float] = None,
     batch_priority: bool = False,
+    eval_router: Optional[str] = None,
     min_capacity: int = 4,
     jitter: float = 0.0,
     shared_expert: bool = False,
@@ -52,7 +53,8 @@ def upcycle(
             to its source; a float drops tokens past capacity. For expert choice, C = N * factor / E, and
             dropless (None, or factor = num_experts) is C = N: every expert takes every token, its output
             weighted by the router's probability, which again equals the source (at E times the compute).
-        batch_priority, min_capacity, jitter: as in MoEConfig.
+        batch_priority, eval_router, min_capacity, jitter: as in MoEConfig (eval_router "topk": an expert-choice
+            model evaluates with token choice, so that embeddings do not depend on the rest of the batch).
         shared_expert: an always-on dense expert beside the routed ones; it starts as the dense MLP with a
             zero output projection, so the model still starts equal to its source.
         noise_std: relative std of Gaussian noise added to each expert copy to break their symmetry.
@@ -73,7 +75,7 @@ def upcycle(
         raise ClipmoeError(f"reinit_fraction must be in [0, 1], got {reinit_fraction}")
     moe = MoEConfig(num_experts=num_experts, top_k=top_k, every=every, last=last, blocks=blocks, router=router,
                     capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                    batch_priority=batch_priority, min_capacity=min_capacity, jitter=jitter,
+                    batch_priority=batch_priority, eval_router=eval_router, min_capacity=min_capacity, jitter=jitter,
                     shared_expert=shared_expert, k1_gate="straight_through")
     cfg = model.config
     tower_cfgs = {"image": cfg.vision, "text": cfg.text}

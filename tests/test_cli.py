@@ -88,6 +88,11 @@ def test_upcycle_placement_and_capacity_flags(tmp_path):
     assert r.returncode == 0, r.stderr
     moe = clipmoe.load(out).config.vision.moe
     assert moe.moe_blocks(2) == [1] and moe.shared_expert
+    r = _run("upcycle", str(dense), str(out), "--router", "expert_choice", "--eval-router", "topk")
+    assert r.returncode == 0, r.stderr
+    assert clipmoe.load(out).config.vision.moe.eval_router == "topk"
+    r = _run("upcycle", str(dense), str(out), "--eval-router", "topk")  # token choice: nothing to switch
+    assert r.returncode != 0 and "eval_router" in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     for bad in (["--blocks", "7"], ["--blocks", "one"]):
         r = _run("upcycle", str(dense), str(tmp_path / "x.safetensors"), *bad)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "blocks" in r.stderr, r.stderr

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipmoe.config import MoEConfig
+from clipmoe.errors import ConfigError
 from clipmoe.model import Mlp
 from clipmoe.moe import MoE, capacity
 
@@ -491,3 +492,32 @@ def test_assignments_of_expert_choice_are_each_experts_picks():
     probs = (x @ layer.router.weight.t()).softmax(-1)
     cap = layer.capacity(20)
     assert _pairs(aux) == sorted((n, e) for e in range(4) for n in probs[:, e].topk(cap).indices.tolist())
+
+
+def test_expert_choice_eval_router_topk_is_batch_independent():
+    """eval_router topk: in eval mode an expert-choice layer routes each token to its top_k experts, weighted by
+    their raw probabilities (expert choice's weights), dropless: a token's output is the same in any batch.
+    Training still routes by expert choice; plain expert choice at eval depends on the batch."""
+    layer = make_layer(E=4, K=2, cf=1.0, router="expert_choice", eval_router="topk").eval()
+    layer.cfg = dataclasses.replace(layer.cfg, eval_capacity_factor=None)  # dropless at eval
+    x = torch.randn(40, 8)
+    y, aux = layer(x)
+    probs = (x @ layer.router.weight.t()).softmax(-1)
+    gates, experts = probs.topk(2, dim=-1)
+    ex = layer.experts
+    expected = torch.stack([sum(gates[n, k] * (ex.act(F.linear(x[n], ex.w1[e], ex.b1[e])) @ ex.w2[e] + ex.b2[e])
+                                for k, e in enumerate(experts[n].tolist())) for n in range(40)])
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(x[:7])[0], y[:7], atol=1e-6, rtol=1e-6)  # another batch, same rows
+    assert aux.tokens_per_expert.sum().item() == 80 and aux.dropped_fraction.item() == 0
+    y_train, _ = layer.train()(x)  # training: expert choice
+    torch.testing.assert_close(y_train, reference_expert_choice(layer, x)[0], atol=1e-5, rtol=1e-5)
+    plain = make_layer(E=4, K=2, cf=1.0, router="expert_choice").eval()
+    assert not torch.allclose(plain(x[:7])[0], plain(x)[0][:7], atol=1e-4)  # why the option exists
+
+
+def test_eval_router_config_errors():
+    with pytest.raises(ConfigError, match="eval_router"):
+        MoEConfig(router="topk", eval_router="topk")
+    with pytest.raises(ConfigError, match="eval_router"):
+        MoEConfig(router="expert_choice", eval_router="expert_choice")

@@ -71,6 +71,21 @@ def test_upcycle_keeps_the_source_dtype():
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
 
 
+def test_expert_choice_with_eval_router_topk_gives_batch_independent_embeddings():
+    up = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=4, every=1, router="expert_choice",
+                         capacity_factor=1.0, eval_router="topk", noise_std=0.2)
+    assert up.config.text.moe.eval_router == "topk"
+    with torch.no_grad():
+        for m in up.modules():
+            if isinstance(m, MoE):
+                m.router.weight.normal_()
+    up.eval()
+    tokenizer = clipmoe.get_tokenizer(up)
+    batch = up.encode_text(tokenizer(["a red square", "two blue circles", "x"]))
+    alone = up.encode_text(tokenizer(["two blue circles"]))
+    torch.testing.assert_close(alone[0], batch[1], atol=1e-6, rtol=1e-6)
+
+
 def test_drop_upcycling_reinitialises_a_fraction():
     dense = clipmoe.create_model("clipmoe-micro")
     up = clipmoe.upcycle(dense, num_experts=3, every=1, reinit_fraction=0.5)
