@@ -4,8 +4,9 @@ Both weight matrices are stacked as (E, F, D), as in MegaBlocks: `w1[e]` is nn.L
 `w2[e]` is nn.Linear(F, D).weight transposed, so y = act(x w1[e]^T + b1[e]) w2[e] + b2[e].
 
 On CUDA with bf16 the experts run as two `grouped_mm` calls. On CUDA in other dtypes they run as two
-padded batched products when padding at most doubles the rows (`_padded_experts`), to a static capacity
-where the routing gives one (then no count is read back to the host). Everywhere else
+padded batched products when padding at most doubles the rows (`_padded_experts`): padded to the largest
+group, or, while a CUDA graph is captured, to the routing's static capacity (then no count is read back
+to the host). Everywhere else
 `_ExpertMLP` runs one matmul per expert on its contiguous slice and writes its outputs and weight
 gradients in place (no concatenation of E pieces, no stacking of E weight gradients); on CPU two experts
 run at a time, each on half of torch's threads (`Experts.lanes`, see `_run_lanes`). The layouts are chosen for oneDNN's bf16
@@ -63,8 +64,8 @@ class Experts(nn.Module):
         return 32 if x.device.type == "cpu" and cls.compute_dtype(x) in (torch.bfloat16, torch.float16) else 1
 
     def sync_free(self, x: torch.Tensor, capacity: Optional[int] = None, rows: Optional[int] = None) -> bool:
-        """Whether the experts run on `rows` rows like x (default: x's) without reading the group sizes on the
-        host: grouped_mm, or, given a `capacity` that bounds every group, padded batched products of that
+        """Whether the experts can run on `rows` rows like x (default: x's) without reading the group sizes on
+        the host: grouped_mm, or, given a `capacity` that bounds every group, padded batched products of that
         many rows per expert (`_static_padding`). Routing then lays out every assignment, the dropped ones
         after all groups (`forward(..., tail=True)`), so that no shape depends on the routing and the CPU
         never waits for the GPU (and the layer can be captured as a CUDA graph)."""
@@ -74,6 +75,15 @@ class Experts(nn.Module):
         if _grouped_mm(x, self.compute_dtype(x)) is not None:
             return True
         return capacity is not None and _static_padding(x, self.w1.shape[0] * capacity, rows)
+
+    def static_layout(self, x: torch.Tensor, capacity: Optional[int] = None, rows: Optional[int] = None) -> bool:
+        """Whether this call runs sync-free (`sync_free`): always with grouped_mm; padded to the static capacity
+        only while a CUDA graph is captured. Eagerly, reading the counts costs one sync but saves about 11
+        kernels of layout (at 4,096 tokens each launch costs more than that sync) and pads to the largest
+        group, never more than to the capacity."""
+        if not self.sync_free(x, capacity, rows):
+            return False
+        return _grouped_mm(x, self.compute_dtype(x)) is not None or _capturing(x)
 
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor, tail: bool = False,
                 capacity: Optional[int] = None) -> torch.Tensor:
@@ -97,7 +107,8 @@ class Experts(nn.Module):
                                                    valid_S))
                 return _GroupedBias.apply(grouped_mm(h_SF, w2, offs=offs_E), b2, expert_S, valid_S)
             E = counts_E.numel()
-            if capacity is not None and x_SD.shape[0] and _static_padding(x_SD, E * capacity, x_SD.shape[0]):
+            if capacity is not None and x_SD.shape[0] and _static_padding(x_SD, E * capacity, x_SD.shape[0]) \
+                    and _capturing(x_SD):
                 return _padded_experts(x_SD, counts_E, capacity, self.act, w1, b1, w2, b2, tail=tail)
             if tail:
                 raise ValueError("rows after the expert groups need a sync-free path (Experts.sync_free)")
@@ -128,6 +139,11 @@ def _static_padding(x: torch.Tensor, padded_rows: int, rows: int) -> bool:
     (on the CPU the per-expert products win), when padding at most doubles the rows. Its point is not the
     FLOPs but that nothing is read back to the host; tests monkeypatch it to run the path on the CPU."""
     return x.is_cuda and padded_rows <= 2 * rows
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether x's CUDA stream is being captured into a graph (tests monkeypatch it, with `_static_padding`)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _padded_experts(x_SD, counts_E, C: int, act, w1, b1, w2, b2, tail: bool = False) -> torch.Tensor:

@@ -220,7 +220,7 @@ class MoE(nn.Module):
         N, A = probs_NE.shape[0], probs_NE.shape[0] * self.cfg.top_k
         gates_NK, experts_NK = self.top_k(probs_NE)
         priority_N = probs_NE.max(dim=-1).values.detach() if self.cfg.batch_priority else None
-        tail = cap is not None and self.experts.sync_free(x_ND, cap, A)
+        tail = cap is not None and self.experts.static_layout(x_ND, cap, A)
         order_S, kept_E, counts_E = self.dispatch_order(experts_NK, cap, priority_N, tail)
         align = 1 if tail else self.experts.align(x_ND)  # padding slots are for the CPU's per-expert products
         slots = Slots.arrange(order_S, kept_E, N, self.cfg.top_k, align)

@@ -521,3 +521,21 @@ def test_eval_router_config_errors():
         MoEConfig(router="topk", eval_router="topk")
     with pytest.raises(ConfigError, match="eval_router"):
         MoEConfig(router="expert_choice", eval_router="expert_choice")
+
+
+def test_static_capacity_layout_only_while_a_graph_is_captured(monkeypatch):
+    """fp32 on a GPU: a capacity-mode layer can be captured (sync_free), but eagerly it reads the counts (one
+    sync, fewer kernels, padding to the largest group); the static layout is what a capture records."""
+    import clipmoe.experts as experts
+
+    monkeypatch.setattr(experts, "_static_padding", lambda x, padded, rows: padded <= 2 * rows)  # as on a GPU
+    layer = make_layer(E=4, K=2, cf=1.0).train()
+    calls, real = [], layer.experts.forward
+    layer.experts.forward = lambda x_SD, counts_E, tail=False, capacity=None: (
+        calls.append(tail) or real(x_SD, counts_E, tail, capacity))
+    x = torch.randn(37, 8)
+    assert layer.sync_free(x)
+    for capturing in (False, True):
+        monkeypatch.setattr(experts, "_capturing", lambda x: capturing)
+        layer(x)
+    assert calls == [False, True]
