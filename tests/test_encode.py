@@ -68,3 +68,21 @@ def test_encode_errors(saved, tmp_path):
     with pytest.raises(clipmoe.ClipmoeError, match="strings"):
         clipmoe.encode_text(["a", 3], model=path)
     assert clipmoe.encode_text([], model=path).shape == (0, 32)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.bfloat16, 0.05)])
+def test_models_cast_to_another_dtype_take_float32_pixels(saved, dtype, tol):
+    """model.bfloat16() / .double(): encode_image, encode_text and the forward take float32 inputs (the image
+    tower casts its pixels, as OpenAI CLIP does) and give what the float32 model gives, to the dtype's precision."""
+    import copy
+
+    from PIL import Image
+
+    model, _ = saved
+    cast = copy.deepcopy(model).to(dtype)
+    images = [Image.new("RGB", (20, 20), (200, 30, 30)), Image.new("RGB", (24, 18), (20, 30, 220))]
+    for fn, items in ((clipmoe.encode_image, images), (clipmoe.encode_text, TEXTS[:2])):
+        ref, out = fn(items, model=model), fn(items, model=cast)
+        assert out.dtype == torch.float32 and (out - ref).abs().max().item() < tol
+    features = cast(torch.rand(2, 3, 16, 16), clipmoe.get_tokenizer(cast)(TEXTS[:2])).image_features
+    assert features.dtype == dtype
