@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import load
+from .device import check_model_device, resolve_device
 from .errors import ClipmoeError
 from .factory import create_transforms, get_tokenizer
 from .model import CLIP
@@ -27,13 +28,15 @@ def _cached_model(path: str, mtime_ns: int, device: str) -> CLIP:
 
 
 def resolve_model(model: ModelRef, device: Optional[Union[str, torch.device]] = None) -> CLIP:
-    """A CLIP model from a model or a `clipmoe.save` path (cached). A given model is not moved."""
+    """A CLIP model from a model or a `clipmoe.save` path (cached, loaded on `device`, default cpu). A given
+    model is not moved: a `device` naming another place is an error."""
     if isinstance(model, CLIP):
+        check_model_device(model, device)
         return model
     path = Path(model).expanduser()
     if not path.is_file():
         raise ClipmoeError(f"model not found: {path}")
-    dev = str(device) if device is not None else "cpu"
+    dev = str(resolve_device(device)) if device is not None else "cpu"
     return _cached_model(str(path.resolve()), path.stat().st_mtime_ns, dev)
 
 

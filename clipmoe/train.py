@@ -25,6 +25,7 @@ from loaders.transforms import TrainTransform, normalize_batch
 from . import cuda_graphs
 from .checkpoint import save
 from .config import OptimConfig, RunConfig
+from .device import resolve_device
 from .errors import ClipmoeError
 from .factory import MEAN, STD, create_model, get_tokenizer
 from .loss import total_loss
@@ -44,12 +45,6 @@ class TrainResult:
     files: dict = field(default_factory=dict)
     zeroshot: list[dict] = field(default_factory=list)  # {"step", "results"} per evaluation (rank 0)
     cuda_graphs: dict = field(default_factory=dict)  # "image.3" -> steps that layer ran as CUDA graphs
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def cpu_bf16_matmul_is_slow() -> bool:
@@ -105,7 +100,7 @@ def _batches(loader: loaders.ImageTextLoader):
 def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -> TrainResult:
     """Trains `model` (or the one `cfg.model` names) on `cfg.data.train` for `cfg.train.steps` steps."""
     tc = cfg.train
-    device = _device(tc.device)
+    device = resolve_device(tc.device)
     rank, world = _distributed(device)
     torch.manual_seed(tc.seed + rank)
     random.seed(tc.seed + rank)

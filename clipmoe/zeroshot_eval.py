@@ -9,10 +9,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import torch
-
 import zeroshot
 
+from .device import check_model_device, resolve_device
 from .encode import resolve_model
 from .errors import ClipmoeError
 from .factory import create_model, create_transforms, get_tokenizer
@@ -20,9 +19,11 @@ from .model import CLIP
 from .plots import plot_zeroshot
 
 
-def _model(model: Union[str, Path, CLIP], pretrained: Optional[str], device: str) -> CLIP:
+def _model(model: Union[str, Path, CLIP], pretrained: Optional[str], device: Optional[str]) -> CLIP:
     if isinstance(model, CLIP):
+        check_model_device(model, device)
         return model
+    device = str(resolve_device(device))
     if Path(str(model)).suffix == ".safetensors" or Path(str(model)).is_file():
         return resolve_model(model, device)
     return create_model(str(model), pretrained=pretrained).to(device)
@@ -37,7 +38,6 @@ def zeroshot_eval(model: Union[str, Path, CLIP], datasets: Sequence[str], data_r
     class-per-folder tree at `data_root`). A dataset that cannot be opened gets an `error` entry and the
     others still run. With `out`, writes the results as JSON (metrics, dataset, model, templates) and a bar
     chart of each dataset's main metric beside it (same name, .png)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     clip = _model(model, pretrained, device).eval()
     model_device = next(clip.parameters()).device
     _, transform = create_transforms(clip.config)

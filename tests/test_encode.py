@@ -86,3 +86,33 @@ def test_models_cast_to_another_dtype_take_float32_pixels(saved, dtype, tol):
         assert out.dtype == torch.float32 and (out - ref).abs().max().item() < tol
     features = cast(torch.rand(2, 3, 16, 16), clipmoe.get_tokenizer(cast)(TEXTS[:2])).image_features
     assert features.dtype == dtype
+
+
+def test_devices_are_checked_not_ignored(saved, tmp_path, tiny_shards):
+    """A malformed device, one this machine lacks, or one other than where a given model lives: a one-line
+    ClipmoeError (a model object is never moved behind the caller's back, nor silently left where it is)."""
+    from clipmoe.config import RunConfig, from_dict
+    from clipmoe.device import resolve_device
+    from clipmoe.errors import ClipmoeError
+    from clipmoe.train import train
+    from clipmoe.zeroshot_eval import zeroshot_eval
+
+    model, path = saved
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(None).type in ("cpu", "cuda")
+    with pytest.raises(ClipmoeError, match="unknown device 'bogus'"):
+        resolve_device("bogus")
+    missing = "cuda:99" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(ClipmoeError, match="CUDA"):
+        resolve_device(missing)
+    with pytest.raises(ClipmoeError, match="unknown device"):
+        clipmoe.encode_text(["a"], model=path, device="bogus")
+    elsewhere = "meta"  # a real device type the model is not on
+    with pytest.raises(ClipmoeError, match="the model given is on cpu"):
+        clipmoe.encode_image(torch.rand(1, 3, 16, 16), model=model, device=elsewhere)
+    with pytest.raises(ClipmoeError, match="the model given is on cpu"):
+        zeroshot_eval(model, ["folder"], tmp_path, device=elsewhere, progress=False)
+    assert clipmoe.encode_text(["a"], model=model, device="cpu").shape == (1, model.config.embed_dim)
+    cfg = from_dict(RunConfig, {"model": {"arch": "clipmoe-micro"}, "data": {"train": tiny_shards["train"]},
+                                "train": {"steps": 1, "device": "bogus", "out_dir": str(tmp_path / "run")}})
+    with pytest.raises(ClipmoeError, match="unknown device 'bogus'"):
+        train(cfg, progress=False)
