@@ -49,8 +49,9 @@ def _upcycle(args) -> None:
     model = upcycle(args.input, num_experts=args.experts, top_k=args.top_k, every=args.every, towers=towers,
                     last=args.last, blocks=blocks, router=args.router, capacity_factor=args.capacity_factor,
                     eval_capacity_factor=args.eval_capacity_factor, batch_priority=args.batch_priority,
-                    eval_router=args.eval_router, min_capacity=args.min_capacity, jitter=args.jitter, shared_expert=args.shared_expert,
-                    noise_std=args.noise_std, reinit_fraction=args.reinit_fraction, arch=args.arch, seed=args.seed)
+                    eval_router=args.eval_router, min_capacity=args.min_capacity, jitter=args.jitter,
+                    shared_expert=args.shared_expert, noise_std=args.noise_std, reinit_fraction=args.reinit_fraction,
+                    arch=args.arch, seed=args.seed)
     print(f"wrote {save(model, args.output)}")
 
 
