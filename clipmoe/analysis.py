@@ -57,8 +57,10 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
         for a in out.aux:
             name = f"{a.tower}.{a.block}"
             E = a.tokens_per_expert.numel()
-            # what each expert computed: every kept choice of top-k, each expert's picks in expert choice
-            token_M, expert_M = (t.cpu() for t in a.assignments)
+            # what each expert computed: every kept choice of top-k, each expert's picks in expert choice (a
+            # CUDA graph's call reports no assignments: its tokens' first choices stand in)
+            pairs = a.assignments or (torch.arange(a.top1.numel(), device=a.top1.device), a.top1)
+            token_M, expert_M = (t.cpu() for t in pairs)
             loads[name] = loads.get(name, 0) + torch.bincount(expert_M, minlength=E).float()
             if a.tower == "text":
                 counters = words.setdefault(name, [Counter() for _ in range(E)])
