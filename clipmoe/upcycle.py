@@ -9,6 +9,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
+from .architectures import list_architectures
 from .checkpoint import FORMAT, load, load_weights
 from .config import MoEConfig
 from .errors import ClipmoeError
@@ -149,6 +150,10 @@ def _source(model, arch: Optional[str]) -> CLIP:
         raise ClipmoeError(f"upcycle takes a CLIP model, an open_clip model or state dict (with arch=) or a "
                            f"checkpoint path, not {type(model).__name__}")
     path = Path(model)
+    if not path.exists():
+        hint = (f"; {model!r} is an architecture: upcycle clipmoe.create_model({str(model)!r}, pretrained=...)"
+                if str(model) in list_architectures() else "")
+        raise ClipmoeError(f"checkpoint not found: {path}{hint}")
     if arch:
         return create_model(arch, pretrained=str(path))
     if path.suffix == ".safetensors":

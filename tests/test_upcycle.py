@@ -119,7 +119,8 @@ def test_upcycle_open_clip_checkpoint(tmp_path):
     wrapped = torch.nn.Module()  # what DistributedDataParallel looks like from here: the model at .module
     wrapped.module = clipmoe.create_model("clipmoe-micro")
     assert isinstance(clipmoe.upcycle(wrapped, num_experts=2, every=1).image.blocks[0].mlp, MoE)
-    for bad, match in [(ref, "arch="), (3, "not int")]:
+    for bad, match in [(ref, "arch="), (3, "not int"), (tmp_path / "none.bin", "not found"),
+                       ("ViT-B-32", r"not found.*create_model\('ViT-B-32'")]:
         with pytest.raises(clipmoe.ClipmoeError, match=match):
             clipmoe.upcycle(bad)
 
