@@ -244,8 +244,7 @@ class MoE(nn.Module):
         # index_fill_, not `served[idx] = True`: that copies the True from the host (not allowed in a CUDA graph)
         served = torch.zeros(N, dtype=torch.bool, device=probs_NE.device).index_fill_(0, token_EC.reshape(-1), True)
         dropped = 1.0 - served.float().mean() if N else 0.0  # tokens no expert took (no host sync)
-        align = self.experts.align(x_ND)
-        pad = -cap % align  # padding slots read token 0 with gate 0: they add nothing, forward or back
+        pad = self._slot_padding(x_ND, cap)  # padding slots read token 0 with gate 0: nothing, forward or back
         if pad:
             gates_EC, token_EC = F.pad(gates_EC, (0, pad)), F.pad(token_EC, (0, pad))
         token_P, gate_P = token_EC.reshape(-1), gates_EC.reshape(-1)
@@ -260,12 +259,16 @@ class MoE(nn.Module):
 
         return y_ND, counts_E, probs_NE.argmax(-1), dropped, assign
 
+    def _slot_padding(self, x: torch.Tensor, cap: int) -> int:
+        """Expert choice: the slots added to each expert's `cap` to reach the experts' alignment."""
+        return -cap % self.experts.align(x)
+
     def sync_free(self, x: torch.Tensor) -> bool:
         """Whether a call on x without a token mask reads nothing back to the host (what a CUDA graph needs)."""
         N = x.reshape(-1, x.shape[-1]).shape[0]
         cap = self.capacity(N)
         if self.routing == "expert_choice":
-            pad = -cap % self.experts.align(x)
+            pad = self._slot_padding(x, cap)
             return self.experts.sync_free(x, cap + pad, self.cfg.num_experts * (cap + pad))
         return self.experts.sync_free(x, cap, N * self.cfg.top_k)
 
