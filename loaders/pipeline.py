@@ -248,12 +248,16 @@ class ImageTextLoader:
     def _raw_samples(self, worker: int, workers: int, counts: Counter) -> Iterator[dict]:
         """Undecoded samples shard after shard; a shard that breaks off, or yields fewer samples than
         its manifest promises (a tar cut on a header boundary reads as a clean end), counts once as
-        truncated_shard."""
+        truncated_shard; one that does not exist as missing_shard."""
         truncated: set[str] = set()
 
         def handler(exn: Exception) -> bool:
-            reason = "duplicate_key" if "duplicate file name" in str(exn) else (
-                "truncated_shard" if isinstance(exn, (tarfile.TarError, EOFError)) else "read_error")
+            if isinstance(exn, FileNotFoundError):  # a typo in a path: say so, not "read_error"
+                reason = "missing_shard"
+            elif "duplicate file name" in str(exn):
+                reason = "duplicate_key"
+            else:
+                reason = "truncated_shard" if isinstance(exn, (tarfile.TarError, EOFError)) else "read_error"
             if self.strict:
                 raise DataError(f"{reason}: {str(exn).splitlines()[0][:300]}") from exn
             if reason == "truncated_shard":

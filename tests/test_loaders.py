@@ -94,6 +94,22 @@ def test_truncated_shard_counted(tmp_path):
     assert loader.stats()["skipped"].get("truncated_shard", 0) == 1
 
 
+
+def test_missing_shard_counted_by_its_own_reason(tmp_path):
+    good = tmp_path / "good.tar"
+    with wds.TarWriter(str(good)) as w:
+        for i in range(5):
+            w.write({"__key__": f"k{i}", "jpg": _jpeg(), "txt": "c"})
+    urls = [str(good), str(tmp_path / "typo.tar")]
+    loader = loaders.image_text_loader(urls, batch_size=5, transform=_tf, tokenize=lambda t: torch.zeros(len(t), 2),
+                                       shuffle=False)
+    assert sum(len(b["key"]) for b in loader) == 5
+    assert loader.stats()["skipped"] == {"missing_shard": 1}
+    strict = loaders.image_text_loader(urls, batch_size=5, transform=_tf, tokenize=lambda t: torch.zeros(len(t), 2),
+                                       shuffle=False, strict=True)
+    with pytest.raises(loaders.DataError, match="missing_shard: .*typo.tar"):
+        list(strict)
+
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_epoch_covers_every_sample_once_across_ranks_and_workers(tiny_shards, workers, shuffle):
