@@ -132,41 +132,51 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     history, load_sums, zeroshot_runs = [], {}, []
+    # the log is written as the run goes: a run that stops early (a NaN, a data error, Ctrl-C) keeps it
+    log = (out_dir / "metrics.jsonl").open("w") if rank == 0 else None
     bar = tqdm(total=tc.steps, desc="train", disable=not progress or rank != 0, dynamic_ncols=True)
-    for step in range(tc.steps):
-        batch = next(batches)
-        images = normalize_batch(batch["image"].to(device, non_blocking=True), MEAN, STD)
-        tokens = batch["text"].to(device, non_blocking=True)
-        # CUDA graphs cannot use autocast's cache of cast weights
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16",
-                            cache_enabled=not graphed):
-            out = net(images, tokens)
-        terms = total_loss(out, cfg.loss)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-            for a in out.aux:
-                key = f"{a.tower}.{a.block}"
-                load_sums[key] = load_sums.get(key, 0) + a.tokens_per_expert.float()
-        if step % tc.log_every == 0 or step == tc.steps - 1:
-            row = {"step": step, "lr": sched.get_last_lr()[0], **{k: v.item() for k, v in terms.items()}}
-            if out.aux:
-                row["moe"] = moe_report(out)
-            if not math.isfinite(row["loss"]):
-                raise ClipmoeError(f"loss is {row['loss']} at step {step}; lower optim.lr or use precision fp32")
-            history.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
-        bar.update(1)
-        ev = cfg.eval
-        if ev.zeroshot and rank == 0 and ((ev.every and (step + 1) % ev.every == 0) or step == tc.steps - 1):
-            zeroshot_runs.append(_evaluate(model, ev, step, history))
-            model.train()
-    bar.close()
+    try:
+        for step in range(tc.steps):
+            batch = next(batches)
+            images = normalize_batch(batch["image"].to(device, non_blocking=True), MEAN, STD)
+            tokens = batch["text"].to(device, non_blocking=True)
+            # CUDA graphs cannot use autocast's cache of cast weights
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16",
+                                cache_enabled=not graphed):
+                out = net(images, tokens)
+            terms = total_loss(out, cfg.loss)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+                for a in out.aux:
+                    key = f"{a.tower}.{a.block}"
+                    load_sums[key] = load_sums.get(key, 0) + a.tokens_per_expert.float()
+            if step % tc.log_every == 0 or step == tc.steps - 1:
+                row = {"step": step, "lr": sched.get_last_lr()[0], **{k: v.item() for k, v in terms.items()}}
+                if out.aux:
+                    row["moe"] = moe_report(out)
+                history.append(row)
+                if not math.isfinite(row["loss"]):
+                    _write_log_row(log, row)
+                    raise ClipmoeError(f"loss is {row['loss']} at step {step}; lower optim.lr or use precision fp32"
+                                       + (f" (the log so far: {log.name})" if log else ""))
+                bar.set_postfix(loss=f"{row['loss']:.3f}")
+            bar.update(1)
+            ev = cfg.eval
+            if ev.zeroshot and rank == 0 and ((ev.every and (step + 1) % ev.every == 0) or step == tc.steps - 1):
+                zeroshot_runs.append(_evaluate(model, ev, step, history))
+                model.train()
+            if history and history[-1]["step"] == step:  # after the evaluation, which adds to this row
+                _write_log_row(log, history[-1])
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
     replays = {f"{m.tower}.{m.block}": m.__dict__["_cuda_graph"].replays for m in graphed}
     for layer in graphed:  # the graphs hold memory, and a model with them cannot be copied
         cuda_graphs.release(layer)
@@ -202,6 +212,12 @@ def _evaluate(model: CLIP, ev, step: int, history: list[dict]) -> dict:
     if history and history[-1]["step"] == step:
         history[-1]["zeroshot"] = summary
     return {"step": step, "results": results}
+
+
+def _write_log_row(log, row: dict) -> None:
+    if log is not None:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
 
 
 def write_run_outputs(result: TrainResult) -> dict:

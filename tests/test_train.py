@@ -46,6 +46,28 @@ def test_loss_falls_and_outputs_written(tiny_shards, tmp_path):
     assert back.config == result.model.config
 
 
+
+def test_log_is_written_as_the_run_goes(tiny_shards, tmp_path, monkeypatch):
+    import clipmoe.train as train_module
+
+    steps = []
+
+    def loss_going_nan(out, cfg):  # the real terms, the loss NaN from the 8th step on
+        terms = total_loss(out, cfg)
+        steps.append(None)
+        if len(steps) >= 8:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(train_module, "total_loss", loss_going_nan)
+    cfg = _cfg(tiny_shards, tmp_path, steps=20, log_every=2)
+    with pytest.raises(ClipmoeError, match=r"loss is nan at step 8; .*the log so far: .*metrics.jsonl"):
+        train(cfg, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4, 6, 8]
+    assert all(math.isfinite(r["loss"]) for r in rows[:-1]) and math.isnan(rows[-1]["loss"])
+    assert rows[0]["moe"][0]["tower"] == "image"
+
 def test_bf16_autocast_keeps_losses_finite(tiny_shards, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
