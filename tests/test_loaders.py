@@ -94,7 +94,6 @@ def test_truncated_shard_counted(tmp_path):
     assert loader.stats()["skipped"].get("truncated_shard", 0) == 1
 
 
-
 def test_missing_shard_counted_by_its_own_reason(tmp_path):
     good = tmp_path / "good.tar"
     with wds.TarWriter(str(good)) as w:
@@ -109,6 +108,7 @@ def test_missing_shard_counted_by_its_own_reason(tmp_path):
                                        shuffle=False, strict=True)
     with pytest.raises(loaders.DataError, match="missing_shard: .*typo.tar"):
         list(strict)
+
 
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("shuffle", [True, False])

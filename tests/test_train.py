@@ -46,7 +46,6 @@ def test_loss_falls_and_outputs_written(tiny_shards, tmp_path):
     assert back.config == result.model.config
 
 
-
 def test_log_is_written_as_the_run_goes(tiny_shards, tmp_path, monkeypatch):
     import clipmoe.train as train_module
 
@@ -67,6 +66,7 @@ def test_log_is_written_as_the_run_goes(tiny_shards, tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == [0, 2, 4, 6, 8]
     assert all(math.isfinite(r["loss"]) for r in rows[:-1]) and math.isnan(rows[-1]["loss"])
     assert rows[0]["moe"][0]["tower"] == "image"
+
 
 def test_bf16_autocast_keeps_losses_finite(tiny_shards, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
