@@ -221,14 +221,13 @@ def _write_log_row(log, row: dict) -> None:
 
 
 def write_run_outputs(result: TrainResult) -> dict:
-    """Model, metrics and plots of a finished run, in its output folder."""
+    """Model and plots of a finished run, in its output folder, beside the metrics log `train` wrote as it went."""
     out = result.out_dir
     files = {
         "model": save(result.model, out / "model.safetensors"),
         "metrics": out / "metrics.jsonl",
         "loss_plot": plot_losses(result.history, out / "loss.png"),
     }
-    files["metrics"].write_text("".join(json.dumps(r) + "\n" for r in result.history))
     if result.zeroshot:
         files["zeroshot"] = out / "zeroshot.json"
         files["zeroshot"].write_text(json.dumps(result.zeroshot, indent=2))
