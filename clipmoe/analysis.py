@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -29,8 +30,9 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
     (token, expert) pairs), and for text layers `top_words` per expert: [word, count, share] for the words of
     which it takes the largest share of occurrences (words seen at least `min_count` times; by raw count alone
     every expert's list would start with "a" and "the"; with k = 2 the shares of a word sum to 2 over the
-    experts), or for image layers `patch_map` per expert (fraction of its tokens at each grid position, CLS
-    first).
+    experts; whole words: the BPE pieces "cy" and "an" of "cyan" count for "cyan", so counts are of tokens),
+    or for image layers `patch_map` per expert (fraction of its tokens at each grid position, CLS first).
+    Samples or shards the loader skipped (corrupt, missing) are counted and named in a warning.
     """
     if num_batches < 1:
         raise ClipmoeError(f"num_batches must be >= 1, got {num_batches}")
@@ -44,7 +46,7 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
     device = next(model.parameters()).device
     grid_tokens = (model.config.vision.image_size // model.config.vision.patch_size) ** 2 + 1
     words: dict[str, list[Counter]] = {}  # per layer: per expert, the words of the tokens it computed
-    seen: dict[str, Counter] = {}  # per layer: the words of its routed tokens
+    seen: dict[str, Counter] = {}  # per layer: the words of its routed tokens (a word's pieces count each)
     patches: dict[str, torch.Tensor] = {}
     loads: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(loader):
@@ -53,7 +55,9 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
         tokens = batch["text"]
         out = model(batch["image"].to(device), tokens.to(device))
         L = int(tokens.argmax(-1).max()) + 1
-        routed_ids = tokens[:, :L][torch.arange(L) <= tokens.argmax(-1, keepdim=True)]  # the text tower's order
+        routed = torch.arange(L) <= tokens.argmax(-1, keepdim=True)  # up to the end token: the text tower's order
+        routed_words = [w for row, keep in zip(tokens[:, :L].tolist(), routed.tolist())
+                        for w, k in zip(tokenizer.words(row), keep) if k]
         for a in out.aux:
             name = f"{a.tower}.{a.block}"
             E = a.tokens_per_expert.numel()
@@ -64,22 +68,24 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
             loads[name] = loads.get(name, 0) + torch.bincount(expert_M, minlength=E).float()
             if a.tower == "text":
                 counters = words.setdefault(name, [Counter() for _ in range(E)])
-                for tok, e in zip(routed_ids[token_M].tolist(), expert_M.tolist()):
-                    counters[e][tok] += 1
-                seen.setdefault(name, Counter()).update(routed_ids.tolist())
+                for t, e in zip(token_M.tolist(), expert_M.tolist()):
+                    counters[e][routed_words[t]] += 1
+                seen.setdefault(name, Counter()).update(routed_words)
             else:
                 pos = token_M % grid_tokens
                 hist = torch.zeros(E, grid_tokens).index_put_((expert_M, pos), torch.ones(pos.numel()), accumulate=True)
                 patches[name] = patches.get(name, 0) + hist
+    stats = loader.stats()
     if not loads:
-        stats = loader.stats()
         raise ClipmoeError(f"no samples could be read from {urls!r} (skipped: {stats['skipped'] or 'none'})")
-    special = {0, tokenizer.sot_token_id, tokenizer.eot_token_id}
+    if stats["skipped"]:  # the report covers what was read; say what was not
+        warnings.warn(f"analyze_routing could not read all of {urls!r}: skipped {stats['skipped']}; the report "
+                      "covers the rest", stacklevel=2)
     report = {}
     for name, load in sorted(loads.items()):
         entry = {"load": (load / load.sum()).tolist()}
         if name in words:
-            entry["top_words"] = _top_words(words[name], tokenizer, special, top_words, min_count, seen[name])
+            entry["top_words"] = _top_words(words[name], top_words, min_count, seen[name])
         if name in patches:
             hist = patches[name]
             entry["patch_map"] = (hist / hist.sum(1, keepdim=True).clamp_min(1)).tolist()
@@ -91,18 +97,16 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
     return report
 
 
-def _top_words(counters: list[Counter], tokenizer, special: set, k: int, min_count: int,
-               seen: Optional[Counter] = None) -> list[list]:
+def _top_words(counters: list[Counter], k: int, min_count: int, seen: Optional[Counter] = None) -> list[list]:
     """Per expert, [word, count, share] for the k words of which it took the largest share of the `seen`
     occurrences (default: the counters' sum, as with top-1 routing; ties: more occurrences first), among words
-    seen at least `min_count` times (fewer where no word is). Punctuation tokens ("," ".") are not words and
-    are left out."""
+    seen at least `min_count` times (fewer where no word is). Punctuation (",", ".") and special tokens (None)
+    are not words and are left out."""
     total = sum(counters, Counter()) if seen is None else seen
-    text = {t: tokenizer.decode([t]).strip() for t in total if t not in special}
-    total = Counter({t: n for t, n in total.items() if any(ch.isalnum() for ch in text.get(t, ""))})
+    total = Counter({w: n for w, n in total.items() if w and any(ch.isalnum() for ch in w)})
     floor = min(min_count, max(total.values(), default=0))
     out = []
     for c in counters:
-        ranked = sorted(((c[t] / n, c[t], t) for t, n in total.items() if n >= floor and c[t]), reverse=True)
-        out.append([[text[t], count, round(share, 4)] for share, count, t in ranked[:k]])
+        ranked = sorted(((c[w] / n, c[w], w) for w, n in total.items() if n >= floor and c[w]), reverse=True)
+        out.append([[w, count, round(share, 4)] for share, count, w in ranked[:k]])
     return out

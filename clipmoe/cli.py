@@ -1,9 +1,11 @@
-"""`clipmoe` command line: thin wrappers over the Python API. Errors print one line and exit 2."""
+"""`clipmoe` command line: thin wrappers over the Python API. Errors print one line and exit 2; warnings
+print one line each."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import ClipmoeError
@@ -214,8 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from loaders import DataError  # here, not at the top: `clipmoe --help` needs no torch
 
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"clipmoe {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning  # restored on leaving the block
+            args.func(args)
     except (ClipmoeError, DataError) as e:
         print(f"clipmoe {args.command}: error: {e}", file=sys.stderr)
         return 2

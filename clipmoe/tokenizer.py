@@ -10,7 +10,7 @@ Same tokens as open_clip for ordinary text. Differences, all on input open_clip 
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import regex
 import torch
@@ -63,3 +63,22 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self._bpe.decode([int(i) for i in ids if int(i) not in (0, self.sot_token_id, self.eot_token_id)])
+
+    def words(self, ids) -> list[Optional[str]]:
+        """For each token id, the whole word it belongs to ("cy" and "an" of "cyan" both give "cyan"); None for
+        the start, end and padding tokens. BPE marks a word's last piece with "</w>"."""
+        special = (0, self.sot_token_id, self.eot_token_id)
+        out: list[Optional[str]] = []
+        piece_ids: list[int] = []
+        for i in (int(i) for i in ids):
+            if i in special:
+                out.extend([self._bpe.decode(piece_ids).strip()] * len(piece_ids))  # a word cut off by truncation
+                piece_ids = []
+                out.append(None)
+                continue
+            piece_ids.append(i)
+            if self._bpe.decoder[i].endswith("</w>"):
+                out.extend([self._bpe.decode(piece_ids).strip()] * len(piece_ids))
+                piece_ids = []
+        out.extend([self._bpe.decode(piece_ids).strip()] * len(piece_ids))
+        return out

@@ -5,8 +5,10 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import clipmoe
+import loaders
 from clipmoe.moe import MoE
 
 
@@ -157,18 +159,47 @@ def test_top_words_rank_by_the_share_an_expert_took():
 
     from clipmoe.analysis import _top_words
 
-    class Letters:  # token id -> its letter
-        def decode(self, ids):
-            return chr(ids[0])
-
-    a, b, c, comma, sot = ord("a"), ord("b"), ord("c"), ord(","), 1
-    experts = [Counter({a: 9, b: 1, c: 2, sot: 50, comma: 7}), Counter({a: 1, b: 3})]
-    # c was seen twice in all (< min_count 3), the start token is special and "," is not a word: none is listed
-    assert _top_words(experts, Letters(), {sot}, k=5, min_count=3) == [[["a", 9, 0.9], ["b", 1, 0.25]],
-                                                                        [["b", 3, 0.75], ["a", 1, 0.1]]]
-    assert _top_words(experts, Letters(), {sot}, k=1, min_count=3) == [[["a", 9, 0.9]], [["b", 3, 0.75]]]
+    experts = [Counter({"a": 9, "b": 1, "c": 2, None: 50, ",": 7}), Counter({"a": 1, "b": 3})]
+    # c was seen twice in all (< min_count 3), None (special tokens) and "," are not words: none is listed
+    assert _top_words(experts, k=5, min_count=3) == [[["a", 9, 0.9], ["b", 1, 0.25]],
+                                                     [["b", 3, 0.75], ["a", 1, 0.1]]]
+    assert _top_words(experts, k=1, min_count=3) == [[["a", 9, 0.9]], [["b", 3, 0.75]]]
     # when no word reaches min_count, the floor drops to the most frequent word's count
-    assert _top_words([Counter({a: 1}), Counter({b: 2})], Letters(), set(), k=5, min_count=3) == [[], [["b", 2, 1.0]]]
+    assert _top_words([Counter({"a": 1}), Counter({"b": 2})], k=5, min_count=3) == [[], [["b", 2, 1.0]]]
+
+
+def test_words_are_whole_words_and_skipped_shards_are_reported(tmp_path, tiny_shards):
+    """BPE splits "cyan" into "cy" + "an" ("an" is also a word of its own): the report must name "cyan",
+    never a piece. A missing shard is skipped, and the report says so."""
+    from clipmoe.analysis import analyze_routing
+
+    tok = clipmoe.get_tokenizer("clipmoe-micro")
+    ids = tok(["an unbelievably cyan circle"])[0].tolist()
+    assert tok.words(ids)[:6] == [None, "an", "unbelievably", "cyan", "cyan", "circle"]
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=2, every=1, top_k=1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.router.weight.normal_()
+    shards = tmp_path / "shards"
+    loaders.write_shards(({"key": f"{i:04d}", "image": Image.new("RGB", (16, 16), (0, 255, 255)),
+                           "caption": "an unbelievably cyan circle"} for i in range(8)), shards, samples_per_shard=8)
+    data = f"{tmp_path / 'missing.tar'}::{shards / '00000.tar'}"
+    with pytest.warns(UserWarning, match="missing_shard"):
+        report = analyze_routing(model, data, tmp_path / "out", num_batches=1, batch_size=8)
+    words = {w for top in report["text.0"]["top_words"] for w, _, _ in top}
+    assert words == {"an", "unbelievably", "cyan", "circle"}
+    # a word's shares sum to k = 1 over the experts; its count is of tokens: "cyan" is 2 per caption
+    for word, tokens in (("cyan", 16), ("an", 8)):
+        entries = [e for top in report["text.0"]["top_words"] for e in top if e[0] == word]
+        assert sum(share for _, _, share in entries) == pytest.approx(1)
+        assert sum(count for _, count, _ in entries) == tokens
+    # the console script prints the warning as one line
+    r = _run("analyze-routing", "--model", str(clipmoe.save(model, tmp_path / "m.safetensors")), "--data", data,
+             "--out", str(tmp_path / "cli"), "--batches", "1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "warning:" in lines[0] and "missing_shard" in lines[0] and "cyan" in r.stdout
 
 
 def test_analyze_routing_errors_are_one_line(tmp_path):
