@@ -137,6 +137,8 @@ def _check_tower(cfg) -> None:
     if cfg.moe is not None and cfg.moe.blocks is not None:
         bad = [b for b in cfg.moe.blocks if not 0 <= b < cfg.depth]
         _check(not bad, "moe.blocks", cfg.moe.blocks, f"has indices outside 0..{cfg.depth - 1}")
+    elif cfg.moe is not None and cfg.moe.last is not None:  # more than there are: a config for another tower
+        _check(cfg.moe.last <= cfg.depth, "moe.last", cfg.moe.last, f"is more than the tower's {cfg.depth} blocks")
     if cfg.moe is not None and not cfg.moe.moe_blocks(cfg.depth):  # asked for MoE, would get none
         key = "blocks" if cfg.moe.blocks is not None else "every"
         _check(False, f"moe.{key}", getattr(cfg.moe, key), f"places no MoE layer in a tower of {cfg.depth} blocks")

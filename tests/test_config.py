@@ -5,6 +5,7 @@ import pytest
 
 import clipmoe
 from clipmoe.config import RunConfig, from_dict, load_run_config
+from clipmoe.moe import MoE
 from clipmoe.quickstart import QUICKSTART
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -109,3 +110,10 @@ def test_moe_placement_options():
             clipmoe.create_model("clipmoe-micro", text={"moe": moe})
     with pytest.raises(clipmoe.ClipmoeError, match="places no MoE layer"):
         clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), every=3)
+    # more blocks than the tower has is a config for another tower, not "all of them"
+    model = clipmoe.create_model("clipmoe-micro", text={"moe": {"last": 2}})
+    assert sum(isinstance(m, MoE) for m in model.text.modules()) == 2
+    with pytest.raises(clipmoe.ConfigError, match=r"moe.last: 3 is more than the tower's 2 blocks"):
+        clipmoe.create_model("clipmoe-micro", text={"moe": {"last": 3}})
+    with pytest.raises(clipmoe.ClipmoeError, match="more than the tower's 2 blocks"):
+        clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), last=3)
