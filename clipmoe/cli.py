@@ -137,12 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="make shards, pretrain a small MoE CLIP, zero-shot evaluate")
     q.add_argument("--out", default="quickstart_out", help="output folder (default: quickstart_out)")
     q.add_argument("--seed", type=int, default=0, help="data seed")
-    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    q.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. --set train.steps=100 data.batch_size=64")
     q.set_defaults(func=_quickstart)
 
     t = sub.add_parser("train", help="train from a YAML run config")
     t.add_argument("config", help="YAML file (see configs/)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=10")
+    t.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. --set train.steps=10 optim.lr=1e-4 (or --set once per override)")
     t.set_defaults(func=_train)
 
     u = sub.add_parser("upcycle", help="turn a dense checkpoint into an MoE one")

@@ -40,6 +40,16 @@ else:
     assert r.returncode == 0 and "analyze-routing" in r.stdout
 
 
+def test_set_takes_several_overrides_at_once_or_one_per_flag():
+    from clipmoe.cli import build_parser
+
+    for argv in (["train", "c.yaml", "--set", "a=1", "b.c=2", "--set", "d=3"],
+                 ["train", "--set", "a=1", "b.c=2", "--set", "d=3", "--", "c.yaml"]):
+        args = build_parser().parse_args(argv)
+        assert args.config == "c.yaml" and args.set == ["a=1", "b.c=2", "d=3"]
+    assert build_parser().parse_args(["quickstart", "--set", "x=1", "y=2"]).set == ["x=1", "y=2"]
+
+
 def test_train_prints_the_last_row_and_moe_layers(tmp_path, tiny_shards):
     from PIL import Image
 
