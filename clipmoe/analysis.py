@@ -12,7 +12,7 @@ import torch
 import loaders
 
 from .errors import ClipmoeError
-from .factory import create_transforms, get_tokenizer
+from .factory import MEAN, STD, create_transforms, get_tokenizer
 from .model import CLIP
 from .moe import MoE
 from .plots import plot_routing
@@ -20,7 +20,7 @@ from .plots import plot_routing
 
 @torch.no_grad()
 def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4, batch_size: int = 64,
-                    top_words: int = 10, min_count: int = 3) -> dict:
+                    top_words: int = 10, min_count: int = 3, top_patches: int = 8) -> dict:
     """Routes `num_batches` batches of shards through `model` and writes `routing.json` and `routing.png`.
 
     What an expert "takes" is what it computed: every kept choice of top-k routing (with k = 2 a token counts
@@ -31,7 +31,9 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
     which it takes the largest share of occurrences (words seen at least `min_count` times; by raw count alone
     every expert's list would start with "a" and "the"; with k = 2 the shares of a word sum to 2 over the
     experts; whole words: the BPE pieces "cy" and "an" of "cyan" count for "cyan", so counts are of tokens),
-    or for image layers `patch_map` per expert (fraction of its tokens at each grid position, CLS first).
+    or for image layers `patch_map` per expert (fraction of its tokens at each grid position, CLS first) and
+    `top_patches` per expert: [sample key, patch index (row-major, CLS not counted), router probability] of the
+    `top_patches` image patches it computed with the highest probability for it (shown as pixels in the PNG).
     Samples or shards the loader skipped (corrupt, missing) are counted and named in a warning.
     """
     if num_batches < 1:
@@ -44,10 +46,12 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
     loader = loaders.image_text_loader(urls, batch_size=batch_size, transform=eval_tf, tokenize=tokenizer,
                                        shuffle=False)
     device = next(model.parameters()).device
-    grid_tokens = (model.config.vision.image_size // model.config.vision.patch_size) ** 2 + 1
+    patch_size = model.config.vision.patch_size
+    grid_tokens = (model.config.vision.image_size // patch_size) ** 2 + 1
     words: dict[str, list[Counter]] = {}  # per layer: per expert, the words of the tokens it computed
     seen: dict[str, Counter] = {}  # per layer: the words of its routed tokens (a word's pieces count each)
     patches: dict[str, torch.Tensor] = {}
+    best: dict[str, list[list[tuple]]] = {}  # per image layer: per expert, (probability, key, patch index, pixels)
     loads: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(loader):
         if i >= num_batches:
@@ -75,6 +79,9 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
                 pos = token_M % grid_tokens
                 hist = torch.zeros(E, grid_tokens).index_put_((expert_M, pos), torch.ones(pos.numel()), accumulate=True)
                 patches[name] = patches.get(name, 0) + hist
+                if a.probs is not None and top_patches > 0:
+                    _keep_best(best.setdefault(name, [[] for _ in range(E)]), a.probs.cpu()[token_M, expert_M],
+                               token_M, expert_M, batch, grid_tokens, patch_size, top_patches)
     stats = loader.stats()
     if not loads:
         raise ClipmoeError(f"no samples could be read from {urls!r} (skipped: {stats['skipped'] or 'none'})")
@@ -89,12 +96,40 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
         if name in patches:
             hist = patches[name]
             entry["patch_map"] = (hist / hist.sum(1, keepdim=True).clamp_min(1)).tolist()
+        if name in best:
+            entry["top_patches"] = [[[key, pos, round(p, 6)] for p, key, pos, _ in top] for top in best[name]]
         report[name] = entry
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "routing.json").write_text(json.dumps(report, indent=1))
-    plot_routing(report, out_dir / "routing.png", grid=int((grid_tokens - 1) ** 0.5))
+    pixels = {name: [[px for *_, px in top] for top in experts] for name, experts in best.items()}
+    plot_routing(report, out_dir / "routing.png", grid=int((grid_tokens - 1) ** 0.5), patches=pixels)
     return report
+
+
+def _keep_best(best: list[list[tuple]], prob_M: torch.Tensor, token_M: torch.Tensor, expert_M: torch.Tensor,
+               batch: dict, grid_tokens: int, patch_size: int, k: int) -> None:
+    """Merges this batch's image patches into each expert's k most probable ones (the CLS token is no patch)."""
+    patch_M = token_M % grid_tokens - 1
+    for e, top in enumerate(best):
+        m = ((expert_M == e) & (patch_M >= 0)).nonzero().squeeze(1)
+        if not m.numel():
+            continue
+        probs, idx = prob_M[m].topk(min(k, m.numel()))
+        for p, j in zip(probs.tolist(), m[idx].tolist()):
+            image, patch = int(token_M[j]) // grid_tokens, int(patch_M[j])
+            top.append((p, batch["key"][image], patch, _patch_pixels(batch["image"][image], patch, patch_size)))
+        top.sort(key=lambda t: -t[0])
+        del top[k:]
+
+
+def _patch_pixels(image_CHW: torch.Tensor, index: int, patch_size: int):
+    """(P, P, 3) uint8 pixels of patch `index` (row-major) of a normalised image."""
+    grid = image_CHW.shape[-1] // patch_size
+    r, c = divmod(index, grid)
+    crop = image_CHW[:, r * patch_size:(r + 1) * patch_size, c * patch_size:(c + 1) * patch_size].float()
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (MEAN, STD))
+    return (crop * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def _top_words(counters: list[Counter], k: int, min_count: int, seen: Optional[Counter] = None) -> list[list]:

@@ -48,6 +48,8 @@ class MoEAux:
     dropped_fraction: scalar; token choice: assignments dropped; expert choice: tokens no expert took.
     assignments: (token_M, expert_M), the M (routed token, expert) pairs the experts computed (after capacity;
         expert choice: each expert's picks), on first use; None where unknown (a CUDA graph's call).
+    probs: (N, E) the router's probabilities for the routed tokens (fp32), detached; None where unknown (a CUDA
+        graph's call).
     balance_loss: E * sum_i f_i * P_i (Switch; f from the top-1 choices); 1 when balanced.
     z_loss: mean(logsumexp(logits)^2) (ST-MoE).
     entropy: LIMoE's local term, the mean over tokens of H(p(.|x)) in nats.
@@ -74,6 +76,10 @@ class MoEAux:
 
     def __repr__(self):
         return f"MoEAux(tower={self.tower!r}, block={self.block}, tokens_per_expert={self.tokens_per_expert.tolist()})"
+
+    @property
+    def probs(self) -> Optional[torch.Tensor]:
+        return None if self._probs is None else self._probs.detach()
 
     @functools.cached_property
     def assignments(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -49,16 +50,22 @@ def plot_expert_load(load: dict[str, list[float]], path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_routing(report: dict, path: str | Path, grid: int, words_shown: int = 6) -> Path:
+def plot_routing(report: dict, path: str | Path, grid: int, words_shown: int = 6, patches: Optional[dict] = None) -> Path:
     """Heat map of expert load per layer and tower; then, per image layer, where in the image each expert's
-    tokens sit, and per text layer, the words each expert takes the largest share of."""
+    tokens sit (and, given `patches`: per layer, per expert, a list of (P, P, 3) uint8 arrays, the pixels of
+    its most probable patches), and per text layer, the words each expert takes the largest share of."""
     import numpy as np
+
+    patches = patches or {}
 
     towers = [t for t in ("image", "text") if any(k.startswith(t) for k in report)]
     image_layers = [k for k in report if "patch_map" in report[k]]
     text_layers = [k for k in report if report[k].get("top_words")]
     num_experts = max(len(v["load"]) for v in report.values())
-    cols, rows = max(len(towers), num_experts), 1 + len(image_layers) + len(text_layers)
+    image_rows = [(name, "map") for name in image_layers]
+    image_rows += [(name, "pixels") for name in image_layers if any(patches.get(name, []))]
+    image_rows.sort(key=lambda r: image_layers.index(r[0]))  # each layer's map, then its patches
+    cols, rows = max(len(towers), num_experts), 1 + len(image_rows) + len(text_layers)
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -71,12 +78,18 @@ def plot_routing(report: dict, path: str | Path, grid: int, words_shown: int = 6
         ax.set_xlabel("expert")
         ax.set_title(f"{tower} tower load")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    for r, name in enumerate(image_layers, start=1):
-        for e, pmap in enumerate(report[name]["patch_map"]):
-            ax = axes[r][e]
-            ax.imshow(np.array(pmap[1:]).reshape(grid, grid), cmap="magma", vmin=0)
-            ax.set_title(f"{name} expert {e}: patches", fontsize=8)
-    for r, name in enumerate(text_layers, start=1 + len(image_layers)):
+    for r, (name, kind) in enumerate(image_rows, start=1):
+        if kind == "map":
+            for e, pmap in enumerate(report[name]["patch_map"]):
+                ax = axes[r][e]
+                ax.imshow(np.array(pmap[1:]).reshape(grid, grid), cmap="magma", vmin=0)
+                ax.set_title(f"{name} expert {e}: where", fontsize=8)
+            continue
+        for e, pixels in enumerate(patches[name]):
+            if pixels:
+                axes[r][e].imshow(_mosaic(pixels))
+                axes[r][e].set_title(f"{name} expert {e}: top patches", fontsize=8)
+    for r, name in enumerate(text_layers, start=1 + len(image_rows)):
         for e, top in enumerate(report[name]["top_words"]):
             ax = axes[r][e]
             ax.set_title(f"{name} expert {e}: words", fontsize=8)
@@ -87,6 +100,19 @@ def plot_routing(report: dict, path: str | Path, grid: int, words_shown: int = 6
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return Path(path)
+
+
+def _mosaic(pixels: list, cols: int = 4):
+    """Patches (P, P, 3) in rows of `cols`, most probable first, with 1-pixel white gaps."""
+    import numpy as np
+
+    P = pixels[0].shape[0]
+    rows = -(-len(pixels) // cols)
+    out = np.full((rows * (P + 1) - 1, min(cols, len(pixels)) * (P + 1) - 1, 3), 255, dtype=np.uint8)
+    for i, px in enumerate(pixels):
+        r, c = divmod(i, cols)
+        out[r * (P + 1):r * (P + 1) + P, c * (P + 1):c * (P + 1) + P] = px
+    return out
 
 
 def plot_zeroshot(results: list[dict], path: str | Path) -> Path:

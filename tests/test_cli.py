@@ -12,6 +12,12 @@ import loaders
 from clipmoe.moe import MoE
 
 
+def wds_samples(urls):
+    import webdataset as wds
+
+    return list(wds.WebDataset(urls, shardshuffle=False))
+
+
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "clipmoe.cli", *args], capture_output=True, text=True, timeout=300)
 
@@ -137,6 +143,10 @@ def test_analyze_routing_writes_heatmap_and_words(tmp_path, tiny_shards):
         shares = [share for _, _, share in top]
         assert shares == sorted(shares, reverse=True) and all(0 < x <= 1 for x in shares)
     assert len(report["image.0"]["patch_map"]) == 3 and len(report["image.0"]["patch_map"][0]) == 2 * 2 + 1
+    for top in report["image.0"]["top_patches"]:  # [key, patch index, probability], most probable first
+        probs = [p for _, _, p in top]
+        assert 0 < len(top) <= 8 and probs == sorted(probs, reverse=True) and all(0 < p <= 1 for p in probs)
+        assert all(isinstance(key, str) and 0 <= pos < 2 * 2 for key, pos, _ in top)
     assert (tmp_path / "routing.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "routing.json").read_text()).keys() == report.keys()
     # and through the console script
@@ -162,6 +172,42 @@ def test_analyze_routing_counts_what_each_expert_computed(tmp_path, tiny_shards)
     model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=4, every=1, top_k=2)
     report = analyze_routing(model, tiny_shards["eval"], tmp_path, num_batches=1, batch_size=16)
     assert sorted(report["image.0"]["load"]) == pytest.approx([0, 0, 0.5, 0.5])
+
+
+def test_top_patches_are_the_most_probable_patches_each_expert_computed(tmp_path, tiny_shards):
+    """Checked against the layer's own report of the same batch: its router probabilities and assignments."""
+    from clipmoe.analysis import analyze_routing
+
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=3, every=1, top_k=2,
+                            towers="image")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.router.weight.normal_()
+    report = analyze_routing(model, tiny_shards["eval"], tmp_path, num_batches=1, batch_size=64, top_patches=5)
+    keys = [s["__key__"] for s in wds_samples(tiny_shards["eval"])]
+    grid_tokens = 2 * 2 + 1
+    for block in (0, 1):
+        aux = model.image.blocks[block].mlp.last_aux  # this batch (the only one): all 64 samples, in order
+        token_M, expert_M = aux.assignments
+        prob_M = aux.probs[token_M, expert_M]
+        for e, top in enumerate(report[f"image.{block}"]["top_patches"]):
+            mine = (expert_M == e) & (token_M % grid_tokens != 0)  # the CLS token is no patch
+            expected = sorted(((round(p, 6), keys[t // grid_tokens], t % grid_tokens - 1)
+                               for p, t in zip(prob_M[mine].tolist(), token_M[mine].tolist())), reverse=True)[:5]
+            assert sorted(((p, key, pos) for key, pos, p in top), reverse=True) == expected
+
+
+def test_patch_pixels_are_the_patch_of_the_image():
+    from clipmoe.analysis import _patch_pixels
+    from clipmoe.factory import MEAN, STD
+
+    colours = torch.randint(0, 256, (3, 3, 3))  # a 3 x 3 grid of 4-pixel patches, one colour each
+    image = colours.permute(2, 0, 1).repeat_interleave(4, 1).repeat_interleave(4, 2).float() / 255
+    normalised = (image - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    for index in range(9):
+        pixels = _patch_pixels(normalised, index, 4)
+        assert pixels.shape == (4, 4, 3) and (torch.from_numpy(pixels) == colours[index // 3, index % 3]).all()
 
 
 def test_top_words_rank_by_the_share_an_expert_took():
