@@ -15,6 +15,7 @@ from .errors import ClipmoeError as ClipmoeError, ConfigError as ConfigError  # 
 __version__ = "0.1.0"
 
 _LAZY = {
+    ".analysis": ["analyze_routing"],
     ".architectures": ["get_model_config", "list_architectures"],
     ".checkpoint": ["load", "save", "save_open_clip"],
     ".config": ["ModelConfig", "MoEConfig", "RunConfig", "TextConfig", "VisionConfig", "load_run_config"],
@@ -57,6 +58,7 @@ sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
+    from .analysis import analyze_routing  # noqa: F401
     from .architectures import get_model_config, list_architectures  # noqa: F401
     from .checkpoint import load, save, save_open_clip  # noqa: F401
     from .config import ModelConfig, MoEConfig, RunConfig, TextConfig, VisionConfig, load_run_config  # noqa: F401
