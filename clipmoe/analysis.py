@@ -36,8 +36,10 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
     `top_patches` image patches it computed with the highest probability for it (shown as pixels in the PNG).
     Samples or shards the loader skipped (corrupt, missing) are counted and named in a warning.
     """
-    if num_batches < 1:
-        raise ClipmoeError(f"num_batches must be >= 1, got {num_batches}")
+    for name, value, least in (("num_batches", num_batches, 1), ("batch_size", batch_size, 1),
+                               ("top_words", top_words, 0), ("top_patches", top_patches, 0)):
+        if value < least:
+            raise ClipmoeError(f"{name} must be >= {least}, got {value}")
     if not any(isinstance(m, MoE) for m in model.modules()):
         raise ClipmoeError("the model has no MoE layers: there is no routing to analyse (upcycle it first)")
     model.eval()

@@ -76,7 +76,8 @@ def _analyze_routing(args) -> None:
     from .analysis import analyze_routing
     from .encode import resolve_model
 
-    report = analyze_routing(resolve_model(args.model), args.data, args.out, num_batches=args.batches)
+    report = analyze_routing(resolve_model(args.model), args.data, args.out, num_batches=args.batches,
+                             batch_size=args.batch_size, top_words=args.top_words, top_patches=args.top_patches)
     for name, entry in report.items():
         load = " ".join(f"{x:.2f}" for x in entry["load"])
         print(f"{name:<9} load {load}")
@@ -192,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--model", required=True, help="a clipmoe .safetensors file")
     a.add_argument("--data", required=True, help="shards, e.g. 'DIR/{00000..00009}.tar'")
     a.add_argument("--out", default="routing", help="output folder (default: routing)")
-    a.add_argument("--batches", type=int, default=4, help="batches of 64 to route")
+    a.add_argument("--batches", type=int, default=4, help="batches to route (default: 4)")
+    a.add_argument("--batch-size", type=int, default=64, help="samples per batch (default: 64)")
+    a.add_argument("--top-words", type=int, default=10, help="words listed per text expert (default: 10)")
+    a.add_argument("--top-patches", type=int, default=8, help="patches shown per image expert (default: 8)")
     a.set_defaults(func=_analyze_routing)
 
     z = sub.add_parser("zeroshot", help="zero-shot classification / retrieval on local benchmark copies")

@@ -152,9 +152,13 @@ def test_analyze_routing_writes_heatmap_and_words(tmp_path, tiny_shards):
     # and through the console script
     path = clipmoe.save(model, tmp_path / "m.safetensors")
     r = _run("analyze-routing", "--model", str(path), "--data", tiny_shards["eval"], "--out", str(tmp_path / "cli"),
-             "--batches", "1")
+             "--batches", "1", "--batch-size", "8", "--top-patches", "3", "--top-words", "2")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "cli" / "routing.png").is_file() and "expert 0:" in r.stdout
+    cli = json.loads((tmp_path / "cli" / "routing.json").read_text())
+    assert all(len(top) <= 3 for top in cli["image.0"]["top_patches"])
+    assert all(len(top) <= 2 for top in cli["text.0"]["top_words"])
+    assert sum(sum(count for _, count, _ in top) for top in cli["text.0"]["top_words"]) > 0
 
 
 def test_analyze_routing_counts_what_each_expert_computed(tmp_path, tiny_shards):
@@ -266,10 +270,11 @@ def test_analyze_routing_errors_are_one_line(tmp_path):
     cases = [(moe, str(tmp_path / "none-{0..1}.tar"), "no samples could be read"),
              (moe, str(tmp_path / "bad-0.tar"), "truncated_shard"),
              (dense, str(tmp_path / "bad-0.tar"), "no MoE layers"),
-             (moe, str(tmp_path / "bad-0.tar"), "num_batches must be >= 1")]
+             (moe, str(tmp_path / "bad-0.tar"), "num_batches must be >= 1"),
+             (moe, str(tmp_path / "bad-0.tar"), "batch_size must be >= 1")]
     for model, data, message in cases:
-        batches = ["--batches", "0"] if "num_batches" in message else []
-        r = _run("analyze-routing", "--model", str(model), "--data", data, "--out", str(tmp_path / "out"), *batches)
+        flags = {"num_batches": ["--batches", "0"], "batch_size": ["--batch-size", "0"]}.get(message.split()[0], [])
+        r = _run("analyze-routing", "--model", str(model), "--data", data, "--out", str(tmp_path / "out"), *flags)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
 
 
