@@ -50,6 +50,33 @@ def plot_expert_load(load: dict[str, list[float]], path: str | Path) -> Path:
     return Path(path)
 
 
+def plot_moe_history(history: list[dict], path: str | Path) -> Path:
+    """Per MoE layer over training steps (the log rows' `moe` reports): fraction of assignments dropped, router
+    entropy (dotted: log E, a uniform router) and load imbalance (the busiest expert's tokens over the mean;
+    1 is balanced, E is every token on one expert). Collapse shows as entropy falling and imbalance rising."""
+    rows = [r for r in history if r.get("moe")]
+    names = [f"{m['tower']}.{m['block']}" for m in rows[0]["moe"]] if rows else []
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), squeeze=False)
+    panels = [("dropped fraction", lambda m: m["dropped_fraction"]), ("router entropy (nats)", lambda m: m["entropy"]),
+              ("load imbalance (max / mean)",
+               lambda m: max(m["tokens_per_expert"]) * len(m["tokens_per_expert"]) / max(1, sum(m["tokens_per_expert"])))]
+    for ax, (title, value) in zip(axes[0], panels):
+        for i, name in enumerate(names):
+            ax.plot([r["step"] for r in rows], [value(r["moe"][i]) for r in rows], label=name,
+                    ls="-" if name.startswith("image") else "--")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for E in sorted({len(m["tokens_per_expert"]) for m in rows[0]["moe"]} if rows else []):
+        axes[0][1].axhline(math.log(E), color="k", lw=0.8, ls=":")
+    if names:
+        axes[0][2].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_routing(report: dict, path: str | Path, grid: int, words_shown: int = 6, patches: Optional[dict] = None) -> Path:
     """Heat map of expert load per layer and tower; then, per image layer, where in the image each expert's
     tokens sit (and, given `patches`: per layer, per expert, a list of (P, P, 3) uint8 arrays, the pixels of

@@ -31,7 +31,7 @@ from .factory import MEAN, STD, create_model, get_tokenizer
 from .loss import total_loss
 from .model import CLIP
 from .moe import MoE, moe_report
-from .plots import plot_expert_load, plot_losses, plot_zeroshot
+from .plots import plot_expert_load, plot_losses, plot_moe_history, plot_zeroshot
 from .zeroshot_eval import zeroshot_eval
 
 
@@ -234,4 +234,5 @@ def write_run_outputs(result: TrainResult) -> dict:
         files["zeroshot_plot"] = plot_zeroshot(result.zeroshot[-1]["results"], out / "zeroshot.png")
     if result.expert_load:
         files["expert_load_plot"] = plot_expert_load(result.expert_load, out / "expert_load.png")
+        files["moe_plot"] = plot_moe_history(result.history, out / "moe.png")
     return files

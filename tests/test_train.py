@@ -38,9 +38,10 @@ def test_loss_falls_and_outputs_written(tiny_shards, tmp_path):
         assert len(fractions) == 4 and abs(sum(fractions) - 1) < 1e-5
     # 60 steps x 32 samples over 256-sample epochs: every sample was seen, and counted
     assert result.data_stats["samples"] == 60 * 32 and result.data_stats["skipped"] == {}
-    for key in ("model", "metrics", "loss_plot", "expert_load_plot"):
+    for key in ("model", "metrics", "loss_plot", "expert_load_plot", "moe_plot"):
         assert result.files[key].is_file()
-    assert result.files["loss_plot"].read_bytes()[:4] == b"\x89PNG"
+    for key in ("loss_plot", "expert_load_plot", "moe_plot"):
+        assert result.files[key].read_bytes()[:4] == b"\x89PNG"
     assert len(result.files["metrics"].read_text().splitlines()) == len(result.history)
     back = clipmoe.load(result.files["model"])
     assert back.config == result.model.config
