@@ -57,9 +57,12 @@ def plot_moe_history(history: list[dict], path: str | Path) -> Path:
     rows = [r for r in history if r.get("moe")]
     names = [f"{m['tower']}.{m['block']}" for m in rows[0]["moe"]] if rows else []
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), squeeze=False)
+    def imbalance(m):
+        counts = m["tokens_per_expert"]
+        return max(counts) * len(counts) / max(1, sum(counts))
+
     panels = [("dropped fraction", lambda m: m["dropped_fraction"]), ("router entropy (nats)", lambda m: m["entropy"]),
-              ("load imbalance (max / mean)",
-               lambda m: max(m["tokens_per_expert"]) * len(m["tokens_per_expert"]) / max(1, sum(m["tokens_per_expert"])))]
+              ("load imbalance (max / mean)", imbalance)]
     for ax, (title, value) in zip(axes[0], panels):
         for i, name in enumerate(names):
             ax.plot([r["step"] for r in rows], [value(r["moe"][i]) for r in rows], label=name,
@@ -77,7 +80,8 @@ def plot_moe_history(history: list[dict], path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_routing(report: dict, path: str | Path, grid: int, words_shown: int = 6, patches: Optional[dict] = None) -> Path:
+def plot_routing(report: dict, path: str | Path, grid: int, words_shown: int = 6,
+                 patches: Optional[dict] = None) -> Path:
     """Heat map of expert load per layer and tower; then, per image layer, where in the image each expert's
     tokens sit (and, given `patches`: per layer, per expert, a list of (P, P, 3) uint8 arrays, the pixels of
     its most probable patches), and per text layer, the words each expert takes the largest share of."""
