@@ -1,5 +1,6 @@
 """The console script: thin, with one-line errors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -44,6 +45,21 @@ else:
     assert r.returncode == 0, r.stderr
     r = _run("--help")
     assert r.returncode == 0 and "analyze-routing" in r.stdout
+
+
+def test_cli_sets_passive_openmp_waiting_before_torch_loads_unless_set():
+    code = """
+import os, sys
+from clipmoe import cli
+assert "torch" not in sys.modules
+assert cli.main(["train", "/nonexistent.yaml"]) == 2  # a one-line error, after the defaults were set
+print(os.environ["OMP_WAIT_POLICY"])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for preset, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        run_env = env if preset is None else {**env, "OMP_WAIT_POLICY": preset}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=run_env)
+        assert r.returncode == 0 and r.stdout.strip() == expected, r.stderr
 
 
 def test_set_takes_several_overrides_at_once_or_one_per_flag():

@@ -20,14 +20,19 @@ import time
 from datetime import date
 from pathlib import Path
 
-import torch
-from torch import nn
+from clipmoe.cli import CPU_RUNTIME_DEFAULTS
 
-from clipmoe import cuda_graphs
-from clipmoe.config import MoEConfig
-from clipmoe.model import Mlp
-from clipmoe.moe import MoE
-from clipmoe.train import cpu_bf16_matmul_is_slow
+for _key, _value in CPU_RUNTIME_DEFAULTS.items():  # as the clipmoe command runs; before torch loads OpenMP
+    os.environ.setdefault(_key, _value)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from clipmoe import cuda_graphs  # noqa: E402
+from clipmoe.config import MoEConfig  # noqa: E402
+from clipmoe.model import Mlp  # noqa: E402
+from clipmoe.moe import MoE  # noqa: E402
+from clipmoe.train import cpu_bf16_matmul_is_slow  # noqa: E402
 
 D, F_, E = 512, 2048, 8
 
@@ -149,7 +154,8 @@ def main():
     print(f"# {date.today()} {platform.node()} {device} torch {torch.__version__} threads {torch.get_num_threads()}")
     # the allocator moves the CPU numbers (page faults of fresh temporaries; see BENCHMARKS.md)
     malloc = os.environ.get("LD_PRELOAD") or os.environ.get("GLIBC_TUNABLES") or "glibc defaults"
-    print(f"# malloc: {malloc}; " + ("back to back (throughput)" if args.back_to_back else "one step per timing"))
+    print(f"# malloc: {malloc}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
+          + ("back to back (throughput)" if args.back_to_back else "one step per timing"))
     if no_bf16:
         print("# no bf16 rows: this CPU has no bf16 matmul kernels (AVX-512 or AMX); --dtypes bf16 runs them")
     print(f"{'tokens':>6} {'dtype':>5} {'k':>2} {'cf':>8} | {'dense xk':>9} {'clipmoe':>9} {'deepspeed':>9} "
