@@ -221,9 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # OpenMP threads that finished an op keep spinning on their cores for a few ms (libgomp's default); the
 # CPU experts' second lane (a Python thread, see experts._run_lanes) then waits for a core, up to 5 ms per
-# call measured. Passive waiting frees the core at once: the MoE layer's forward + backward took 5-7% less
-# at 4,096 tokens (2 cores, bf16 and fp32), no change for the quickstart. Read when torch loads, so set here,
-# before any import of torch; as torchrun sets OMP_NUM_THREADS, only where the user has not.
+# call measured. Passive waiting frees the core at once: clipmoe / dense x k for the MoE layer's forward +
+# backward at 4,096 tokens fell 7% in bf16 and 3% in fp32 (2 cores); no change for the quickstart
+# (BENCHMARKS.md). Read when torch loads, so set here, before any import of torch; as torchrun sets
+# OMP_NUM_THREADS, only where the user has not.
 CPU_RUNTIME_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
