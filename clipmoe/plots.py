@@ -93,9 +93,9 @@ def plot_routing(report: dict, path: str | Path, grid: int, words_shown: int = 6
     image_layers = [k for k in report if "patch_map" in report[k]]
     text_layers = [k for k in report if report[k].get("top_words")]
     num_experts = max(len(v["load"]) for v in report.values())
-    image_rows = [(name, "map") for name in image_layers]
-    image_rows += [(name, "pixels") for name in image_layers if any(patches.get(name, []))]
-    image_rows.sort(key=lambda r: image_layers.index(r[0]))  # each layer's map, then its patches
+    image_rows = []  # each layer's map, then its patches
+    for name in image_layers:
+        image_rows += [(name, "map")] + ([(name, "pixels")] if any(patches.get(name, [])) else [])
     cols, rows = max(len(towers), num_experts), 1 + len(image_rows) + len(text_layers)
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.flat:

@@ -69,16 +69,19 @@ class Tokenizer:
         the start, end and padding tokens. BPE marks a word's last piece with "</w>"."""
         special = (0, self.sot_token_id, self.eot_token_id)
         out: list[Optional[str]] = []
-        piece_ids: list[int] = []
+        pieces: list[int] = []
+
+        def end_word():  # every piece of the word gets the whole word
+            out.extend([self._bpe.decode(pieces).strip()] * len(pieces))
+            pieces.clear()
+
         for i in (int(i) for i in ids):
             if i in special:
-                out.extend([self._bpe.decode(piece_ids).strip()] * len(piece_ids))  # a word cut off by truncation
-                piece_ids = []
+                end_word()  # a word cut off by truncation
                 out.append(None)
                 continue
-            piece_ids.append(i)
+            pieces.append(i)
             if self._bpe.decoder[i].endswith("</w>"):
-                out.extend([self._bpe.decode(piece_ids).strip()] * len(piece_ids))
-                piece_ids = []
-        out.extend([self._bpe.decode(piece_ids).strip()] * len(piece_ids))
+                end_word()
+        end_word()
         return out
