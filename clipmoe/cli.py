@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ClipmoeError, DataError) as e:
         print(f"clipmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"clipmoe {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # training's says what it kept: "interrupted after 40 of 500 steps; ..."
+        print(f"clipmoe {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

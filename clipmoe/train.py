@@ -4,10 +4,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import signal
+import threading
 import warnings
 from dataclasses import dataclass, field
 from itertools import chain, count
@@ -45,6 +48,36 @@ class TrainResult:
     files: dict = field(default_factory=dict)
     zeroshot: list[dict] = field(default_factory=list)  # {"step", "results"} per evaluation (rank 0)
     cuda_graphs: dict = field(default_factory=dict)  # "image.3" -> steps that layer ran as CUDA graphs
+    steps: int = 0  # optimizer steps taken: train.steps, or fewer after Ctrl-C
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `train`, raised after the steps done were written out (model, log, plots; rank 0):
+    `result` is that shorter run."""
+
+    def __init__(self, result: TrainResult, total: int):
+        where = f"; its model: {result.files['model']}" if "model" in result.files else ""
+        super().__init__(f"interrupted after {result.steps} of {total} steps{where}")
+        self.result = result
+
+
+@contextlib.contextmanager
+def _held_interrupt():
+    """Holds Ctrl-C (SIGINT) until the block ends, so that it never leaves the parameters half-updated (the
+    optimizer updates them one tensor at a time). Only where Python's own handler is installed, in the main
+    thread: a handler someone else set stays theirs."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def cpu_bf16_matmul_is_slow() -> bool:
@@ -98,7 +131,10 @@ def _batches(loader: loaders.ImageTextLoader):
 
 
 def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -> TrainResult:
-    """Trains `model` (or the one `cfg.model` names) on `cfg.data.train` for `cfg.train.steps` steps."""
+    """Trains `model` (or the one `cfg.model` names) on `cfg.data.train` for `cfg.train.steps` steps.
+
+    Ctrl-C writes out the steps done as a shorter run and raises `TrainingInterrupted` (a KeyboardInterrupt)
+    holding it."""
     tc = cfg.train
     device = resolve_device(tc.device)
     rank, world = _distributed(device)
@@ -135,6 +171,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     # the log is written as the run goes: a run that stops early (a NaN, a data error, Ctrl-C) keeps it
     log = (out_dir / "metrics.jsonl").open("w") if rank == 0 else None
     bar = tqdm(total=tc.steps, desc="train", disable=not progress or rank != 0, dynamic_ncols=True)
+    done = logged = 0  # steps taken; log rows written
     try:
         for step in range(tc.steps):
             batch = next(batches)
@@ -149,20 +186,22 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
             terms["loss"].backward()
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-                for a in out.aux:
-                    key = f"{a.tower}.{a.block}"
-                    load_sums[key] = load_sums.get(key, 0) + a.tokens_per_expert.float()
+            with _held_interrupt():
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+                done = step + 1
+            for a in out.aux:
+                key = f"{a.tower}.{a.block}"
+                load_sums[key] = load_sums.get(key, 0) + a.tokens_per_expert.float()
             if step % tc.log_every == 0 or step == tc.steps - 1:
                 row = {"step": step, "lr": sched.get_last_lr()[0], **{k: v.item() for k, v in terms.items()}}
                 if out.aux:
                     row["moe"] = moe_report(out)
                 history.append(row)
                 if not math.isfinite(row["loss"]):
-                    _write_log_row(log, row)
+                    logged = _write_log_rows(log, history, logged)
                     raise ClipmoeError(f"loss is {row['loss']} at step {step}; lower optim.lr or use precision fp32"
                                        + (f" (the log so far: {log.name})" if log else ""))
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
@@ -171,8 +210,15 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
             if ev.zeroshot and rank == 0 and ((ev.every and (step + 1) % ev.every == 0) or step == tc.steps - 1):
                 zeroshot_runs.append(_evaluate(model, ev, step, history))
                 model.train()
-            if history and history[-1]["step"] == step:  # after the evaluation, which adds to this row
-                _write_log_row(log, history[-1])
+            logged = _write_log_rows(log, history, logged)  # after the evaluation, which adds to its row
+    except KeyboardInterrupt:
+        # Ctrl-C: the steps done are a shorter run, written out like a finished one (never lost work)
+        if not done:
+            raise
+        logged = _write_log_rows(log, history, logged)
+        interrupted = True
+    else:
+        interrupted = False
     finally:
         bar.close()
         if log is not None:
@@ -182,10 +228,12 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         cuda_graphs.release(layer)
 
     expert_load = {k: (v / v.sum()).tolist() for k, v in load_sums.items()}
-    result = TrainResult(model.eval(), history, expert_load, loader.stats(), out_dir, zeroshot=zeroshot_runs,
-                         cuda_graphs=replays)
+    result = TrainResult(model.eval(), history, expert_load, loader.stats(),
+                         out_dir, zeroshot=zeroshot_runs, cuda_graphs=replays, steps=done)
     if rank == 0:
         result.files = write_run_outputs(result)
+    if interrupted:
+        raise TrainingInterrupted(result, tc.steps)
     return result
 
 
@@ -214,10 +262,13 @@ def _evaluate(model: CLIP, ev, step: int, history: list[dict]) -> dict:
     return {"step": step, "results": results}
 
 
-def _write_log_row(log, row: dict) -> None:
+def _write_log_rows(log, history: list[dict], logged: int) -> int:
+    """Writes the rows of `history` after the first `logged`; returns how many are written."""
     if log is not None:
-        log.write(json.dumps(row) + "\n")
+        for row in history[logged:]:
+            log.write(json.dumps(row) + "\n")
         log.flush()
+    return len(history)
 
 
 def write_run_outputs(result: TrainResult) -> dict:

@@ -1,10 +1,14 @@
 """A short real training run on procedural shards: the loss falls and the run's outputs are written."""
 import json
 import math
+import os
+import signal
+import time
 import warnings
 
 import pytest
 import torch
+import yaml
 
 import clipmoe
 from clipmoe.config import RunConfig, from_dict
@@ -15,7 +19,11 @@ from clipmoe.train import cpu_bf16_matmul_is_slow, train
 
 
 def _cfg(tiny_shards, tmp_path, **train):
-    return from_dict(RunConfig, {
+    return from_dict(RunConfig, _cfg_dict(tiny_shards, tmp_path, **train))
+
+
+def _cfg_dict(tiny_shards, tmp_path, **train):
+    return {
         "model": {"arch": "clipmoe-micro", "overrides": {
             "vision": {"moe": {"num_experts": 4, "top_k": 2, "every": 1}},
             "text": {"moe": {"num_experts": 4, "top_k": 1, "every": 2, "capacity_factor": 1.0}}}},
@@ -23,7 +31,7 @@ def _cfg(tiny_shards, tmp_path, **train):
         "loss": {"balance_coef": 0.01, "z_coef": 0.001},
         "optim": {"lr": 2e-3, "warmup_steps": 5, "weight_decay": 0.0},
         "train": {"steps": 60, "log_every": 5, "out_dir": str(tmp_path / "run"), **train},
-    })
+    }
 
 
 def test_loss_falls_and_outputs_written(tiny_shards, tmp_path):
@@ -67,6 +75,92 @@ def test_log_is_written_as_the_run_goes(tiny_shards, tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == [0, 2, 4, 6, 8]
     assert all(math.isfinite(r["loss"]) for r in rows[:-1]) and math.isnan(rows[-1]["loss"])
     assert rows[0]["moe"][0]["tower"] == "image"
+
+
+def _interrupt_at(calls: int):
+    """A stand-in that sends this process Ctrl-C (SIGINT) at its `calls`-th call and then calls `fn`."""
+    seen = []
+
+    def wrap(fn):
+        def wrapped(*args, **kwargs):
+            seen.append(None)
+            if len(seen) == calls:
+                os.kill(os.getpid(), signal.SIGINT)
+            return fn(*args, **kwargs)
+        return wrapped
+    return wrap
+
+
+def test_ctrl_c_writes_the_steps_done_and_exits_130(tiny_shards, tmp_path, monkeypatch, capsys):
+    import clipmoe.train as train_module
+    from clipmoe.cli import main
+
+    # Ctrl-C in the 4th step's forward: 3 steps done, written out as a run of 3 steps
+    monkeypatch.setattr(train_module, "total_loss", _interrupt_at(4)(total_loss))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_cfg_dict(tiny_shards, tmp_path, steps=20, log_every=1)))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    model_file = tmp_path / "run" / "model.safetensors"
+    assert err == f"clipmoe train: interrupted after 3 of 20 steps; its model: {model_file}"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert clipmoe.load(model_file).config.vision.moe.num_experts == 4
+    for plot in ("loss.png", "expert_load.png", "moe.png"):
+        assert (tmp_path / "run" / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the stand-in step
+def test_ctrl_c_waits_for_the_parameter_update(tiny_shards, tmp_path, monkeypatch):
+    import clipmoe.train as train_module
+    from clipmoe.train import TrainingInterrupted
+
+    original = train_module.build_optimizer
+
+    def build_optimizer(model, cfg, steps):  # Ctrl-C arrives while the 3rd step updates the parameters
+        opt, sched = original(model, cfg, steps)
+        opt.step = _interrupt_at(3)(opt.step)
+        return opt, sched
+
+    monkeypatch.setattr(train_module, "build_optimizer", build_optimizer)
+    with pytest.raises(TrainingInterrupted) as caught:
+        train(_cfg(tiny_shards, tmp_path, steps=20), progress=False)
+    result = caught.value.result
+    assert result.steps == 3  # the update finished, and counts
+    saved = clipmoe.load(result.files["model"]).state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in result.model.state_dict().items())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_before_the_first_step_is_a_plain_interrupt(tiny_shards, tmp_path, monkeypatch):
+    import clipmoe.train as train_module
+
+    monkeypatch.setattr(train_module, "total_loss", _interrupt_at(1)(total_loss))
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train(_cfg(tiny_shards, tmp_path, steps=20), progress=False)
+    assert type(caught.value) is KeyboardInterrupt  # nothing trained, nothing written but the (empty) log
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_held_interrupt_raises_when_the_block_ends():
+    from clipmoe.train import _held_interrupt
+
+    ran = []
+    with pytest.raises(KeyboardInterrupt):
+        with _held_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal would have been delivered here
+            ran.append("after")
+    assert ran == ["after"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with _held_interrupt():  # no Ctrl-C: nothing raised
+        pass
+    mine = signal.signal(signal.SIGINT, lambda *a: ran.append("mine"))  # someone else's handler stays theirs
+    try:
+        with _held_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert ran == ["after", "mine"]
+    finally:
+        signal.signal(signal.SIGINT, mine)
 
 
 def test_bf16_autocast_keeps_losses_finite(tiny_shards, tmp_path):
