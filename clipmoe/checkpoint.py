@@ -114,6 +114,8 @@ def read_checkpoint(path: str | Path) -> dict:
         return read_safetensors(path)[0]
     if _is_torchscript(path):
         return _read_torchscript(path)
+    if not _is_torch_save(path):  # torch.load's own error for these is a bare KeyError of the first byte
+        raise ClipmoeError(f"{path}: not a checkpoint (neither safetensors nor a torch.save zip or pickle file)")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean "unreadable"
@@ -133,6 +135,14 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+def _is_torch_save(path: Path) -> bool:
+    """Whether the file starts as torch.save writes: a zip archive, or (the legacy format) a pickle of protocol 2+.
+    A truncated one still does (torch.load then says what is wrong with it)."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def _read_torchscript(path: Path) -> dict:
     try:
         sd = torch.jit.load(str(path), map_location="cpu").state_dict()
@@ -142,5 +152,11 @@ def _read_torchscript(path: Path) -> dict:
 
 
 def _first_line(e: BaseException) -> str:
+    """What went wrong, in one short line: the first sentence of the error's first line."""
+    if isinstance(e, EOFError):
+        return "the file ends early: truncated?"
     text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    line = text[0]
+    return (line.split(". ")[0] if len(line) > 120 else line)[:200]

@@ -118,6 +118,8 @@ def _resolve_pretrained(arch: str, pretrained: str) -> Path:
 
     cfg = get_pretrained_cfg(arch, pretrained)
     if not cfg:
+        if path.is_dir():
+            raise ClipmoeError(f"pretrained {pretrained!r} is a folder; give the checkpoint file in it")
         if path.suffix or "/" in pretrained:
             raise ClipmoeError(f"pretrained checkpoint not found: {pretrained}")
         tags = list_pretrained_tags_by_model(arch)

@@ -54,6 +54,23 @@ def test_corrupt_files_one_line_error(tmp_path, damage):
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_torch_files_read_and_damaged_ones_named(tmp_path, legacy):
+    from clipmoe.checkpoint import read_checkpoint
+
+    path = tmp_path / "m.pt"
+    torch.save({"state_dict": {"w": torch.arange(3.0)}}, path, _use_new_zipfile_serialization=not legacy)
+    assert torch.equal(read_checkpoint(path)["w"], torch.arange(3.0))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(clipmoe.ClipmoeError, match=r"not a readable checkpoint \(.+\)$") as e:
+        read_checkpoint(path)
+    assert "\n" not in str(e.value) and len(str(e.value)) < len(str(path)) + 120
+    path.write_bytes(b"hello, not a checkpoint\n")  # torch.load's own error for this: KeyError(104)
+    with pytest.raises(clipmoe.ClipmoeError, match="not a checkpoint .neither safetensors nor a torch.save"):
+        read_checkpoint(path)
+
+
 def test_mismatched_and_foreign_files(tmp_path):
     model = clipmoe.create_model("clipmoe-micro")
     path = clipmoe.save(model, tmp_path / "m.safetensors")

@@ -97,11 +97,15 @@ def test_pretrained_tag_offline_is_one_line_error():
     assert "laion2b_s34b_b79k" in msg and "\n" not in msg
 
 
-def test_unknown_tag_and_missing_file():
+def test_unknown_tag_and_missing_file(tmp_path, monkeypatch):
     with pytest.raises(clipmoe.ClipmoeError, match="unknown pretrained tag 'nope'"):
         clipmoe.create_model("clipmoe-micro", pretrained="nope")
     with pytest.raises(clipmoe.ClipmoeError, match="not found"):
         clipmoe.create_model("clipmoe-micro", pretrained="/no/such/file.bin")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()  # a folder named like a tag: the folder is meant
+    with pytest.raises(clipmoe.ClipmoeError, match="'run' is a folder; give the checkpoint file in it"):
+        clipmoe.create_model("clipmoe-micro", pretrained="run")
 
 
 def test_mismatched_checkpoint_is_one_line_error(tmp_path):
