@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import math
 from functools import lru_cache
+from typing import Optional
 
 import open_clip
 
@@ -105,9 +107,71 @@ def get_model_config(name: str, overrides: dict | None = None) -> ModelConfig:
     return from_dict(ModelConfig, data, "model" if not overrides else "model.overrides")
 
 
+def _shapes(data: dict) -> tuple:
+    """What a translated architecture fixes in its weights' shapes (not its heads or activation)."""
+    v, t = data["vision"], data["text"]
+    return (data["embed_dim"], v["width"], v["depth"], _hidden(v), v["image_size"], v["patch_size"],
+            t["width"], t["depth"], _hidden(t), t["context_length"], t["vocab_size"])
+
+
+def _hidden(tower: dict) -> int:
+    return int(tower["width"] * tower["mlp_ratio"])  # as model.make_mlp sizes the MLP
+
+
+@lru_cache(maxsize=None)
+def _by_shapes() -> dict[tuple, list[dict]]:
+    table: dict[tuple, list[dict]] = {}
+    for name in list_architectures():
+        data = _translate(name, _open_clip_cfg(name))
+        table.setdefault(_shapes(data), []).append(data)
+    return table
+
+
+def config_from_weights(state_dict: dict, quick_gelu: bool = False,
+                        num_heads: Optional[tuple[int, int]] = None) -> ModelConfig:
+    """The architecture of a dense clipmoe-keyed state dict (`adapter.from_open_clip` maps open_clip's), from
+    its shapes. Heads and activation leave no trace in the weights: heads are `num_heads` (image, text), else
+    those of the open_clip architecture of these shapes, else width / 64 (as open_clip reads OpenAI's
+    archives); the activation is `quick_gelu`'s."""
+    def shape(key: str) -> tuple:
+        if key not in state_dict:
+            raise ConfigError(f"cannot tell the architecture: the weights have no {key!r} (not a ViT CLIP)")
+        return tuple(state_dict[key].shape)
+
+    def depth(tower: str) -> int:
+        return len({k.split(".")[2] for k in state_dict if k.startswith(f"{tower}.blocks.")})
+
+    def mlp_ratio(tower: str, width: int) -> float:
+        hidden = shape(f"{tower}.blocks.0.mlp.fc1.weight")[0]
+        ratio = hidden / width  # int(width * ratio) can fall one short: int(11 * (60 / 11)) == 59
+        return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
+
+    v_width, _, patch, _ = shape("image.patch_embed.weight")
+    grid = math.isqrt(shape("image.pos_embed")[0] - 1)
+    vocab, t_width = shape("text.token_embed.weight")
+    data = {
+        "embed_dim": shape("image.proj")[1],
+        "vision": {"width": v_width, "depth": depth("image"), "mlp_ratio": mlp_ratio("image", v_width),
+                   "image_size": grid * patch, "patch_size": patch},
+        "text": {"width": t_width, "depth": depth("text"), "mlp_ratio": mlp_ratio("text", t_width),
+                 "context_length": shape("text.pos_embed")[0], "vocab_size": vocab},
+    }
+    known = _by_shapes().get(_shapes(data), [])
+    same = [d for d in known if d["quick_gelu"] == quick_gelu] or known
+    if num_heads is None:
+        num_heads = ((same[0]["vision"]["num_heads"], same[0]["text"]["num_heads"]) if same
+                     else tuple(w // 64 if w % 64 == 0 else 1 for w in (v_width, t_width)))
+    data["vision"]["num_heads"], data["text"]["num_heads"] = num_heads
+    if same:  # open_clip's own ratios (4.9231 for ViT-bigG-14), which give the same hidden widths
+        for tower in ("vision", "text"):
+            data[tower]["mlp_ratio"] = same[0][tower]["mlp_ratio"]
+    data.update(name=same[0]["name"] if same and same[0]["quick_gelu"] == quick_gelu else "", quick_gelu=quick_gelu)
+    return from_dict(ModelConfig, data, "the weights' architecture")
+
+
 def model_config_from_dict(data: dict) -> ModelConfig:
     """Rebuilds a ModelConfig saved with `to_dict` (checkpoints store it as JSON)."""
     return from_dict(ModelConfig, data, "model")
 
 
-__all__ = ["get_model_config", "list_architectures", "model_config_from_dict", "to_dict"]
+__all__ = ["config_from_weights", "get_model_config", "list_architectures", "model_config_from_dict", "to_dict"]

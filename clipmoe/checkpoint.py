@@ -70,14 +70,23 @@ def _config_from_metadata(path, meta: dict) -> ModelConfig:
         raise ClipmoeError(f"{path}: broken config in metadata ({_first_line(e)})") from None
 
 
-def read_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig stored in a clipmoe checkpoint, without reading its tensors."""
+def read_metadata(path: str | Path) -> dict:
+    """The metadata of a safetensors file, without reading its tensors."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ClipmoeError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
-    return _config_from_metadata(path, meta)
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig stored in a clipmoe checkpoint, without reading its tensors."""
+    return _config_from_metadata(path, read_metadata(path))
+
+
+def is_clipmoe_file(path: str | Path) -> bool:
+    """Whether `path` is a safetensors file `clipmoe.save` wrote (else: open_clip weights, or unreadable)."""
+    return Path(path).suffix == ".safetensors" and read_metadata(path).get("format") in (FORMAT, _FORMAT_1)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> CLIP:
@@ -112,7 +121,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ClipmoeError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return read_safetensors(path)[0]
-    if _is_torchscript(path):
+    if is_torchscript(path):
         return _read_torchscript(path)
     if not _is_torch_save(path):  # torch.load's own error for these is a bare KeyError of the first byte
         raise ClipmoeError(f"{path}: not a checkpoint (neither safetensors nor a torch.save zip or pickle file)")
@@ -127,7 +136,7 @@ def read_checkpoint(path: str | Path) -> dict:
     return obj
 
 
-def _is_torchscript(path: Path) -> bool:
+def is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
             return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())

@@ -150,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     u = sub.add_parser("upcycle", help="turn a dense checkpoint into an MoE one")
-    u.add_argument("input", help="a clipmoe .safetensors file, or an open_clip checkpoint with --arch")
+    u.add_argument("input", help="a clipmoe .safetensors file, or an open_clip / OpenAI checkpoint")
     u.add_argument("output", help="clipmoe .safetensors file to write")
-    u.add_argument("--arch", help="architecture of an open_clip checkpoint (e.g. ViT-B-32)")
+    u.add_argument("--arch", help="architecture of an open_clip checkpoint (e.g. ViT-B-32-quickgelu); default: "
+                                  "from the weights' shapes, with GELU")
     u.add_argument("--experts", "--num-experts", dest="experts", type=int, default=8)
     u.add_argument("--top-k", type=int, default=2)
     u.add_argument("--every", type=int, default=2, help="MoE in every n-th block (unless --last / --blocks)")

@@ -4,13 +4,15 @@ straight-through gate for k = 1) and no dropped tokens, it computes what the den
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from .architectures import list_architectures
-from .checkpoint import FORMAT, load, load_weights
+from . import adapter
+from .architectures import config_from_weights, list_architectures
+from .checkpoint import is_clipmoe_file, is_torchscript, load, load_weights, read_checkpoint
 from .config import MoEConfig
 from .errors import ClipmoeError
 from .model import CLIP
@@ -44,8 +46,12 @@ def upcycle(
     its dtype.
 
     Args:
-        model: a clipmoe CLIP model, the path of a `clipmoe.save` file, or, together with `arch`, an
-            open_clip / OpenAI checkpoint file, an open_clip model or its state dict.
+        model: a clipmoe CLIP model, the path of a `clipmoe.save` file, an open_clip / OpenAI checkpoint file,
+            an open_clip model or a state dict (open_clip's or clipmoe's keys).
+        arch: the architecture of an open_clip model, state dict or file (e.g. 'ViT-B-32'). Without it, the
+            weights' shapes give it (`architectures.config_from_weights`): an open_clip model also gives its
+            heads and activation, an OpenAI archive is QuickGELU, and other weights get open_clip's heads
+            for their shapes and GELU, with a warning (QuickGELU weights need arch='...-quickgelu').
         num_experts, top_k: experts per MoE layer and experts per token (token-choice routing).
         every / last / blocks: placement, per tower (every n-th block, the last n, or explicit indices).
         towers: which towers get MoE layers: "image", "text", or a sequence of them.
@@ -132,23 +138,24 @@ def _source(model, arch: Optional[str]) -> CLIP:
         model = model.module
     if isinstance(model, CLIP):
         return model
-    if isinstance(model, (torch.nn.Module, Mapping)):
+    if isinstance(model, torch.nn.Module):
+        # open_clip picks the activation by name ("-quickgelu"): follow the model, not the name given
+        quick_gelu = any(type(m).__name__ == "QuickGELU" for m in model.modules())
+        state, training, source = model.state_dict(), model.training, f"the {type(model).__name__} given"
         if not arch:
-            kind = f"{type(model).__module__}.{type(model).__name__}"
-            raise ClipmoeError(f"give arch= (e.g. 'ViT-B-32') to upcycle a {kind}: only clipmoe models carry their "
-                               "architecture")
-        if isinstance(model, torch.nn.Module):
-            # open_clip picks the activation by name ("-quickgelu"): follow the model, not the name given
-            overrides = {"quick_gelu": any(type(m).__name__ == "QuickGELU" for m in model.modules())}
-            state, training = model.state_dict(), model.training
-        else:
-            overrides, state, training = {}, dict(model), False
-        dense = create_model(arch, **overrides)
-        load_weights(dense, state, f"the {type(model).__name__} given")
+            return _from_weights(state, source, quick_gelu, _heads(model)).train(training)
+        dense = create_model(arch, quick_gelu=quick_gelu)
+        load_weights(dense, state, source)
         return dense.train(training)
+    if isinstance(model, Mapping):
+        if not arch:
+            return _from_weights(dict(model), "the state dict given").train(False)
+        dense = create_model(arch)
+        load_weights(dense, dict(model), "the state dict given")
+        return dense.train(False)
     if not isinstance(model, (str, Path)):
-        raise ClipmoeError(f"upcycle takes a CLIP model, an open_clip model or state dict (with arch=) or a "
-                           f"checkpoint path, not {type(model).__name__}")
+        raise ClipmoeError(f"upcycle takes a CLIP model, an open_clip model or state dict or a checkpoint path, "
+                           f"not {type(model).__name__}")
     path = Path(model)
     if not path.exists():
         hint = (f"; {model!r} is an architecture: upcycle clipmoe.create_model({str(model)!r}, pretrained=...)"
@@ -156,10 +163,40 @@ def _source(model, arch: Optional[str]) -> CLIP:
         raise ClipmoeError(f"checkpoint not found: {path}{hint}")
     if arch:
         return create_model(arch, pretrained=str(path))
-    if path.suffix == ".safetensors":
+    if is_clipmoe_file(path):
         return load(path)
-    raise ClipmoeError(f"{path}: give arch= (e.g. 'ViT-B-32') to upcycle an open_clip checkpoint; "
-                       f"only {FORMAT} files carry their architecture")
+    # OpenAI's TorchScript archives are QuickGELU models; other files do not say
+    return _from_weights(read_checkpoint(path), str(path), True if is_torchscript(path) else None)
+
+
+def _heads(model: torch.nn.Module) -> Optional[tuple[int, int]]:
+    """(image, text) attention heads of an open_clip model: the first attention module of each tower."""
+    heads = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.MultiheadAttention):
+            heads.setdefault("image" if name.startswith("visual.") else "text", m.num_heads)
+    return (heads["image"], heads["text"]) if len(heads) == 2 else None
+
+
+def _from_weights(state: dict, source: str, quick_gelu: Optional[bool] = None,
+                  num_heads: Optional[tuple[int, int]] = None) -> CLIP:
+    """A dense CLIP of the architecture the weights' shapes give (`config_from_weights`), holding them."""
+    if adapter.is_open_clip_state_dict(state):
+        state = adapter.from_open_clip(state)
+    if not is_dense_state_dict(state):
+        raise ClipmoeError(f"{source} has MoE layers; upcycle a dense model")
+    try:
+        cfg = config_from_weights(state, bool(quick_gelu), num_heads)
+    except ClipmoeError as e:
+        raise ClipmoeError(f"{source}: {e}; give arch=") from None
+    if quick_gelu is None:  # stacklevel: the caller of upcycle
+        fix = (f"arch='{cfg.name}-quickgelu'" if f"{cfg.name}-quickgelu" in list_architectures() else
+               f"upcycling clipmoe.create_model({cfg.name or 'ARCH'!r}, pretrained=..., quick_gelu=True)")
+        warnings.warn(f"{source}: weights do not record their activation, so they are taken to be GELU's "
+                      f"(open_clip's default); QuickGELU weights (OpenAI's, laion400m's) need {fix}", stacklevel=4)
+    dense = CLIP(cfg)
+    load_weights(dense, state, source)
+    return dense
 
 
 def _drop_upcycle(w1, b1, w2, fraction: float, generator: torch.Generator):

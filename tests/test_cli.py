@@ -107,6 +107,17 @@ def test_upcycle_and_encode(tmp_path):
     assert max(abs(a - b) for a, b in zip(rows[1], expected[1].tolist())) < 1e-5
 
 
+def test_upcycle_open_clip_weights_without_arch(tmp_path):
+    dense = clipmoe.create_model("clipmoe-micro")
+    path = clipmoe.save_open_clip(dense, tmp_path / "open_clip.bin")
+    out = tmp_path / "moe.safetensors"
+    r = _run("upcycle", str(path), str(out), "--experts", "2", "--every", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith(f"clipmoe upcycle: warning: {path}: weights do not record their activation")
+    assert r.stderr.count("\n") == 1
+    assert clipmoe.load(out).config.name == "clipmoe-micro"
+
+
 def test_upcycle_placement_and_capacity_flags(tmp_path):
     dense = clipmoe.save(clipmoe.create_model("clipmoe-micro"), tmp_path / "dense.safetensors")
     out = tmp_path / "moe.safetensors"

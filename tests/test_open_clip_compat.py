@@ -135,6 +135,33 @@ def test_architectures_match_open_clip_shapes(arch):
     assert arch in clipmoe.list_architectures()
 
 
+def test_every_architecture_is_read_back_from_its_weights():
+    import dataclasses
+
+    from clipmoe.architectures import config_from_weights
+    from clipmoe.model import CLIP
+
+    def shapes(cfg):
+        with torch.device("meta"):  # shapes without memory: ViT-e-14 has 4.4 B parameters
+            return {k: v.shape for k, v in CLIP(cfg).state_dict().items()}
+
+    for arch in clipmoe.list_architectures():  # open_clip's heads and ratios (bigG: 16 heads of 104, 4.9231)
+        cfg = clipmoe.get_model_config(arch)
+        with torch.device("meta"):
+            state = CLIP(cfg).state_dict()
+        assert config_from_weights(state, quick_gelu=cfg.quick_gelu) == cfg, arch
+    # shapes no architecture has: heads of 64 where the width allows, and the same hidden widths
+    # (a width of 11 with 60 hidden units: int(11 * (60 / 11)) is 59, so 60 / 11 is not a ratio that gives 60)
+    base = clipmoe.get_model_config("clipmoe-micro")
+    for width, ratio, heads in [(128, 3.0, 2), (11, 60.5 / 11, 1)]:
+        cfg = dataclasses.replace(base, name="", vision=dataclasses.replace(base.vision, width=width, mlp_ratio=ratio,
+                                                                             num_heads=1))
+        state = {k: torch.empty(v, device="meta") for k, v in shapes(cfg).items()}
+        got = config_from_weights(state)
+        assert got.name == "" and got.vision.num_heads == heads and shapes(got) == shapes(cfg), (width, ratio)
+    assert config_from_weights(state, num_heads=(11, 2)).vision.num_heads == 11  # given heads win
+
+
 def test_unsupported_architecture_is_clear():
     with pytest.raises(clipmoe.ConfigError, match="not a plain ViT CLIP"):
         clipmoe.get_model_config("RN50")
