@@ -228,8 +228,8 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         cuda_graphs.release(layer)
 
     expert_load = {k: (v / v.sum()).tolist() for k, v in load_sums.items()}
-    result = TrainResult(model.eval(), history, expert_load, loader.stats(),
-                         out_dir, zeroshot=zeroshot_runs, cuda_graphs=replays, steps=done)
+    result = TrainResult(model.eval(), history, expert_load, loader.stats(), out_dir, zeroshot=zeroshot_runs,
+                         cuda_graphs=replays, steps=done)
     if rank == 0:
         result.files = write_run_outputs(result)
     if interrupted:

@@ -174,7 +174,7 @@ def _heads(model: torch.nn.Module) -> Optional[tuple[int, int]]:
     heads = {}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.MultiheadAttention):
-            heads.setdefault("image" if name.startswith("visual.") else "text", m.num_heads)
+            heads.setdefault("image" if "visual." in name else "text", m.num_heads)  # also under DDP's module.
     return (heads["image"], heads["text"]) if len(heads) == 2 else None
 
 

@@ -174,6 +174,9 @@ def test_upcycle_reads_the_architecture_from_open_clip_weights(tmp_path):
             p.add_(torch.randn_like(p) * 0.02)
     up = clipmoe.upcycle(small, num_experts=2, every=1)
     assert (up.config.vision.num_heads, up.config.text.num_heads) == (4, 2)
+    wrapped = torch.nn.Module()  # as DistributedDataParallel holds it: keys and module names under "module."
+    wrapped.module = small
+    assert clipmoe.upcycle(wrapped, num_experts=2, every=1).config == up.config
     small_images, small_tokens = torch.randn(2, 3, 32, 32), tokens[:, :16]
     with torch.no_grad():
         assert (up.eval().encode_image(small_images) - small.encode_image(small_images)).abs().max() < 1e-5
