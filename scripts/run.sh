@@ -23,6 +23,6 @@ job=${1:-}
 shift || true
 case "$job" in
   quickstart) exec "$VENV/bin/clipmoe" quickstart "$@" ;;
-  test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  test) exec "$VENV/bin/python" -m pytest -q --durations=15 "$@" ;;  # the slowest, to keep the run under 15 min
   *) echo "usage: bash scripts/run.sh quickstart|test [args]" >&2; exit 2 ;;
 esac

@@ -112,6 +112,8 @@ def test_upcycle_open_clip_checkpoint(tmp_path):
     # the open_clip model itself, or its state dict; the model's activation wins over the name's "-quickgelu"
     from_model = clipmoe.upcycle(ref, arch="ViT-B-32-quickgelu", num_experts=2, top_k=1, every=6)
     from_state = clipmoe.upcycle(ref.state_dict(), arch="ViT-B-32", num_experts=2, every=12)
+    with pytest.warns(UserWarning, match=r"QuickGELU weights .* need arch='ViT-B-32-quickgelu'"):
+        assert clipmoe.upcycle(ref.state_dict(), num_experts=2, every=12).config == from_state.config
     assert not from_model.config.quick_gelu and not from_model.training
     with torch.no_grad():
         for up in (from_model, from_state):
@@ -125,62 +127,58 @@ def test_upcycle_open_clip_checkpoint(tmp_path):
             clipmoe.upcycle(bad)
 
 
-def test_upcycle_reads_the_architecture_from_open_clip_weights(tmp_path):
+def _open_clip_clip(vision: dict, text: dict, quick_gelu: bool = False):
+    """A small open_clip CLIP with non-zero biases and gains everywhere, so no misplaced weight goes unnoticed."""
     import open_clip
 
-    torch.manual_seed(0)
-    ref = open_clip.create_model("ViT-S-32", pretrained=None, force_quick_gelu=True).eval()
+    model = open_clip.model.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text, quick_gelu=quick_gelu).eval()
     with torch.no_grad():
-        for p in ref.parameters():
+        for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    images = torch.randn(2, 3, 224, 224)
-    tokens = open_clip.get_tokenizer("ViT-S-32")(["a photo of a cat", "two dogs"])
+    return model
 
-    def same_as_ref(up):
+
+def test_upcycle_reads_the_architecture_from_open_clip_weights(tmp_path):
+    torch.manual_seed(0)
+    micro = ({"image_size": 16, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},  # clipmoe-micro
+             {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2})
+    ref = _open_clip_clip(*micro, quick_gelu=True)
+    images = torch.randn(2, 3, 16, 16)
+    tokens = clipmoe.get_tokenizer("clipmoe-micro")(["a photo of a cat", "two dogs"])
+
+    def same_as(up, ref):
         with torch.no_grad():
             return max((up.eval().encode_image(images) - ref.encode_image(images)).abs().max(),
                        (up.encode_text(tokens) - ref.encode_text(tokens)).abs().max()) < 1e-5
 
-    kw = {"num_experts": 2, "top_k": 2, "every": 3}
+    kw = {"num_experts": 2, "top_k": 2, "every": 1}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the model says its heads and activation: nothing to warn about
         from_model = clipmoe.upcycle(ref, **kw)
-    assert (from_model.config.vision.num_heads, from_model.config.text.num_heads) == (6, 6)
-    assert from_model.config.quick_gelu and same_as_ref(from_model)
+    assert from_model.config.quick_gelu and same_as(from_model, ref)
     # OpenAI's TorchScript archives are QuickGELU models
-    torch.jit.trace_module(ref, {"encode_image": images[:1]}, check_trace=False).save(str(tmp_path / "s32.pt"))
-    assert same_as_ref(clipmoe.upcycle(tmp_path / "s32.pt", **kw))
+    torch.jit.trace_module(ref, {"encode_image": images[:1]}, check_trace=False).save(str(tmp_path / "m.pt"))
+    assert same_as(clipmoe.upcycle(tmp_path / "m.pt", **kw), ref)
     # a state dict file does not say: GELU, open_clip's default, with a warning that says what to do
-    torch.save(ref.state_dict(), tmp_path / "s32.bin")
-    with pytest.warns(UserWarning, match=r"s32.bin: .*taken to be GELU.*create_model\('ViT-S-32', .*quick_gelu=True"):
-        from_file = clipmoe.upcycle(tmp_path / "s32.bin", **kw)
-    assert from_file.config.name == "ViT-S-32" and from_file.config.text.num_heads == 6
-    assert not from_file.config.quick_gelu and not same_as_ref(from_file)
-    quick = clipmoe.create_model("ViT-S-32", pretrained=str(tmp_path / "s32.bin"), quick_gelu=True)
-    assert same_as_ref(clipmoe.upcycle(quick, **kw))
-    # a GELU open_clip checkpoint of shapes open_clip does not name: heads of width 64
-    odd = open_clip.create_model("ViT-S-32", pretrained=None).eval()
-    sd = {k: v for k, v in odd.state_dict().items() if ".resblocks.11." not in k}
-    with pytest.warns(UserWarning, match=r"need upcycling clipmoe.create_model\('ARCH'"):
-        up = clipmoe.upcycle(sd, **kw)
-    cfg = up.config
-    assert (cfg.vision.depth, cfg.text.depth, cfg.text.num_heads, cfg.name) == (11, 11, 384 // 64, "")
-    # heads come from the open_clip model itself (here 4 and 2 where width / 64 = 1)
-    small = open_clip.model.CLIP(
-        embed_dim=64, vision_cfg={"image_size": 32, "patch_size": 16, "width": 64, "layers": 2, "head_width": 16},
-        text_cfg={"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}).eval()
-    with torch.no_grad():
-        for p in small.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    up = clipmoe.upcycle(small, num_experts=2, every=1)
-    assert (up.config.vision.num_heads, up.config.text.num_heads) == (4, 2)
+    torch.save(ref.state_dict(), tmp_path / "m.bin")
+    with pytest.warns(UserWarning, match=r"m.bin: .*taken to be GELU.*create_model\('clipmoe-micro', .*quick_gelu=True"):
+        from_file = clipmoe.upcycle(tmp_path / "m.bin", **kw)
+    assert from_file.config.name == "clipmoe-micro" and not from_file.config.quick_gelu
+    assert not same_as(from_file, ref)
+    quick = clipmoe.create_model("clipmoe-micro", pretrained=str(tmp_path / "m.bin"), quick_gelu=True)
+    assert same_as(clipmoe.upcycle(quick, **kw), ref)
+    # shapes no architecture has: heads from the open_clip model (4 and 2 where width / 64 = 1) ...
+    odd = _open_clip_clip({**micro[0], "width": 64}, {**micro[1], "width": 64, "layers": 3})
+    up = clipmoe.upcycle(odd, **kw)
+    assert (up.config.name, up.config.vision.num_heads, up.config.text.num_heads, up.config.text.depth) == ("", 4, 2, 3)
+    assert same_as(up, odd)
     wrapped = torch.nn.Module()  # as DistributedDataParallel holds it: keys and module names under "module."
-    wrapped.module = small
-    assert clipmoe.upcycle(wrapped, num_experts=2, every=1).config == up.config
-    small_images, small_tokens = torch.randn(2, 3, 32, 32), tokens[:, :16]
-    with torch.no_grad():
-        assert (up.eval().encode_image(small_images) - small.encode_image(small_images)).abs().max() < 1e-5
-        assert (up.encode_text(small_tokens) - small.encode_text(small_tokens)).abs().max() < 1e-5
+    wrapped.module = odd
+    assert clipmoe.upcycle(wrapped, **kw).config == up.config
+    # ... or, from a state dict, heads of width 64
+    with pytest.warns(UserWarning, match=r"need upcycling clipmoe.create_model\('ARCH'"):
+        up = clipmoe.upcycle(odd.state_dict(), **kw)
+    assert (up.config.vision.num_heads, up.config.text.num_heads) == (1, 1)
     # weights that are not a ViT CLIP say so
     with pytest.raises(clipmoe.ClipmoeError, match=r"state dict given: .*no 'text.token_embed.weight'.*give arch="):
         clipmoe.upcycle({k: v for k, v in clipmoe.create_model("clipmoe-micro").state_dict().items()
