@@ -157,12 +157,12 @@ def test_upcycle_placement_and_capacity_flags(tmp_path):
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "blocks" in r.stderr, r.stderr
 
 
-def test_errors_are_one_line(tmp_path):
-    r = _run("encode", "--model", str(tmp_path / "none.safetensors"), "--text", "x")
+def test_errors_are_one_line(tmp_path):  # in a process of its own: whatever reaches its stderr, from C too, counts
+    r = _run("encode", "--model", str(tmp_path / "none.safetensors"), "--text", "x", process=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "model not found" in r.stderr
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
-    r = _run("upcycle", str(bad), str(tmp_path / "o.safetensors"))
+    r = _run("upcycle", str(bad), str(tmp_path / "o.safetensors"), process=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
 
 
