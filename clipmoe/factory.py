@@ -12,8 +12,9 @@ from typing import Optional, Union
 
 from open_clip.transform import image_transform
 
-from .architectures import get_model_config
-from .checkpoint import load, load_weights, read_checkpoint, read_config
+from . import adapter
+from .architectures import config_from_weights, get_model_config, list_architectures
+from .checkpoint import is_clipmoe_file, load, load_weights, read_checkpoint, read_config
 from .config import ModelConfig, ModelSection, UpcycleConfig, deep_merge, from_dict, to_dict
 from .errors import ClipmoeError
 from .model import CLIP
@@ -31,7 +32,7 @@ def create_model(spec: Union[str, ModelConfig, ModelSection], pretrained: Option
     Args:
         spec: an architecture name (`clipmoe.list_architectures()`), a ModelConfig, a run config's `model`
             section (its weights and overrides apply, under those given here), or the path of a file
-            written by `clipmoe.save`.
+            written by `clipmoe.save` (open_clip weights there: an error naming the call to make).
         pretrained: an open_clip / OpenAI checkpoint file (.safetensors, .bin, .pt, .pth) or one of
             open_clip's pretrained tags for this architecture (fetched by open_clip's loader). A dense
             checkpoint for a config with MoE layers is upcycled into them (`upcycle.load_upcycled`; a
@@ -48,7 +49,8 @@ def create_model(spec: Union[str, ModelConfig, ModelSection], pretrained: Option
     elif not isinstance(spec, (str, Path, ModelConfig)):
         raise ClipmoeError(f"create_model takes an architecture name, a ModelConfig, a run config's model section "
                            f"or a saved model's path, not {type(spec).__name__}")
-    if isinstance(spec, (str, Path)) and Path(spec).suffix == ".safetensors" and Path(spec).is_file():
+    if isinstance(spec, (str, Path)) and Path(spec).suffix == ".safetensors" and Path(spec).is_file() \
+            and is_clipmoe_file(spec):
         model = load(spec)
         if overrides or pretrained:
             raise ClipmoeError("overrides and pretrained= do not apply to a saved clipmoe model")
@@ -56,6 +58,8 @@ def create_model(spec: Union[str, ModelConfig, ModelSection], pretrained: Option
     if isinstance(spec, ModelConfig):
         cfg = from_dict(ModelConfig, deep_merge(to_dict(spec), overrides), "model") if overrides else spec
     else:
+        if str(spec) not in list_architectures():
+            _not_an_architecture(Path(spec))
         cfg = get_model_config(str(spec), overrides or None)
     model = CLIP(cfg)
     upcycled = False
@@ -107,6 +111,24 @@ def _unreachable_host(cfg: dict, timeout: float = 5.0) -> Optional[str]:
         return None
     except OSError:
         return host
+
+
+def _not_an_architecture(path: Path) -> None:
+    """Says what to call for a checkpoint file given where an architecture name belongs."""
+    if path.is_file():  # open_clip weights: name the architecture of their shapes
+        state = read_checkpoint(path)
+        if adapter.is_open_clip_state_dict(state):
+            state = adapter.from_open_clip(state)
+        try:
+            arch = config_from_weights(state).name or "ARCH"
+        except ClipmoeError as e:
+            raise ClipmoeError(f"{path}: {e}") from None
+        raise ClipmoeError(f"{path} holds open_clip weights, which do not name their architecture: "
+                           f"clipmoe.create_model({arch!r}, pretrained={str(path)!r})")
+    if path.is_dir():
+        raise ClipmoeError(f"{path} is a folder; give the model file in it (e.g. {path / 'model.safetensors'})")
+    if path.suffix or len(path.parts) > 1:
+        raise ClipmoeError(f"checkpoint not found: {path}")
 
 
 def _resolve_pretrained(arch: str, pretrained: str) -> Path:

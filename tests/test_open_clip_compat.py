@@ -108,6 +108,23 @@ def test_unknown_tag_and_missing_file(tmp_path, monkeypatch):
         clipmoe.create_model("clipmoe-micro", pretrained="run")
 
 
+def test_a_checkpoint_given_for_the_architecture_names_the_call_to_make(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("micro.bin", "micro.safetensors"):
+        clipmoe.save_open_clip(clipmoe.create_model("clipmoe-micro"), name)
+        with pytest.raises(clipmoe.ClipmoeError, match=rf"^{name} holds open_clip weights, .*: "
+                                                        rf"clipmoe.create_model\('clipmoe-micro', pretrained='{name}'\)$"):
+            clipmoe.create_model(name)
+    torch.save({"w": torch.zeros(2)}, "other.pt")
+    with pytest.raises(clipmoe.ClipmoeError, match=r"^other.pt: cannot tell the architecture.*not a ViT CLIP"):
+        clipmoe.create_model("other.pt")
+    with pytest.raises(clipmoe.ClipmoeError, match="^checkpoint not found: none.bin$"):
+        clipmoe.create_model("none.bin")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(clipmoe.ClipmoeError, match="^run is a folder; give the model file in it"):
+        clipmoe.create_model("run")
+
+
 def test_mismatched_checkpoint_is_one_line_error(tmp_path):
     path = tmp_path / "b32.bin"
     torch.save(_open_clip_model("ViT-B-32").state_dict(), path)
