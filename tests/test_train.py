@@ -78,7 +78,7 @@ def test_log_is_written_as_the_run_goes(tiny_shards, tmp_path, monkeypatch):
 
 
 def _interrupt_at(calls: int):
-    """A stand-in that sends this process Ctrl-C (SIGINT) at its `calls`-th call and then calls `fn`."""
+    """A decorator: the wrapped function sends this process Ctrl-C (SIGINT) at its `calls`-th call, then runs."""
     seen = []
 
     def wrap(fn):
