@@ -8,6 +8,7 @@ from typing import Optional
 
 import open_clip
 
+from . import adapter
 from .config import ModelConfig, deep_merge, from_dict, to_dict
 from .errors import ConfigError
 
@@ -129,10 +130,12 @@ def _by_shapes() -> dict[tuple, list[dict]]:
 
 def config_from_weights(state_dict: dict, quick_gelu: bool = False,
                         num_heads: Optional[tuple[int, int]] = None) -> ModelConfig:
-    """The architecture of a dense clipmoe-keyed state dict (`adapter.from_open_clip` maps open_clip's), from
-    its shapes. Heads and activation leave no trace in the weights: heads are `num_heads` (image, text), else
+    """The architecture of a dense state dict (open_clip's or clipmoe's keys), from its shapes. Heads and activation leave no trace in the weights: heads are `num_heads` (image, text), else
     those of the open_clip architecture of these shapes, else width / 64 (as open_clip reads OpenAI's
     archives); the activation is `quick_gelu`'s."""
+    if adapter.is_open_clip_state_dict(state_dict):
+        state_dict = adapter.from_open_clip(state_dict)
+
     def shape(key: str) -> tuple:
         if key not in state_dict:
             raise ConfigError(f"cannot tell the architecture: the weights have no {key!r} (not a ViT CLIP)")

@@ -12,7 +12,6 @@ from typing import Optional, Union
 
 from open_clip.transform import image_transform
 
-from . import adapter
 from .architectures import config_from_weights, get_model_config, list_architectures
 from .checkpoint import is_clipmoe_file, load, load_weights, read_checkpoint, read_config
 from .config import ModelConfig, ModelSection, UpcycleConfig, deep_merge, from_dict, to_dict
@@ -49,8 +48,7 @@ def create_model(spec: Union[str, ModelConfig, ModelSection], pretrained: Option
     elif not isinstance(spec, (str, Path, ModelConfig)):
         raise ClipmoeError(f"create_model takes an architecture name, a ModelConfig, a run config's model section "
                            f"or a saved model's path, not {type(spec).__name__}")
-    if isinstance(spec, (str, Path)) and Path(spec).suffix == ".safetensors" and Path(spec).is_file() \
-            and is_clipmoe_file(spec):
+    if isinstance(spec, (str, Path)) and Path(spec).is_file() and is_clipmoe_file(spec):
         model = load(spec)
         if overrides or pretrained:
             raise ClipmoeError("overrides and pretrained= do not apply to a saved clipmoe model")
@@ -116,11 +114,8 @@ def _unreachable_host(cfg: dict, timeout: float = 5.0) -> Optional[str]:
 def _not_an_architecture(path: Path) -> None:
     """Says what to call for a checkpoint file given where an architecture name belongs."""
     if path.is_file():  # open_clip weights: name the architecture of their shapes
-        state = read_checkpoint(path)
-        if adapter.is_open_clip_state_dict(state):
-            state = adapter.from_open_clip(state)
         try:
-            arch = config_from_weights(state).name or "ARCH"
+            arch = config_from_weights(read_checkpoint(path)).name or "ARCH"
         except ClipmoeError as e:
             raise ClipmoeError(f"{path}: {e}") from None
         raise ClipmoeError(f"{path} holds open_clip weights, which do not name their architecture: "

@@ -10,7 +10,6 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from . import adapter
 from .architectures import config_from_weights, list_architectures
 from .checkpoint import is_clipmoe_file, is_torchscript, load, load_weights, read_checkpoint
 from .config import MoEConfig
@@ -181,8 +180,6 @@ def _heads(model: torch.nn.Module) -> Optional[tuple[int, int]]:
 def _from_weights(state: dict, source: str, quick_gelu: Optional[bool] = None,
                   num_heads: Optional[tuple[int, int]] = None) -> CLIP:
     """A dense CLIP of the architecture the weights' shapes give (`config_from_weights`), holding them."""
-    if adapter.is_open_clip_state_dict(state):
-        state = adapter.from_open_clip(state)
     if not is_dense_state_dict(state):
         raise ClipmoeError(f"{source} has MoE layers; upcycle a dense model")
     try:
