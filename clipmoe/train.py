@@ -264,7 +264,7 @@ def _evaluate(model: CLIP, ev, step: int, history: list[dict]) -> dict:
 
 def _write_log_rows(log, history: list[dict], logged: int) -> int:
     """Writes the rows of `history` after the first `logged`; returns how many are written."""
-    if log is not None:
+    if log is not None and len(history) > logged:  # called every step; most steps add no row
         for row in history[logged:]:
             log.write(json.dumps(row) + "\n")
         log.flush()
