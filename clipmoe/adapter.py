@@ -36,6 +36,8 @@ _BLOCK_RULES = [
     ("attn.out_proj.", "attn.proj."),
     ("mlp.c_fc.", "mlp.fc1."),
     ("mlp.c_proj.", "mlp.fc2."),
+    ("ls_1.", "ls1."),
+    ("ls_2.", "ls2."),
 ]
 # Keys that carry no weights: OpenAI's JIT metadata and open_clip's non-persistent buffers.
 _IGNORED = {"input_resolution", "context_length", "vocab_size", "attn_mask"}

@@ -27,11 +27,14 @@ _OWN = {
 }
 
 # open_clip config keys we translate; any other key with a non-default value means an architecture
-# our towers do not implement (ResNet, timm or HF towers, layer scale, attention pooling, SigLIP...).
-_VISION_KEYS = {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio"}
-_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+# our towers do not implement (ResNet, timm or HF towers, attention pooling, SigLIP...).
+_VISION_KEYS = {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio", "ls_init_value"}
+_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "ls_init_value"}
 _TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "custom_text"}
 _HARMLESS = {"output_tokens": False, "patch_dropout": 0.0, "proj_bias": False, "pool_type": None}
+
+
+_LS_INIT = 1e-5  # the initial layer-scale gain given to weights of no known architecture (open_clip's default)
 
 
 def _open_clip_cfg(name: str) -> dict | None:
@@ -69,6 +72,7 @@ def _translate(name: str, oc: dict) -> dict:
             "depth": vis.get("layers", 12),
             "num_heads": v_width // vis.get("head_width", 64),
             "mlp_ratio": float(vis.get("mlp_ratio", 4.0)),
+            "ls_init_value": vis.get("ls_init_value"),
             "image_size": vis.get("image_size", 224),
             "patch_size": vis.get("patch_size", 16),
         },
@@ -77,6 +81,7 @@ def _translate(name: str, oc: dict) -> dict:
             "depth": txt.get("layers", 12),
             "num_heads": txt.get("heads", 8),
             "mlp_ratio": float(txt.get("mlp_ratio", 4.0)),
+            "ls_init_value": txt.get("ls_init_value"),
             "context_length": txt.get("context_length", 77),
             "vocab_size": txt.get("vocab_size", 49408),
         },
@@ -109,10 +114,12 @@ def get_model_config(name: str, overrides: dict | None = None) -> ModelConfig:
 
 
 def _shapes(data: dict) -> tuple:
-    """What a translated architecture fixes in its weights' shapes (not its heads or activation)."""
+    """What a translated architecture fixes in its weights' shapes (not its heads or activation); layer scale
+    by its presence (its initial value is not in trained weights)."""
     v, t = data["vision"], data["text"]
     return (data["embed_dim"], v["width"], v["depth"], _hidden(v), v["image_size"], v["patch_size"],
-            t["width"], t["depth"], _hidden(t), t["context_length"], t["vocab_size"])
+            v["ls_init_value"] is not None, t["width"], t["depth"], _hidden(t), t["context_length"],
+            t["vocab_size"], t["ls_init_value"] is not None)
 
 
 def _hidden(tower: dict) -> int:
@@ -149,15 +156,19 @@ def config_from_weights(state_dict: dict, quick_gelu: bool = False,
         ratio = hidden / width  # int(width * ratio) can fall one short: int(11 * (60 / 11)) == 59
         return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
 
+    def ls_init_value(tower: str) -> Optional[float]:  # present or not; open_clip's value for a known arch
+        return _LS_INIT if f"{tower}.blocks.0.ls1.gamma" in state_dict else None
+
     v_width, _, patch, _ = shape("image.patch_embed.weight")
     grid = math.isqrt(shape("image.pos_embed")[0] - 1)
     vocab, t_width = shape("text.token_embed.weight")
     data = {
         "embed_dim": shape("image.proj")[1],
         "vision": {"width": v_width, "depth": depth("image"), "mlp_ratio": mlp_ratio("image", v_width),
-                   "image_size": grid * patch, "patch_size": patch},
+                   "ls_init_value": ls_init_value("image"), "image_size": grid * patch, "patch_size": patch},
         "text": {"width": t_width, "depth": depth("text"), "mlp_ratio": mlp_ratio("text", t_width),
-                 "context_length": shape("text.pos_embed")[0], "vocab_size": vocab},
+                 "ls_init_value": ls_init_value("text"), "context_length": shape("text.pos_embed")[0],
+                 "vocab_size": vocab},
     }
     known = _by_shapes().get(_shapes(data), [])
     same = [d for d in known if d["quick_gelu"] == quick_gelu] or known
@@ -168,6 +179,7 @@ def config_from_weights(state_dict: dict, quick_gelu: bool = False,
     if same:  # open_clip's own ratios (4.9231 for ViT-bigG-14), which give the same hidden widths
         for tower in ("vision", "text"):
             data[tower]["mlp_ratio"] = same[0][tower]["mlp_ratio"]
+            data[tower]["ls_init_value"] = same[0][tower]["ls_init_value"]
     data.update(name=same[0]["name"] if same and same[0]["quick_gelu"] == quick_gelu else "", quick_gelu=quick_gelu)
     return from_dict(ModelConfig, data, "the weights' architecture")
 

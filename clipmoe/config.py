@@ -88,6 +88,7 @@ class VisionConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    ls_init_value: Optional[float] = None  # LayerScale (CaiT) on both residual branches, its initial gain; None: none
     image_size: int = 224
     patch_size: int = 32
     moe: Optional[MoEConfig] = None
@@ -104,6 +105,7 @@ class TextConfig:
     depth: int = 12
     num_heads: int = 8
     mlp_ratio: float = 4.0
+    ls_init_value: Optional[float] = None  # as the image tower's
     context_length: int = 77
     vocab_size: int = 49408
     moe: Optional[MoEConfig] = None
@@ -134,6 +136,8 @@ def _check_tower(cfg) -> None:
     _check(cfg.width % cfg.num_heads == 0, "width", cfg.width,
            f"must be divisible by num_heads ({cfg.num_heads})")
     _check(cfg.mlp_ratio > 0, "mlp_ratio", cfg.mlp_ratio, "must be > 0")
+    _check(cfg.ls_init_value is None or math.isfinite(cfg.ls_init_value), "ls_init_value", cfg.ls_init_value,
+           "must be a finite number or null")
     if cfg.moe is not None and cfg.moe.blocks is not None:
         bad = [b for b in cfg.moe.blocks if not 0 <= b < cfg.depth]
         _check(not bad, "moe.blocks", cfg.moe.blocks, f"has indices outside 0..{cfg.depth - 1}")

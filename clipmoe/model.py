@@ -49,20 +49,33 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x))), None
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel gain on a residual branch (CaiT, Touvron et al. 2021; open_clip's `ls_init_value`)."""
+
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
     """Pre-norm transformer block. `mlp` is an Mlp or an MoE; both return (y, aux-or-None)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp: nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp: nn.Module, ls_init_value: Optional[float] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads)
+        self.ls1 = nn.Identity() if ls_init_value is None else LayerScale(dim, ls_init_value)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = mlp
+        self.ls2 = nn.Identity() if ls_init_value is None else LayerScale(dim, ls_init_value)
 
     def forward(self, x: torch.Tensor, causal: bool = False, token_mask: Optional[torch.Tensor] = None):
-        x = x + self.attn(self.norm1(x), causal)
+        x = x + self.ls1(self.attn(self.norm1(x), causal))
         y, aux = self.mlp(self.norm2(x), token_mask)
-        return x + y, aux
+        return x + self.ls2(y), aux
 
 
 def make_mlp(dim: int, mlp_ratio: float, moe: Optional[MoEConfig], act_layer, tower: str, block: int) -> nn.Module:
@@ -77,7 +90,8 @@ def build_blocks(cfg, act_layer, tower: str) -> nn.ModuleList:
     moe_at = set(cfg.moe.moe_blocks(cfg.depth)) if cfg.moe is not None else set()
     return nn.ModuleList(
         Block(cfg.width, cfg.num_heads,
-              make_mlp(cfg.width, cfg.mlp_ratio, cfg.moe if i in moe_at else None, act_layer, tower, i))
+              make_mlp(cfg.width, cfg.mlp_ratio, cfg.moe if i in moe_at else None, act_layer, tower, i),
+              cfg.ls_init_value)
         for i in range(cfg.depth))
 
 

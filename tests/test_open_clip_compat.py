@@ -1,4 +1,6 @@
 """Same weights, same embeddings: clipmoe against open_clip's own model, both ways through the adapter."""
+import dataclasses
+
 import open_clip
 import pytest
 import torch
@@ -25,7 +27,7 @@ def _inputs(arch):
 
 
 @pytest.mark.parametrize("arch,fmt", [("ViT-B-32", ".bin"), ("ViT-B-32", ".safetensors"),
-                                      ("ViT-B-16-quickgelu", ".pt")])
+                                      ("ViT-B-16-quickgelu", ".pt"), ("ViT-M-16-alt", ".safetensors")])
 def test_same_embeddings_as_open_clip(tmp_path, arch, fmt):
     ref = _open_clip_model(arch)
     path = tmp_path / f"weights{fmt}"
@@ -56,6 +58,32 @@ def test_openai_torchscript_archive(tmp_path):
     with torch.no_grad():
         assert (model.encode_image(images) - ref.encode_image(images)).abs().max() < 1e-5
         assert (model.encode_text(tokens) - ref.encode_text(tokens)).abs().max() < 1e-5
+
+
+def test_layer_scale_in_both_towers_upcycled_from_open_clip(tmp_path):
+    """Layer scale (open_clip's `ls_init_value`) on both towers: read from the weights alone, upcycled to an
+    MoE model that gives open_clip's embeddings, and written back in open_clip's format."""
+    torch.manual_seed(0)
+    oc = open_clip.model.CLIP(
+        embed_dim=32, vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32,
+                                  "ls_init_value": 0.1},
+        text_cfg={"context_length": 16, "width": 64, "heads": 2, "layers": 2, "ls_init_value": 0.1}).eval()
+    with torch.no_grad():
+        for p in oc.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    up = clipmoe.upcycle(oc, num_experts=4, top_k=2, every=1).eval()
+    assert up.config.vision.ls_init_value is not None and up.config.text.ls_init_value is not None
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 32, 32)
+    tokens = open_clip.tokenize(["a photo of a cat", "a red square"], context_length=16)
+    with torch.no_grad():
+        assert (up.encode_image(images) - oc.encode_image(images)).abs().max() < 1e-5
+        assert (up.encode_text(tokens) - oc.encode_text(tokens)).abs().max() < 1e-5
+    cfg = up.config
+    dense = clipmoe.create_model(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, moe=None),
+                                                     text=dataclasses.replace(cfg.text, moe=None)))
+    dense.load_state_dict(adapter.from_open_clip(oc.state_dict()))
+    assert set(adapter.to_open_clip(dense.state_dict())) == set(oc.state_dict()) - {"attn_mask"}
 
 
 def test_state_dict_round_trip_to_open_clip():
