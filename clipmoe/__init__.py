@@ -10,7 +10,8 @@ import sys
 import types
 from typing import TYPE_CHECKING
 
-from .errors import ClipmoeError as ClipmoeError, ConfigError as ConfigError  # light: no torch
+from .errors import ClipmoeError as ClipmoeError  # light: no torch
+from .errors import ConfigError as ConfigError
 
 __version__ = "0.1.0"
 

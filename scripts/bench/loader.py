@@ -47,9 +47,15 @@ def make_shards(root: Path, size: int, samples: int) -> str:
 
 def open_clip_pipeline(urls: str, preprocess, tokenizer, batch_size: int = 64):
     import webdataset as wds
-    from open_clip_train.data import (_SAMPLE_SHUFFLE_INITIAL, _SAMPLE_SHUFFLE_SIZE, _SHARD_SHUFFLE_INITIAL,
-                                      _SHARD_SHUFFLE_SIZE, detshuffle2, filter_no_caption_or_no_image,
-                                      log_and_continue)
+    from open_clip_train.data import (
+        _SAMPLE_SHUFFLE_INITIAL,
+        _SAMPLE_SHUFFLE_SIZE,
+        _SHARD_SHUFFLE_INITIAL,
+        _SHARD_SHUFFLE_SIZE,
+        detshuffle2,
+        filter_no_caption_or_no_image,
+        log_and_continue,
+    )
 
     return wds.DataPipeline(
         wds.SimpleShardList(urls),
