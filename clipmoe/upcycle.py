@@ -12,7 +12,7 @@ import torch
 
 from .architectures import config_from_weights, list_architectures
 from .checkpoint import is_clipmoe_file, is_torchscript, load, load_weights, read_checkpoint
-from .config import MoEConfig
+from .config import MoEConfig, UpcycleConfig
 from .errors import ClipmoeError
 from .model import CLIP
 
@@ -77,8 +77,7 @@ def upcycle(
     bad = [t for t in towers if t not in TOWERS]
     if bad or not towers:
         raise ClipmoeError(f"towers must be a non-empty subset of {TOWERS}, got {tuple(towers)}")
-    if not 0 <= reinit_fraction <= 1:
-        raise ClipmoeError(f"reinit_fraction must be in [0, 1], got {reinit_fraction}")
+    UpcycleConfig(noise_std=noise_std, reinit_fraction=reinit_fraction, seed=seed)  # checks them, as YAML's
     moe = MoEConfig(num_experts=num_experts, top_k=top_k, every=every, last=last, blocks=blocks, router=router,
                     capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                     batch_priority=batch_priority, eval_router=eval_router, min_capacity=min_capacity, jitter=jitter,

@@ -217,6 +217,10 @@ def test_upcycle_rejects_bad_towers_and_moe_source():
     assert image_only.config.vision.moe is not None and image_only.config.text.moe is None
     with pytest.raises(clipmoe.ClipmoeError, match="towers"):
         clipmoe.upcycle(dense, towers=())
+    with pytest.raises(clipmoe.ConfigError, match=r"noise_std: -0.1 must be >= 0"):
+        clipmoe.upcycle(dense, noise_std=-0.1)
+    with pytest.raises(clipmoe.ConfigError, match=r"reinit_fraction: 1.5 must be in \[0, 1\]"):
+        clipmoe.upcycle(dense, reinit_fraction=1.5)
 
 
 def test_dense_pretrained_under_moe_overrides_is_upcycled(tmp_path):
