@@ -64,11 +64,24 @@ def encode_image(images: Union[Iterable, torch.Tensor], model: ModelRef, batch_s
                  device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
     """Image embeddings (N, D), L2-normalised float32 on the CPU.
 
-    `images`: PIL images, file paths, preprocessed (3, H, W) tensors, or one (N, 3, H, W) tensor.
+    `images`: PIL images, file paths, preprocessed (3, H, W) tensors, or one (N, 3, H, W) tensor; a single
+    image, path or (3, H, W) tensor gives one row.
     """
     clip = resolve_model(model, device)
-    items = list(images.unbind(0)) if isinstance(images, torch.Tensor) and images.ndim == 4 else list(images)
+    if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, torch.Tensor) and images.ndim == 3):
+        images = [images]
+    if isinstance(images, torch.Tensor) and images.ndim != 4:
+        raise ClipmoeError(f"encode_image takes a (3, H, W) or (N, 3, H, W) tensor, "
+                           f"not one of shape {tuple(images.shape)}")
+    if not isinstance(images, Iterable):
+        raise ClipmoeError(f"encode_image takes PIL images, paths or tensors, not {type(images).__name__}")
+    items = list(images.unbind(0)) if isinstance(images, torch.Tensor) else list(images)
     _, eval_tf = create_transforms(clip.config)
+    size = clip.config.vision.image_size
+    for i, x in enumerate(items):
+        if isinstance(x, torch.Tensor) and tuple(x.shape) != (3, size, size):
+            raise ClipmoeError(f"image tensor {i} has shape {tuple(x.shape)}; the model takes preprocessed "
+                               f"(3, {size}, {size}) tensors (clipmoe.create_transforms), or give PIL images or paths")
 
     def prepare(chunk):
         return torch.stack([x if isinstance(x, torch.Tensor) else eval_tf(_open(x)) for x in chunk])
@@ -84,7 +97,8 @@ def _open(item) -> Image.Image:
             with Image.open(item) as img:
                 return img.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise ClipmoeError(f"cannot read image {item}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ClipmoeError(f"cannot read image {item}: {why}") from None
     raise ClipmoeError(f"encode_image takes PIL images, paths or tensors, not {type(item).__name__}")
 
 

@@ -55,6 +55,9 @@ def test_encode_image_paths_pil_and_tensors(saved, tmp_path):
     stacked = torch.stack([eval_tf(im) for im in images])
     torch.testing.assert_close(clipmoe.encode_image(stacked, model=model), from_pil, atol=1e-5, rtol=1e-5)
     assert clipmoe.encode_image(stacked[[4, 0]], model=model).allclose(from_pil[[4, 0]], atol=1e-5)
+    # one image, as one string in encode_text: a row, not its characters / channels
+    for single in (files[3], str(files[3]), images[3], stacked[3]):
+        torch.testing.assert_close(clipmoe.encode_image(single, model=model), from_pil[3:4], atol=1e-5, rtol=1e-5)
 
 
 def test_encode_errors(saved, tmp_path):
@@ -68,6 +71,13 @@ def test_encode_errors(saved, tmp_path):
     with pytest.raises(clipmoe.ClipmoeError, match="strings"):
         clipmoe.encode_text(["a", 3], model=path)
     assert clipmoe.encode_text([], model=path).shape == (0, 32)
+    for images, why in [(torch.rand(2, 1, 16, 16), r"image tensor 0 has shape \(1, 16, 16\); the model takes "
+                                                   r"preprocessed \(3, 16, 16\)"),
+                        ([torch.rand(3, 16, 16), torch.rand(3, 32, 32)], r"image tensor 1 has shape \(3, 32, 32\)"),
+                        (torch.rand(16, 16), r"a \(3, H, W\) or \(N, 3, H, W\) tensor, not one of shape \(16, 16\)"),
+                        (5, "not int")]:
+        with pytest.raises(clipmoe.ClipmoeError, match=why):
+            clipmoe.encode_image(images, model=path)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.bfloat16, 0.05)])
