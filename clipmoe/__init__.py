@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     ".analysis": ["analyze_routing"],
-    ".architectures": ["get_model_config", "list_architectures"],
+    ".architectures": ["get_model_config", "list_architectures", "list_pretrained"],
     ".checkpoint": ["load", "save", "save_open_clip"],
     ".config": ["ModelConfig", "MoEConfig", "RunConfig", "TextConfig", "VisionConfig", "load_run_config"],
     ".encode": ["encode_image", "encode_text"],

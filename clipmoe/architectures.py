@@ -102,6 +102,13 @@ def list_architectures() -> list[str]:
     return list(_OWN) + [n for n in open_clip.list_models() if _is_supported(n)]
 
 
+def list_pretrained() -> list[tuple[str, str]]:
+    """(architecture, tag) of open_clip's pretrained weights that `create_model(arch, pretrained=tag)` loads
+    (fetched by open_clip's loader; without a network, only those already in the local cache)."""
+    supported = set(list_architectures())
+    return [(arch, tag) for arch, tag in open_clip.list_pretrained() if arch in supported]
+
+
 def get_model_config(name: str, overrides: dict | None = None) -> ModelConfig:
     """The ModelConfig of architecture `name`, with `overrides` (nested dict) merged in and validated."""
     oc = _open_clip_cfg(name)
@@ -189,4 +196,5 @@ def model_config_from_dict(data: dict) -> ModelConfig:
     return from_dict(ModelConfig, data, "model")
 
 
-__all__ = ["config_from_weights", "get_model_config", "list_architectures", "model_config_from_dict", "to_dict"]
+__all__ = ["config_from_weights", "get_model_config", "list_architectures", "list_pretrained", "model_config_from_dict",
+           "to_dict"]

@@ -118,6 +118,15 @@ def test_moe_model_cannot_be_written_as_open_clip():
         adapter.to_open_clip(model.state_dict())
 
 
+def test_list_pretrained_is_open_clips_for_our_architectures():
+    pairs = clipmoe.list_pretrained()
+    assert ("ViT-B-32", "laion2b_s34b_b79k") in pairs and ("ViT-L-14", "openai") in pairs
+    supported = set(clipmoe.list_architectures())
+    assert all(arch in supported for arch, _ in pairs)
+    assert set(pairs) == {p for p in open_clip.list_pretrained() if p[0] in supported}
+    assert not any(arch.startswith("RN50") for arch, _ in pairs)
+
+
 def test_pretrained_tag_offline_is_one_line_error():
     with pytest.raises(clipmoe.ClipmoeError) as e:
         clipmoe.create_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
