@@ -144,9 +144,10 @@ def _by_shapes() -> dict[tuple, list[dict]]:
 
 def config_from_weights(state_dict: dict, quick_gelu: bool = False,
                         num_heads: Optional[tuple[int, int]] = None) -> ModelConfig:
-    """The architecture of a dense state dict (open_clip's or clipmoe's keys), from its shapes. Heads and activation leave no trace in the weights: heads are `num_heads` (image, text), else
-    those of the open_clip architecture of these shapes, else width / 64 (as open_clip reads OpenAI's
-    archives); the activation is `quick_gelu`'s."""
+    """The architecture of a dense state dict (open_clip's or clipmoe's keys), from its shapes. Heads and
+    activation leave no trace in the weights: heads are `num_heads` (image, text), else those of the open_clip
+    architecture of these shapes, else width / 64 (as open_clip reads OpenAI's archives); the activation is
+    `quick_gelu`'s. Layer scale is read from its gains' presence."""
     if adapter.is_open_clip_state_dict(state_dict):
         state_dict = adapter.from_open_clip(state_dict)
 

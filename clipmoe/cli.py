@@ -95,7 +95,8 @@ def _shards(args) -> None:
             rows = shards.check_shards(args.check)
             print(f"{'shard':<12} {'expected':>8} {'found':>8} {'checksum':>8}  status")
             for r in rows:
-                print(f"{r['name']:<12} {r['expected']:>8} {r['found']:>8} {'ok' if r['checksum'] else 'BAD':>8}  {r['status']}")
+                checksum = "ok" if r["checksum"] else "BAD"
+                print(f"{r['name']:<12} {r['expected']:>8} {r['found']:>8} {checksum:>8}  {r['status']}")
             bad = [r for r in rows if r["status"] != "ok"]
             if bad:
                 raise ClipmoeError(f"{len(bad)} of {len(rows)} shards failed the check")

@@ -92,7 +92,8 @@ def release(layer: MoE) -> MoE:
     return layer
 
 
-def capture_model(model: nn.Module, *inputs, autocast_dtype: Optional[torch.dtype] = None, warmup: int = 3) -> list[MoE]:
+def capture_model(model: nn.Module, *inputs, autocast_dtype: Optional[torch.dtype] = None,
+                  warmup: int = 3) -> list[MoE]:
     """Captures every MoE layer that a forward of `model` on `inputs` calls without a token mask on the sync-free
     path (the image tower's: in bf16 all of them, in fp32 those with a capacity factor or expert choice), for the
     shapes of that call; the other layers stay eager. Call it in

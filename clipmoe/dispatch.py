@@ -109,6 +109,7 @@ class Combine(torch.autograd.Function):
         g_PD = g_ND.index_select(0, slots.token_P)
         dot_P = (g_PD * h_PD).sum(1)
         g_gate_NK = torch.zeros(w_NK.shape, dtype=ctx.gate_dtype, device=w_NK.device)  # dropped: 0
-        g_gate_NK[slots.token_S, slots.choice_S] = (dot_P if slots.real_S is None else dot_P[slots.real_S]).to(ctx.gate_dtype)
+        kept_P = dot_P if slots.real_S is None else dot_P[slots.real_S]
+        g_gate_NK[slots.token_S, slots.choice_S] = kept_P.to(ctx.gate_dtype)
         g_PD.mul_(slots.per_slot(w_NK).unsqueeze(1))  # padding slots: weight 0, so gradient 0
         return g_PD, g_gate_NK, None

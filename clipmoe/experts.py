@@ -6,16 +6,15 @@ Both weight matrices are stacked as (E, F, D), as in MegaBlocks: `w1[e]` is nn.L
 On CUDA with bf16 the experts run as two `grouped_mm` calls. On CUDA in other dtypes they run as two
 padded batched products when padding at most doubles the rows (`_padded_experts`): padded to the largest
 group, or, while a CUDA graph is captured, to the routing's static capacity (then no count is read back
-to the host). Everywhere else
-`_ExpertMLP` runs one matmul per expert on its contiguous slice and writes its outputs and weight
-gradients in place (no concatenation of E pieces, no stacking of E weight gradients); on CPU two experts
-run at a time, each on half of torch's threads (`Experts.lanes`, see `_run_lanes`). The layouts are chosen for oneDNN's bf16
-kernels on CPU, whose speed on the same FLOPs varies up to 2x with operand layout: with both weights
-(E, F, D) and the hidden activations kept transposed, (F, c), the six products of 8 experts' forward and
-backward at c = 512 tokens took 29.7 ms against 44.3 for (E, D, F) / (E, F, D) weights with (c, F)
-activations, and 27.9 for the dense MLP's at 4,096 tokens (the best of all 16 combinations of weight,
-activation and batching layouts measured). fp32 keeps nn.Linear's (c, F) activations instead
-(`_hidden_f_major`).
+to the host). Everywhere else `_ExpertMLP` runs one matmul per expert on its contiguous slice and writes
+its outputs and weight gradients in place (no concatenation of E pieces, no stacking of E weight
+gradients); on CPU two experts run at a time, each on half of torch's threads (`Experts.lanes`, see
+`_run_lanes`). The layouts are chosen for oneDNN's bf16 kernels on CPU, whose speed on the same FLOPs
+varies up to 2x with operand layout: with both weights (E, F, D) and the hidden activations kept
+transposed, (F, c), the six products of 8 experts' forward and backward at c = 512 tokens took 29.7 ms
+against 44.3 for (E, D, F) / (E, F, D) weights with (c, F) activations, and 27.9 for the dense MLP's at
+4,096 tokens (the best of all 16 combinations of weight, activation and batching layouts measured). fp32
+keeps nn.Linear's (c, F) activations instead (`_hidden_f_major`).
 """
 from __future__ import annotations
 

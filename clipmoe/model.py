@@ -109,7 +109,8 @@ class VisionTower(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(cfg.width, embed_dim))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[MoEAux]]:
-        images = images.to(self.patch_embed.weight.dtype)  # a bf16 / float64 model takes float32 pixels (as OpenAI CLIP)
+        # a bf16 / float64 model takes float32 pixels (as OpenAI CLIP)
+        images = images.to(self.patch_embed.weight.dtype)
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, L-1, D)
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
         x = self.norm_pre(torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype))

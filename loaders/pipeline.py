@@ -143,7 +143,8 @@ class ImageTextLoader:
 
     def __init__(self, urls, *, batch_size: int, transform: Callable, tokenize: Callable,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1, resampled: bool = False,
-                 seed: int = 0, shuffle: bool = True, strict: bool = False, caption_key: Union[str, Sequence[str]] = "txt",
+                 seed: int = 0, shuffle: bool = True, strict: bool = False,
+                 caption_key: Union[str, Sequence[str]] = "txt",
                  shuffle_buffer: int = 1000, samples_per_epoch: Optional[int] = None, epoch: int = 0,
                  drop_last: bool = False, pin_memory: bool = False, with_meta: bool = False,
                  max_skip_rate: float = 0.05, skip_window: int = 1000, draft_size: Optional[int] = None):

@@ -92,7 +92,8 @@ def records_from_folder(folder: str | Path) -> list[tuple[str, str]]:
     return out
 
 
-def records_from_table(table: str | Path, image_col: str = "image", caption_col: str = "caption") -> list[tuple[str, str]]:
+def records_from_table(table: str | Path, image_col: str = "image",
+                       caption_col: str = "caption") -> list[tuple[str, str]]:
     """(image path, caption) rows of a .csv, .tsv, .jsonl or .parquet table; relative paths are taken
     relative to the table's folder."""
     import csv

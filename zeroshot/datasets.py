@@ -236,7 +236,8 @@ def _open(key: str, root: Path, transform, split: str) -> EvalDataset:
     if key in ("imagenet1k", "imagenetv2", "imagenet_sketch", "imagenet-a", "imagenet-r", "imagenet-o"):
         if not base.is_dir():
             raise _not_found(key, root, "class folders named by WordNet id, e.g. val/n01440764/*.JPEG")
-        wnids = imagenet_wnids() if key in ("imagenet1k", "imagenetv2", "imagenet_sketch") else _imagenet_subset_wnids(key)
+        full = key in ("imagenet1k", "imagenetv2", "imagenet_sketch")
+        wnids = imagenet_wnids() if full else _imagenet_subset_wnids(key)
         names = classnames(key)
         data = _LabelledFolder(_folder_root(base), _wnid_labels(names, wnids), transform)
         return EvalDataset(key, "classification", data, names, templates(key), source=f"folder {base}")

@@ -5,9 +5,9 @@ MLP (the compute no top-k layer can avoid), forward + backward, same process, sa
 
 Prints one row per setting with median times in ms (the implementations interleaved, inputs cycled so
 that routing changes every step) and the ratios clipmoe / dense-k and DeepSpeed / clipmoe. On a GPU, where
-the layer can be captured (`MoE.sync_free`: bf16, or a capacity factor in fp32), the same layer replayed as CUDA graphs is a
-fourth column ("graphed"). Each step backpropagates what training does: the output's sum plus the layer's
-auxiliary losses (clipmoe: 0.01 balance + 0.001 z-loss; DeepSpeed: 0.01 l_aux).
+the layer can be captured (`MoE.sync_free`: bf16, or a capacity factor in fp32), the same layer replayed as
+CUDA graphs is a fourth column ("graphed"). Each step backpropagates what training does: the output's sum
+plus the layer's auxiliary losses (clipmoe: 0.01 balance + 0.001 z-loss; DeepSpeed: 0.01 l_aux).
 """
 from __future__ import annotations
 
