@@ -252,9 +252,13 @@ class TrainConfig:
     # replay the image tower's sync-free MoE layers as CUDA graphs (cuda_graphs.capture): needs a GPU, and
     # in fp32 a capacity factor or expert choice (bf16 runs dropless layers on grouped_mm too)
     cuda_graphs: bool = False
+    # activation checkpointing per block (CLIP.set_grad_checkpointing): less memory for about one more forward
+    grad_checkpointing: bool = False
 
     def __post_init__(self):
         _check(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        _check(not (self.grad_checkpointing and self.cuda_graphs), "grad_checkpointing", self.grad_checkpointing,
+               "cannot be combined with cuda_graphs (a graph's replay cannot be recomputed in the backward)")
         _check(self.precision in ("fp32", "bf16"), "precision", self.precision, "must be fp32 or bf16")
         _check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
 

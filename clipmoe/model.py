@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, MoEConfig, TextConfig, VisionConfig
 from .moe import MoE, MoEAux
@@ -86,6 +87,21 @@ def make_mlp(dim: int, mlp_ratio: float, moe: Optional[MoEConfig], act_layer, to
     return MoE(dim, hidden, moe, act_layer, tower=tower, block=block, shared=shared)
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool, **kw):
+    """x through the blocks; the MoE reports of those that have one. With `grad_checkpointing` (while autograd
+    records), each block keeps only its input and recomputes its activations in the backward: the
+    recomputation routes exactly as the forward did (same input, torch's RNG state restored for the jitter)."""
+    aux = []
+    for blk in blocks:
+        if grad_checkpointing and torch.is_grad_enabled():
+            x, a = checkpoint(blk, x, use_reentrant=False, **kw)
+        else:
+            x, a = blk(x, **kw)
+        if a is not None:
+            aux.append(a)
+    return x, aux
+
+
 def build_blocks(cfg, act_layer, tower: str) -> nn.ModuleList:
     moe_at = set(cfg.moe.moe_blocks(cfg.depth)) if cfg.moe is not None else set()
     return nn.ModuleList(
@@ -107,6 +123,7 @@ class VisionTower(nn.Module):
         self.blocks = build_blocks(cfg, act_layer, "image")
         self.norm = nn.LayerNorm(cfg.width)
         self.proj = nn.Parameter(scale * torch.randn(cfg.width, embed_dim))
+        self.grad_checkpointing = False
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[MoEAux]]:
         # a bf16 / float64 model takes float32 pixels (as OpenAI CLIP)
@@ -114,11 +131,7 @@ class VisionTower(nn.Module):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, L-1, D)
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
         x = self.norm_pre(torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype))
-        aux = []
-        for blk in self.blocks:
-            x, a = blk(x)
-            if a is not None:
-                aux.append(a)
+        x, aux = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x[:, 0]) @ self.proj, aux
 
 
@@ -136,6 +149,7 @@ class TextTower(nn.Module):
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
         nn.init.normal_(self.proj, std=cfg.width ** -0.5)
+        self.grad_checkpointing = False
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[MoEAux]]:
         eot_B = tokens.argmax(dim=-1)
@@ -145,11 +159,7 @@ class TextTower(nn.Module):
         tokens = tokens[:, :length]
         mask_BL = torch.arange(length, device=tokens.device) <= eot_B.unsqueeze(1)  # padding is not routed
         x = self.token_embed(tokens) + self.pos_embed[:length]
-        aux = []
-        for blk in self.blocks:
-            x, a = blk(x, causal=True, token_mask=mask_BL)
-            if a is not None:
-                aux.append(a)
+        x, aux = run_blocks(self.blocks, x, self.grad_checkpointing, causal=True, token_mask=mask_BL)
         x = self.norm(x[torch.arange(x.shape[0], device=x.device), eot_B])
         return x @ self.proj, aux
 
@@ -173,6 +183,12 @@ class CLIP(nn.Module):
         self.text = TextTower(cfg.text, cfg.embed_dim, act_layer)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.apply(_init_linear)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block in both towers (open_clip's method of the same name): training
+        keeps each block's input only and recomputes the rest in the backward, trading about one more
+        forward for much less activation memory. Same outputs and gradients."""
+        self.image.grad_checkpointing = self.text.grad_checkpointing = enable
 
     @property
     def context_length(self) -> int:

@@ -146,6 +146,8 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     if model is None:
         model = create_model(cfg.model)
     model = model.to(device).train()
+    if tc.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     if not cfg.data.train:
         raise ClipmoeError("data.train: no training shards given")
     # the workers' fast path: uint8 crops, normalised below on the device (open_clip's train transform)

@@ -219,7 +219,8 @@ def test_limoe_entropy_terms_against_formula():
     assert terms["text_local_entropy"].item() == pytest.approx(sum(a.entropy.item() for a in text_aux), rel=1e-6)
     expected_global = sum(max(0.0, 2.0 - a.marginal_entropy.item()) for a in text_aux)
     assert terms["text_global_entropy"].item() == pytest.approx(expected_global, rel=1e-6)
-    cfg = from_dict(RunConfig, {"loss": {"text_entropy": {"local_coef": 0.5, "global_coef": 2.0, "global_threshold": 2.0}}}).loss
+    entropy = {"local_coef": 0.5, "global_coef": 2.0, "global_threshold": 2.0}
+    cfg = from_dict(RunConfig, {"loss": {"text_entropy": entropy}}).loss
     total = total_loss(out, cfg)
     assert total["text_local_entropy"].item() == pytest.approx(terms["text_local_entropy"].item())
     extra = 0.5 * terms["text_local_entropy"] + 2.0 * terms["text_global_entropy"]
@@ -284,3 +285,63 @@ def test_eval_config_needs_a_data_root():
 def test_cuda_graphs_need_a_gpu(tiny_shards, tmp_path, precision):
     with pytest.raises(ClipmoeError, match="needs a CUDA device"):
         train(_cfg(tiny_shards, tmp_path, cuda_graphs=True, precision=precision, device="cpu"), progress=False)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward while `fn` runs (activation memory)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def test_grad_checkpointing_same_gradients_less_activation_memory():
+    torch.manual_seed(0)
+    dense = clipmoe.create_model("clipmoe-tiny")
+    # capacity drops and router jitter: the recomputation must route as the forward did (same RNG draws)
+    plain = clipmoe.upcycle(dense, num_experts=4, top_k=2, every=1, capacity_factor=0.8, jitter=0.1,
+                            noise_std=0.3).train()
+    with torch.no_grad():
+        for m in plain.modules():
+            if isinstance(m, MoE):
+                m.router.weight.normal_()
+    ckpt = clipmoe.upcycle(dense, num_experts=4, top_k=2, every=1, capacity_factor=0.8, jitter=0.1).train()
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.set_grad_checkpointing()
+    images = torch.randn(6, 3, 64, 64)
+    tokens = clipmoe.get_tokenizer(dense)(["a red square", "two blue circles at the top", "", "a", "b c", "d"])
+    results = []
+    for model in (plain, ckpt):
+        torch.manual_seed(3)
+        out = model(images, tokens)
+        loss = clip_loss(out.image_features, out.text_features, out.logit_scale) \
+            + sum(0.01 * a.balance_loss + 0.001 * a.z_loss for a in out.aux)
+        torch.manual_seed(3)
+        saved = _saved_bytes(lambda: model(images, tokens))
+        loss.backward()
+        results.append((loss.detach(), clipmoe.moe_report(out), saved,
+                        {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, report_a, saved_a, grads_a), (loss_b, report_b, saved_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and report_a == report_b
+    assert any(r["dropped_fraction"] > 0 for r in report_a)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == len(list(plain.parameters()))
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert saved_b < 0.35 * saved_a, (saved_b, saved_a)
+    with torch.no_grad():  # no autograd, no checkpoint: the plain forward
+        assert _saved_bytes(lambda: ckpt(images, tokens)) == 0
+
+
+def test_train_with_grad_checkpointing(tiny_shards, tmp_path):
+    runs = [train(_cfg(tiny_shards, tmp_path / str(flag), steps=4, log_every=1, grad_checkpointing=flag),
+                  progress=False) for flag in (False, True)]
+    assert runs[1].model.image.grad_checkpointing and not runs[0].model.image.grad_checkpointing
+    for (name, a), b in zip(runs[0].model.state_dict().items(), runs[1].model.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(clipmoe.ConfigError, match="grad_checkpointing.*cannot be combined with cuda_graphs"):
+        _cfg(tiny_shards, tmp_path, grad_checkpointing=True, cuda_graphs=True)
