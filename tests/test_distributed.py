@@ -1,4 +1,5 @@
 """The contrastive loss across 2 real gloo ranks equals the full-batch loss, gradients included."""
+import math
 import os
 import socket
 
@@ -52,3 +53,47 @@ def test_gathered_loss_equals_full_batch(tmp_path):
         rows = slice(r * B, (r + 1) * B)
         torch.testing.assert_close(ranks[r]["img_grad"] / WORLD, img.grad[rows], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(ranks[r]["txt_grad"] / WORLD, txt.grad[rows], atol=1e-6, rtol=1e-5)
+
+
+def _train_rank(rank: int, port: int, cfg: dict, out_dir: str):
+    """One rank of `clipmoe train` as torchrun starts it (the process group from the environment)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    from clipmoe.config import RunConfig, from_dict
+    from clipmoe.train import train
+
+    try:
+        result = train(from_dict(RunConfig, cfg), progress=False)
+        torch.save({"state": result.model.state_dict(), "stats": result.data_stats, "files": sorted(result.files),
+                    "losses": [row["loss"] for row in result.history]}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ddp_training_on_two_ranks(tiny_shards, tmp_path):
+    """DDP over 2 gloo ranks with MoE layers in both towers (capacity drops in the text tower) and activation
+    checkpointing: the ranks read different shards, end with the same weights, and only rank 0 writes."""
+    run = tmp_path / "run"
+    cfg = {
+        "model": {"arch": "clipmoe-micro", "overrides": {
+            "vision": {"moe": {"num_experts": 4, "top_k": 2, "every": 1}},
+            "text": {"moe": {"num_experts": 4, "top_k": 1, "every": 2, "capacity_factor": 1.0}}}},
+        "data": {"train": tiny_shards["train"], "batch_size": 16},
+        "loss": {"balance_coef": 0.01, "z_coef": 0.001},
+        "optim": {"lr": 2e-3, "warmup_steps": 1},
+        "train": {"steps": 4, "log_every": 1, "out_dir": str(run), "device": "cpu", "grad_checkpointing": True},
+    }
+    mp.start_processes(_train_rank, args=(_free_port(), cfg, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for name, weight in ranks[0]["state"].items():
+        assert torch.equal(weight, ranks[1]["state"][name]), name  # DDP kept the replicas equal
+    import clipmoe
+    init = clipmoe.create_model(clipmoe.get_model_config("clipmoe-micro", cfg["model"]["overrides"]))
+    assert not torch.equal(init.image.patch_embed.weight, ranks[0]["state"]["image.patch_embed.weight"])
+    assert [r["stats"]["samples"] for r in ranks] == [4 * 16, 4 * 16]
+    assert ranks[0]["losses"] != ranks[1]["losses"]  # each rank's own half of the global batch
+    assert all(math.isfinite(x) for r in ranks for x in r["losses"])
+    assert "model" in ranks[0]["files"] and ranks[1]["files"] == []
+    assert (run / "model.safetensors").is_file() and (run / "metrics.jsonl").is_file()
