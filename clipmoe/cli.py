@@ -26,7 +26,8 @@ def _train(args) -> None:
     from .config import load_run_config
     from .train import train
 
-    result = train(load_run_config(args.config, args.set))
+    overrides = args.set + ([f"train.resume={args.resume}"] if args.resume else [])
+    result = train(load_run_config(args.config, overrides))
     last = result.history[-1]
     scalars = {k: v for k, v in last.items() if k != "step" and isinstance(v, (int, float))}
     print(f"step {last['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
@@ -148,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML file (see configs/)")
     t.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. --set train.steps=10 optim.lr=1e-4 (or --set once per override)")
+    t.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue a run exactly from a training checkpoint (train.save_every): 'latest' (the "
+                        "run's newest, or a fresh start), a run folder or a checkpoints/step_N folder")
     t.set_defaults(func=_train)
 
     u = sub.add_parser("upcycle", help="turn a dense checkpoint into an MoE one")

@@ -254,6 +254,13 @@ class TrainConfig:
     cuda_graphs: bool = False
     # activation checkpointing per block (CLIP.set_grad_checkpointing): less memory for about one more forward
     grad_checkpointing: bool = False
+    # training checkpoints (model, optimizer, schedule, data position, RNG: clipmoe.resume) in OUT/checkpoints
+    # every this many steps, at the end and at Ctrl-C; 0: none
+    save_every: int = 0
+    keep_checkpoints: int = 1  # the newest this many are kept
+    # continue a run exactly: "latest" (this run's newest checkpoint; a fresh start when there is none), a run
+    # folder, or a checkpoints/step_N folder
+    resume: Optional[str] = None
 
     def __post_init__(self):
         _check(self.steps >= 1, "steps", self.steps, "must be >= 1")
@@ -261,6 +268,8 @@ class TrainConfig:
                "cannot be combined with cuda_graphs (a graph's replay cannot be recomputed in the backward)")
         _check(self.precision in ("fp32", "bf16"), "precision", self.precision, "must be fp32 or bf16")
         _check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
+        _check(self.save_every >= 0, "save_every", self.save_every, "must be >= 0 (0: no checkpoints)")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "must be >= 1")
 
 
 @dataclass

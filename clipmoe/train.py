@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 import loaders
 from loaders.transforms import TrainTransform, normalize_batch
 
-from . import cuda_graphs
+from . import cuda_graphs, resume
 from .checkpoint import save
-from .config import OptimConfig, RunConfig
+from .config import OptimConfig, RunConfig, to_dict
 from .device import resolve_device
 from .errors import ClipmoeError
 from .factory import MEAN, STD, create_model, get_tokenizer
@@ -57,6 +57,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __init__(self, result: TrainResult, total: int):
         where = f"; its model: {result.files['model']}" if "model" in result.files else ""
+        if result.files.get("checkpoint"):
+            where += f"; to continue: --resume {result.files['checkpoint']}"
         super().__init__(f"interrupted after {result.steps} of {total} steps{where}")
         self.result = result
 
@@ -118,16 +120,18 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
-def _batches(loader: loaders.ImageTextLoader):
-    """Endless batches, epoch after epoch (each epoch a new seeded shuffle)."""
-    for epoch in count():
+def _batches(loader: loaders.ImageTextLoader, resuming: bool = False):
+    """Endless batches, epoch after epoch (each epoch a new seeded shuffle), from the loader's epoch on. A resumed
+    pass may have nothing left (a checkpoint at the end of an epoch): then the next epoch follows."""
+    for epoch in count(loader.epoch):
         loader.set_epoch(epoch)
         empty = True
         for batch in loader:
             empty = False
             yield batch
-        if empty:
+        if empty and not resuming:
             raise ClipmoeError(f"the training data yielded no samples in epoch {epoch}: {loader.stats()}")
+        resuming = False
 
 
 def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -> TrainResult:
@@ -146,6 +150,10 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     if model is None:
         model = create_model(cfg.model)
     model = model.to(device).train()
+    resume_from = resume.resolve(tc.resume, tc.out_dir) if tc.resume else None
+    if resume_from is not None:
+        shared, mine = resume.load_checkpoint(resume_from, rank, world)
+        resume.restore_model(model, shared, resume_from)
     if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if not cfg.data.train:
@@ -158,7 +166,9 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         seed=tc.seed, shuffle=cfg.data.shuffle, strict=cfg.data.strict, drop_last=True,
         samples_per_epoch=cfg.data.samples_per_epoch, pin_memory=device.type == "cuda",
         draft_size=model.config.vision.image_size)
-    batches, graphed = _batches(loader), []
+    if resume_from is not None:
+        loader.load_state_dict(mine["loader"])
+    batches, graphed = _batches(loader, resuming=resume_from is not None), []
     if tc.cuda_graphs:  # the first batch shows the shapes to capture for, and is then trained on
         first = next(batches)
         graphed = _capture_cuda_graphs(model, first, device, torch.bfloat16 if tc.precision == "bf16" else None)
@@ -169,13 +179,31 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
 
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    history, load_sums, zeroshot_runs = [], {}, []
-    # the log is written as the run goes: a run that stops early (a NaN, a data error, Ctrl-C) keeps it
+    start, history, load_sums, zeroshot_runs = 0, [], {}, []
+    if resume_from is not None:
+        opt.load_state_dict(shared["optimizer"])
+        sched.load_state_dict(shared["scheduler"])
+        start, history, zeroshot_runs = shared["step"], shared["history"], shared["zeroshot"]
+        load_sums = {k: v.to(device) for k, v in shared["load_sums"].items()}
+        resume.restore_rng(mine["rng"])
+
+    saved = []  # the checkpoint folders written
+
+    def checkpoint(snap: resume.Snapshot) -> None:
+        saved.append(resume.save_checkpoint(out_dir, snap, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "history": history, "load_sums": load_sums, "zeroshot": zeroshot_runs, "config": to_dict(cfg),
+        } if rank == 0 else {}, rank, world, tc.keep_checkpoints))
+
+    # the log is written as the run goes: a run that stops early (a NaN, a data error, Ctrl-C) keeps it; a
+    # resumed run's log is the checkpoint's rows, then the new ones
     log = (out_dir / "metrics.jsonl").open("w") if rank == 0 else None
-    bar = tqdm(total=tc.steps, desc="train", disable=not progress or rank != 0, dynamic_ncols=True)
-    done = logged = 0  # steps taken; log rows written
+    logged = _write_log_rows(log, history, 0)
+    bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not progress or rank != 0, dynamic_ncols=True)
+    done = start  # steps taken
+    snap = resume.snapshot(start, loader) if tc.save_every else None  # as of the last finished step
     try:
-        for step in range(tc.steps):
+        for step in range(start, tc.steps):
             batch = next(batches)
             images = normalize_batch(batch["image"].to(device, non_blocking=True), MEAN, STD)
             tokens = batch["text"].to(device, non_blocking=True)
@@ -194,6 +222,8 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                 with torch.no_grad():
                     model.logit_scale.clamp_(0, math.log(100))
                 done = step + 1
+                if tc.save_every:  # this step's data position and RNG, for a checkpoint now or at Ctrl-C
+                    snap = resume.snapshot(done, loader)
             for a in out.aux:
                 key = f"{a.tower}.{a.block}"
                 load_sums[key] = load_sums.get(key, 0) + a.tokens_per_expert.float()
@@ -213,11 +243,15 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                 zeroshot_runs.append(_evaluate(model, ev, step, history))
                 model.train()
             logged = _write_log_rows(log, history, logged)  # after the evaluation, which adds to its row
+            if tc.save_every and (done % tc.save_every == 0 or done == tc.steps):
+                checkpoint(snap)
     except KeyboardInterrupt:
         # Ctrl-C: the steps done are a shorter run, written out like a finished one (never lost work)
-        if not done:
+        if done == start:
             raise
         logged = _write_log_rows(log, history, logged)
+        if tc.save_every and world == 1 and snap.step == done:  # resumable (under DDP a rank may be gone)
+            checkpoint(snap)
         interrupted = True
     else:
         interrupted = False
@@ -234,6 +268,8 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                          cuda_graphs=replays, steps=done)
     if rank == 0:
         result.files = write_run_outputs(result)
+        if saved:
+            result.files["checkpoint"] = saved[-1]
     if interrupted:
         raise TrainingInterrupted(result, tc.steps)
     return result

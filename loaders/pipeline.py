@@ -20,6 +20,7 @@ from PIL import Image
 from webdataset import tariterators
 
 from .sources import SpecError, expected_count, parse_sources
+from .transforms import TrainTransform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _MEMBERS = set(IMAGE_EXTS) | {"txt", "json"}
@@ -217,8 +218,12 @@ class ImageTextLoader:
         if self.num_workers == 0:
             source = self._worker_batches(0, 1, resume.get(0))
         else:
+            # the workers' base seed from a generator of our own: drawing it from torch's global RNG would shift
+            # the training process's random stream (router jitter) by one draw per pass
+            seeds = torch.Generator().manual_seed(self._rng(-1, "workers").getrandbits(63))
             source = iter(torch.utils.data.DataLoader(
-                _Stream(self, resume), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory))
+                _Stream(self, resume), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                generator=seeds))
         for batch in source:
             worker, counts, position = batch.pop("__stats__")
             if batch.pop("__replayed__", False):
@@ -291,7 +296,9 @@ class ImageTextLoader:
                 raise DataError(f"{skip.reason} in {sample.get('__url__')} key {sample.get('__key__')}") from None
             counts[skip.reason] += 1
             return None
-        return {"key": sample["__key__"], "image": self.transform(image), "text": text, "meta": meta}
+        # our train transform takes this sample's rng; any other transform draws as it does
+        image = self.transform(image, rng=rng) if isinstance(self.transform, TrainTransform) else self.transform(image)
+        return {"key": sample["__key__"], "image": image, "text": text, "meta": meta}
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if not self.shuffle or self.shuffle_buffer <= 1:
@@ -325,13 +332,14 @@ class ImageTextLoader:
             delivered = counts["samples"]
         limit = self.samples_per_epoch // (self.world_size * workers) if self.resampled else None
         breaker = _CircuitBreaker(self.max_skip_rate, self.skip_window)
-        caption_rng = self._rng(worker, "captions")
         batch: list[dict] = []
         for sample in raw:
             if limit is not None and delivered + len(batch) >= limit:
                 break
             position += 1
-            decoded = self._decode(sample, counts, caption_rng)
+            # each sample's draws (caption choice, crop) from its own position: a resume skips samples
+            # without decoding them and still draws what the first run drew
+            decoded = self._decode(sample, counts, self._rng(worker, f"sample/{position}"))
             breaker.record(sample.get("__url__", "?"), decoded is None)
             if decoded is None:
                 continue

@@ -47,7 +47,9 @@ class TrainTransform:
 
     `normalize=False` (the fast path) returns uint8; `normalize_batch` turns a batch of those into what
     open_clip's Normalize gives, on any device. `normalize=True` returns the normalised float tensor here.
-    Draws come from Python's `random` (seeded per worker by the DataLoader) unless `seed` is given.
+    Draws come from the `rng` of the call (the loader passes one per sample, seeded by its position in the
+    data, so that a resumed run crops as the first run did), else this transform's own (`seed`), else
+    Python's `random` (seeded per worker by the DataLoader).
     """
 
     def __init__(self, size: int, scale: Sequence[float] = (0.9, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
@@ -57,10 +59,10 @@ class TrainTransform:
         self.mean, self.std, self.normalize = tuple(mean), tuple(std), normalize
         self.rng = random.Random(seed) if seed is not None else None  # None: the random module (per-worker seeded)
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image, rng: Optional[random.Random] = None) -> torch.Tensor:
         if img.mode != "RGB":
             img = img.convert("RGB")
-        left, top, right, bottom = crop_box(img.width, img.height, self.scale, self.ratio, self.rng or random)
+        left, top, right, bottom = crop_box(img.width, img.height, self.scale, self.ratio, rng or self.rng or random)
         hwc = torch.from_numpy(np.array(img))[top:bottom, left:right]
         x = F.interpolate(hwc.permute(2, 0, 1).unsqueeze(0), size=(self.size, self.size), mode="bicubic",
                           antialias=True, align_corners=False)[0]

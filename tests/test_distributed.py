@@ -56,7 +56,8 @@ def test_gathered_loss_equals_full_batch(tmp_path):
 
 
 def _train_rank(rank: int, port: int, cfg: dict, out_dir: str):
-    """One rank of `clipmoe train` as torchrun starts it (the process group from the environment)."""
+    """One rank of `clipmoe train` as torchrun starts it (the process group from the environment); what it ends
+    with goes to OUT_DIR/rank{rank}.pt."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
@@ -73,17 +74,19 @@ def _train_rank(rank: int, port: int, cfg: dict, out_dir: str):
 
 
 def test_ddp_training_on_two_ranks(tiny_shards, tmp_path):
-    """DDP over 2 gloo ranks with MoE layers in both towers (capacity drops in the text tower) and activation
-    checkpointing: the ranks read different shards, end with the same weights, and only rank 0 writes."""
+    """DDP over 2 gloo ranks with MoE layers in both towers (capacity drops in the text tower, router jitter) and
+    activation checkpointing: the ranks read different shards, end with the same weights, and only rank 0
+    writes; resumed from its step-2 checkpoint, the run ends with the same weights bit for bit."""
     run = tmp_path / "run"
     cfg = {
         "model": {"arch": "clipmoe-micro", "overrides": {
-            "vision": {"moe": {"num_experts": 4, "top_k": 2, "every": 1}},
+            "vision": {"moe": {"num_experts": 4, "top_k": 2, "every": 1, "jitter": 0.1}},
             "text": {"moe": {"num_experts": 4, "top_k": 1, "every": 2, "capacity_factor": 1.0}}}},
         "data": {"train": tiny_shards["train"], "batch_size": 16},
         "loss": {"balance_coef": 0.01, "z_coef": 0.001},
         "optim": {"lr": 2e-3, "warmup_steps": 1},
-        "train": {"steps": 4, "log_every": 1, "out_dir": str(run), "device": "cpu", "grad_checkpointing": True},
+        "train": {"steps": 4, "log_every": 1, "out_dir": str(run), "device": "cpu", "grad_checkpointing": True,
+                  "save_every": 2, "keep_checkpoints": 2},
     }
     mp.start_processes(_train_rank, args=(_free_port(), cfg, str(tmp_path)), nprocs=WORLD, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
@@ -97,3 +100,17 @@ def test_ddp_training_on_two_ranks(tiny_shards, tmp_path):
     assert all(math.isfinite(x) for r in ranks for x in r["losses"])
     assert "model" in ranks[0]["files"] and ranks[1]["files"] == []
     assert (run / "model.safetensors").is_file() and (run / "metrics.jsonl").is_file()
+    step2 = run / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in step2.iterdir()) == ["rank0.pt", "rank1.pt", "state.pt"]
+
+    resumed = {**cfg, "train": {**cfg["train"], "out_dir": str(tmp_path / "resumed"), "resume": str(step2)}}
+    (tmp_path / "again").mkdir()
+    mp.start_processes(_train_rank, args=(_free_port(), resumed, str(tmp_path / "again")), nprocs=WORLD,
+                       start_method="spawn")
+    again = [torch.load(tmp_path / "again" / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for r in range(WORLD):
+        for name, weight in ranks[r]["state"].items():
+            assert torch.equal(weight, again[r]["state"][name]), (r, name)
+        # the log before the resume is rank 0's (the checkpoint's), after it each rank's own
+        assert again[r]["losses"] == ranks[0]["losses"][:2] + ranks[r]["losses"][2:]
+        assert again[r]["stats"] == ranks[r]["stats"]

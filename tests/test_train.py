@@ -109,6 +109,27 @@ def test_ctrl_c_writes_the_steps_done_and_exits_130(tiny_shards, tmp_path, monke
         assert (tmp_path / "run" / plot).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_ctrl_c_checkpoint_resumes_exactly(tiny_shards, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the 4th step's forward (its batch already drawn) with checkpoints on: the checkpoint is of the 3
+    steps done, and `--resume latest` continues to the weights of an uninterrupted run."""
+    import clipmoe.train as train_module
+    from clipmoe.cli import main
+
+    straight = train(_cfg(tiny_shards, tmp_path / "straight", steps=8, log_every=1), progress=False)
+    monkeypatch.setattr(train_module, "total_loss", _interrupt_at(4)(total_loss))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_cfg_dict(tiny_shards, tmp_path, steps=8, log_every=1,
+                                                              save_every=5)))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 130
+    step3 = tmp_path / "run" / "checkpoints" / "step_00000003"
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"; to continue: --resume {step3}")
+    monkeypatch.setattr(train_module, "total_loss", total_loss)
+    assert main(["train", str(tmp_path / "c.yaml"), "--resume", "latest"]) == 0
+    resumed = clipmoe.load(tmp_path / "run" / "model.safetensors")
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000008"]
+
+
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the stand-in step
 def test_ctrl_c_waits_for_the_parameter_update(tiny_shards, tmp_path, monkeypatch):
     import clipmoe.train as train_module
@@ -345,3 +366,48 @@ def test_train_with_grad_checkpointing(tiny_shards, tmp_path):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
     with pytest.raises(clipmoe.ConfigError, match="grad_checkpointing.*cannot be combined with cuda_graphs"):
         _cfg(tiny_shards, tmp_path, grad_checkpointing=True, cuda_graphs=True)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_is_exact(tiny_shards, tmp_path, num_workers):
+    """6 steps straight equal 3 steps, a checkpoint, and 3 more from it (weights bit for bit, log rows), with
+    router jitter drawing from torch's RNG and the data split over loader workers and past an epoch's end."""
+    def cfg(out, **train_kw):
+        d = _cfg_dict(tiny_shards, tmp_path, steps=6, log_every=1, out_dir=str(tmp_path / out), save_every=3,
+                      **train_kw)
+        d["model"]["overrides"]["vision"]["moe"]["jitter"] = 0.1
+        d["data"].update(batch_size=64, num_workers=num_workers)  # 4 batches an epoch: step 5 is in epoch 2
+        return from_dict(RunConfig, d)
+
+    straight = train(cfg("a", keep_checkpoints=2), progress=False)
+    first = tmp_path / "a" / "checkpoints" / "step_00000003"
+    assert sorted(p.name for p in first.iterdir()) == ["rank0.pt", "state.pt"]
+    resumed = train(cfg("b", resume=str(first)), progress=False)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.history == straight.history and resumed.steps == 6
+    assert [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(6))
+    assert resumed.data_stats == straight.data_stats
+    assert resumed.expert_load == straight.expert_load
+    # "latest" in a run folder with no checkpoint yet is a fresh start; with one, that one (here: step 6, done)
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step_00000006"]
+    again = train(cfg("b", resume="latest"), progress=False)
+    assert again.steps == 6 and torch.equal(again.model.logit_scale, straight.model.logit_scale)
+
+
+def test_resume_errors_are_one_line(tiny_shards, tmp_path):
+    base = _cfg_dict(tiny_shards, tmp_path, steps=2, save_every=1)
+    train(from_dict(RunConfig, base), progress=False)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    for spec, why in [(tmp_path / "nowhere", "not found"), (tmp_path, "holds no training checkpoint")]:
+        with pytest.raises(ClipmoeError, match=f"^train.resume: .*{why}"):
+            train(from_dict(RunConfig, {**base, "train": {**base["train"], "resume": str(spec)}}), progress=False)
+    other = {**base, "model": {"arch": "clipmoe-micro"}, "train": {**base["train"], "resume": str(ckpt)}}
+    with pytest.raises(ClipmoeError, match="^train.resume: .* does not match"):
+        train(from_dict(RunConfig, other), progress=False)
+    (ckpt / "rank0.pt").write_bytes(b"\x80\x04 torn")
+    with pytest.raises(ClipmoeError, match="^train.resume: .*rank0.pt is not readable"):
+        train(from_dict(RunConfig, {**base, "train": {**base["train"], "resume": str(ckpt)}}), progress=False)
+    with pytest.raises(clipmoe.ConfigError, match="save_every"):
+        from_dict(RunConfig, {"train": {"save_every": -1}})

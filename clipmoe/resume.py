@@ -1,0 +1,139 @@
+"""Training checkpoints that resume exactly: the model, the optimizer, the LR schedule, the step, the log so
+far, and each rank's data position and random state, as of the end of one optimizer step.
+
+Layout: `OUT/checkpoints/step_00000100/` holds `state.pt` (rank 0: everything replicated across ranks) and
+`rank0.pt`, `rank1.pt`, ... (each rank's loader position and RNG states). A folder is written under a `.tmp`
+name and renamed once every file is in it, so a crash mid-write leaves no folder that looks complete.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .adapter import check_compatible
+from .errors import ClipmoeError
+
+FORMAT = "clipmoe-train/1"
+_PREFIX = "step_"
+
+
+@dataclass
+class Snapshot:
+    """This rank's data position and random state after `step` optimizer steps."""
+
+    step: int
+    loader: dict
+    rng: dict
+
+
+def snapshot(step: int, loader) -> Snapshot:
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return Snapshot(step, loader.state_dict(), rng)
+
+
+def restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(_as_tuple(rng["python"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _as_tuple(x):  # random.setstate wants the nested tuples getstate gave
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def save_checkpoint(out_dir: str | Path, snap: Snapshot, shared: dict, rank: int, world: int, keep: int) -> Path:
+    """Writes the checkpoint of `snap.step` (every rank calls this; `shared` matters on rank 0 only: model,
+    optimizer, scheduler, history, ...); keeps the newest `keep` checkpoints. Returns the folder."""
+    root = checkpoint_root(out_dir)
+    final = root / f"{_PREFIX}{snap.step:08d}"
+    tmp = root / (final.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save({"loader": snap.loader, "rng": snap.rng}, tmp / f"rank{rank}.pt")
+    _barrier(world)
+    if rank == 0:
+        torch.save({"format": FORMAT, "step": snap.step, "world_size": world, **shared}, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in complete_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(world)
+    return final
+
+
+def complete_checkpoints(out_dir: str | Path) -> list[Path]:
+    """The complete checkpoint folders of a run, oldest first."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()
+             and (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def resolve(spec: str, out_dir: str | Path) -> Optional[Path]:
+    """The checkpoint folder `train.resume` names: "latest" (the newest in this run's output folder, None if it
+    has none: a fresh start), a run folder (its newest), a checkpoint folder or its state.pt."""
+    if spec == "latest":
+        found = complete_checkpoints(out_dir)
+        return found[-1] if found else None
+    path = Path(spec)
+    if path.is_file() and path.name == "state.pt":
+        path = path.parent
+    if not path.exists():
+        raise ClipmoeError(f"train.resume: {spec} not found")
+    if (path / "state.pt").is_file():
+        return path
+    found = complete_checkpoints(path)
+    if not found:
+        raise ClipmoeError(f"train.resume: {spec} holds no training checkpoint (give a run folder, a "
+                           f"checkpoints/{_PREFIX}N folder, or 'latest')")
+    return found[-1]
+
+
+def _read(path: Path) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ClipmoeError(f"train.resume: {path} is missing") from None
+    except Exception as e:  # torch raises many types for a torn or foreign file; all mean "unreadable"
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ClipmoeError(f"train.resume: {path} is not readable ({why})") from None
+    if not isinstance(obj, dict):
+        raise ClipmoeError(f"train.resume: {path} is not a clipmoe training checkpoint")
+    return obj
+
+
+def load_checkpoint(folder: Path, rank: int, world: int) -> tuple[dict, dict]:
+    """(shared state, this rank's state) of a checkpoint folder, checked against this run's world size."""
+    shared = _read(folder / "state.pt")
+    if shared.get("format") != FORMAT:
+        raise ClipmoeError(f"train.resume: {folder / 'state.pt'} is not a clipmoe training checkpoint "
+                           f"(format {shared.get('format')!r})")
+    if shared["world_size"] != world:
+        raise ClipmoeError(f"train.resume: {folder} was written by {shared['world_size']} ranks and this run has "
+                           f"{world}; the data positions are per rank, so resume with {shared['world_size']}")
+    return shared, _read(folder / f"rank{rank}.pt")
+
+
+def restore_model(model: torch.nn.Module, shared: dict, folder: Path) -> None:
+    check_compatible(model, shared["model"], f"train.resume: {folder}")
+    model.load_state_dict(shared["model"])
