@@ -250,7 +250,9 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         if done == start:
             raise
         logged = _write_log_rows(log, history, logged)
-        if tc.save_every and world == 1 and snap.step == done:  # resumable (under DDP a rank may be gone)
+        # resumable (not under DDP, where a rank may be gone); unless this step's checkpoint is already written
+        if tc.save_every and world == 1 and snap.step == done and not (saved and saved[-1].name.endswith(
+                f"_{done:08d}")):
             checkpoint(snap)
         interrupted = True
     else:

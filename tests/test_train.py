@@ -370,26 +370,28 @@ def test_train_with_grad_checkpointing(tiny_shards, tmp_path):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_is_exact(tiny_shards, tmp_path, num_workers):
-    """6 steps straight equal 3 steps, a checkpoint, and 3 more from it (weights bit for bit, log rows), with
-    router jitter drawing from torch's RNG and the data split over loader workers and past an epoch's end."""
+    """6 steps straight equal 2 (or 4) steps, a checkpoint, and the rest from it (weights bit for bit, log rows),
+    with router jitter drawing from torch's RNG and the data split over loader workers; step 4 ends an epoch."""
     def cfg(out, **train_kw):
-        d = _cfg_dict(tiny_shards, tmp_path, steps=6, log_every=1, out_dir=str(tmp_path / out), save_every=3,
+        d = _cfg_dict(tiny_shards, tmp_path, steps=6, log_every=1, out_dir=str(tmp_path / out), save_every=2,
                       **train_kw)
         d["model"]["overrides"]["vision"]["moe"]["jitter"] = 0.1
         d["data"].update(batch_size=64, num_workers=num_workers)  # 4 batches an epoch: step 5 is in epoch 2
         return from_dict(RunConfig, d)
 
-    straight = train(cfg("a", keep_checkpoints=2), progress=False)
-    first = tmp_path / "a" / "checkpoints" / "step_00000003"
-    assert sorted(p.name for p in first.iterdir()) == ["rank0.pt", "state.pt"]
-    resumed = train(cfg("b", resume=str(first)), progress=False)
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert resumed.history == straight.history and resumed.steps == 6
-    assert [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == \
-        list(range(6))
-    assert resumed.data_stats == straight.data_stats
-    assert resumed.expert_load == straight.expert_load
+    straight = train(cfg("a", keep_checkpoints=3), progress=False)
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == [f"step_0000000{i}" for i in (2, 4, 6)]
+    for step in (2, 4):
+        ckpt = tmp_path / "a" / "checkpoints" / f"step_0000000{step}"
+        assert sorted(p.name for p in ckpt.iterdir()) == ["rank0.pt", "state.pt"]
+        resumed = train(cfg("b", resume=str(ckpt)), progress=False)
+        for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+            assert torch.equal(a, b), (step, name)
+        assert resumed.history == straight.history and resumed.steps == 6
+        rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in rows] == list(range(6))
+        assert resumed.data_stats == straight.data_stats
+        assert resumed.expert_load == straight.expert_load
     # "latest" in a run folder with no checkpoint yet is a fresh start; with one, that one (here: step 6, done)
     assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step_00000006"]
     again = train(cfg("b", resume="latest"), progress=False)
