@@ -27,6 +27,7 @@ _RULES = [
     ("text_projection", "text.proj"),
     ("transformer.resblocks.{i}.", "text.blocks.{i}."),
     ("logit_scale", "logit_scale"),
+    ("logit_bias", "logit_bias"),
 ]
 _BLOCK_RULES = [
     ("ln_1.", "norm1."),

@@ -178,6 +178,8 @@ def config_from_weights(state_dict: dict, quick_gelu: bool = False,
                  "ls_init_value": ls_init_value("text"), "context_length": shape("text.pos_embed")[0],
                  "vocab_size": vocab},
     }
+    if "logit_bias" in state_dict:  # a SigLIP-style bias; its value comes with the weights
+        data["init_logit_bias"] = -10.0
     known = _by_shapes().get(_shapes(data), [])
     same = [d for d in known if d["quick_gelu"] == quick_gelu] or known
     if num_heads is None:

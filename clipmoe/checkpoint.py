@@ -104,8 +104,9 @@ def load_weights(model: CLIP, state_dict: dict, source: str) -> None:
     """Loads a clipmoe or open_clip state dict into `model`, with one-line errors on mismatch."""
     if adapter.is_open_clip_state_dict(state_dict):
         state_dict = adapter.from_open_clip(state_dict)
-    if "logit_scale" in state_dict:
-        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model.logit_scale.shape)
+    for key in ("logit_scale", "logit_bias"):  # OpenAI's archives hold the scale as (1,)
+        if key in state_dict and getattr(model, key) is not None:
+            state_dict[key] = state_dict[key].reshape(getattr(model, key).shape)
     adapter.check_compatible(model, state_dict, source)
     model.load_state_dict(state_dict)
 

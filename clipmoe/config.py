@@ -123,6 +123,8 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     quick_gelu: bool = False
     init_logit_scale: float = math.log(1 / 0.07)
+    # a learned logit bias (SigLIP: -10, with init_logit_scale log 10), which the sigmoid loss needs; None: none
+    init_logit_bias: Optional[float] = None
     name: str = ""
 
     def __post_init__(self):
@@ -210,6 +212,8 @@ class EntropyLossConfig:
 
 @dataclass
 class LossConfig:
+    # "softmax": CLIP's InfoNCE both ways; "sigmoid": SigLIP's pairwise loss (the model needs init_logit_bias)
+    kind: str = "softmax"
     balance_coef: float = 0.01  # Switch load-balancing loss
     z_coef: float = 1e-3  # ST-MoE router z-loss
     image_entropy: EntropyLossConfig = field(default_factory=EntropyLossConfig)
@@ -218,6 +222,7 @@ class LossConfig:
     gather_with_grad: bool = True
 
     def __post_init__(self):
+        _check(self.kind in ("softmax", "sigmoid"), "kind", self.kind, "must be 'softmax' or 'sigmoid'")
         for name in ("balance_coef", "z_coef"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
 

@@ -1,5 +1,5 @@
-"""Training losses: the CLIP contrastive loss (InfoNCE both ways), gathered across ranks with
-gradients, plus the MoE auxiliary terms weighted by the loss config (Switch balance, ST-MoE z-loss,
+"""Training losses: the CLIP contrastive loss (InfoNCE both ways) or SigLIP's sigmoid loss, gathered across
+ranks with gradients, plus the MoE auxiliary terms weighted by the loss config (Switch balance, ST-MoE z-loss,
 LIMoE's per-tower local and global entropy)."""
 from __future__ import annotations
 
@@ -12,8 +12,12 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
 from .config import LossConfig
+from .errors import ClipmoeError
 from .model import CLIPOutput
 from .moe import MoEAux
+
+SIGMOID_NEEDS_BIAS = ("loss.kind sigmoid needs a model with a logit bias: set model.overrides init_logit_bias: "
+                      "-10.0 and init_logit_scale: 2.302585 (SigLIP's start, t = 10)")
 
 
 def _world() -> tuple[int, int]:
@@ -62,6 +66,21 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     return (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
 
 
+def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                 logit_bias: torch.Tensor, gather_with_grad: bool = True) -> torch.Tensor:
+    """SigLIP's loss (Zhai et al. 2023): every image-text pair of the global batch is a binary problem,
+    -sum_j log sigmoid(z_ij (t x_i.y_j + b)) with z = 1 for the matching pair and -1 otherwise, summed over
+    the texts and averaged over the images. Each rank scores its own images against all ranks' texts
+    (gathered with gradients), so the rank-mean loss and DDP-averaged gradients equal the full batch's."""
+    rank, world = _world()
+    all_text = gather_features(text_features, gather_with_grad) if world > 1 else text_features
+    logits = logit_scale * image_features @ all_text.t() + logit_bias
+    B = image_features.shape[0]
+    labels = -torch.ones_like(logits)
+    labels[torch.arange(B, device=logits.device), torch.arange(B, device=logits.device) + rank * B] = 1
+    return -F.logsigmoid(labels * logits).sum() / B
+
+
 def entropy_terms(aux: list[MoEAux], tower: str, threshold: Optional[float] = None) -> dict[str, torch.Tensor]:
     """LIMoE's terms for one tower, summed over its MoE layers: local = mean_i H(p(.|x_i)) and global =
     max(0, threshold - H(mean_i p(.|x_i))), the threshold being log(num_experts) when None."""
@@ -77,8 +96,13 @@ def entropy_terms(aux: list[MoEAux], tower: str, threshold: Optional[float] = No
 
 def total_loss(output: CLIPOutput, cfg: LossConfig) -> dict[str, torch.Tensor]:
     """Named loss terms and their weighted sum under "loss". MoE terms are summed over layers."""
-    terms = {"contrastive": clip_loss(output.image_features.float(), output.text_features.float(),
-                                      output.logit_scale.float(), cfg.local_loss, cfg.gather_with_grad)}
+    image, text, scale = output.image_features.float(), output.text_features.float(), output.logit_scale.float()
+    if cfg.kind == "sigmoid":
+        if output.logit_bias is None:
+            raise ClipmoeError(SIGMOID_NEEDS_BIAS)
+        terms = {"contrastive": sigmoid_loss(image, text, scale, output.logit_bias.float(), cfg.gather_with_grad)}
+    else:
+        terms = {"contrastive": clip_loss(image, text, scale, cfg.local_loss, cfg.gather_with_grad)}
     loss = terms["contrastive"]
     if output.aux:
         terms["balance"] = torch.stack([a.balance_loss for a in output.aux]).sum()

@@ -172,6 +172,7 @@ class CLIPOutput:
     text_features: torch.Tensor  # (B, P)
     logit_scale: torch.Tensor  # scalar, exp(log scale)
     aux: list[MoEAux] = field(default_factory=list)  # one per MoE layer, image tower first
+    logit_bias: Optional[torch.Tensor] = None  # scalar, where the model has one (sigmoid loss)
 
 
 class CLIP(nn.Module):
@@ -182,6 +183,8 @@ class CLIP(nn.Module):
         self.image = VisionTower(cfg.vision, cfg.embed_dim, act_layer)
         self.text = TextTower(cfg.text, cfg.embed_dim, act_layer)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        bias = cfg.init_logit_bias  # SigLIP's learned bias, where configured
+        self.logit_bias = None if bias is None else nn.Parameter(torch.tensor(float(bias)))
         self.apply(_init_linear)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -206,7 +209,7 @@ class CLIP(nn.Module):
         image_features, image_aux = self.image(images)
         text_features, text_aux = self.text(tokens)
         return CLIPOutput(F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1),
-                          self.logit_scale.exp(), image_aux + text_aux)
+                          self.logit_scale.exp(), image_aux + text_aux, self.logit_bias)
 
 
 def _init_linear(m: nn.Module) -> None:

@@ -31,7 +31,7 @@ from .config import OptimConfig, RunConfig, to_dict
 from .device import resolve_device
 from .errors import ClipmoeError
 from .factory import MEAN, STD, create_model, get_tokenizer
-from .loss import total_loss
+from .loss import SIGMOID_NEEDS_BIAS, total_loss
 from .model import CLIP
 from .moe import MoE, moe_report
 from .plots import plot_expert_load, plot_losses, plot_moe_history, plot_zeroshot
@@ -150,6 +150,8 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     if model is None:
         model = create_model(cfg.model)
     model = model.to(device).train()
+    if cfg.loss.kind == "sigmoid" and model.logit_bias is None:
+        raise ClipmoeError(SIGMOID_NEEDS_BIAS)
     resume_from = resume.resolve(tc.resume, tc.out_dir) if tc.resume else None
     if resume_from is not None:
         shared, mine = resume.load_checkpoint(resume_from, rank, world)

@@ -1,14 +1,16 @@
-"""The contrastive loss across 2 real gloo ranks equals the full-batch loss, gradients included."""
+"""The contrastive losses across 2 real gloo ranks equal the full-batch losses, gradients included; `clipmoe
+train` under DDP on 2 ranks."""
 import math
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from clipmoe.loss import clip_loss
+from clipmoe.loss import clip_loss, sigmoid_loss
 
 WORLD, B, D = 2, 4, 8
 
@@ -18,15 +20,21 @@ def _full_batch():
     return torch.randn(WORLD * B, D, generator=g), torch.randn(WORLD * B, D, generator=g)
 
 
-def _rank_main(rank: int, port: int, local_loss: bool, out_dir: str):
+def _loss(kind: str, img, txt):
+    if kind == "sigmoid":
+        return sigmoid_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), torch.tensor(10.0), torch.tensor(-5.0))
+    return clip_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), torch.tensor(10.0), local_loss=True,
+                     gather_with_grad=True)
+
+
+def _rank_main(rank: int, port: int, kind: str, out_dir: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         img, txt = _full_batch()
         img = img[rank * B:(rank + 1) * B].clone().requires_grad_()
         txt = txt[rank * B:(rank + 1) * B].clone().requires_grad_()
-        loss = clip_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), torch.tensor(10.0),
-                         local_loss=local_loss, gather_with_grad=True)
+        loss = _loss(kind, img, txt)
         loss.backward()
         torch.save({"loss": loss.detach(), "img_grad": img.grad, "txt_grad": txt.grad}, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -39,13 +47,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_gathered_loss_equals_full_batch(tmp_path):
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_gathered_loss_equals_full_batch(tmp_path, kind):
     img, txt = _full_batch()
     img.requires_grad_()
     txt.requires_grad_()
-    full = clip_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), torch.tensor(10.0))
+    full = _loss(kind, img, txt)
     full.backward()
-    mp.start_processes(_rank_main, args=(_free_port(), True, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_rank_main, args=(_free_port(), kind, str(tmp_path)), nprocs=WORLD, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     # DDP averages over ranks: the rank-mean loss and rank-mean gradients are the full-batch ones
     assert torch.allclose(sum(r["loss"] for r in ranks) / WORLD, full, atol=1e-6)

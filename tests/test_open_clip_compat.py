@@ -60,19 +60,21 @@ def test_openai_torchscript_archive(tmp_path):
         assert (model.encode_text(tokens) - ref.encode_text(tokens)).abs().max() < 1e-5
 
 
-def test_layer_scale_in_both_towers_upcycled_from_open_clip(tmp_path):
-    """Layer scale (open_clip's `ls_init_value`) on both towers: read from the weights alone, upcycled to an
-    MoE model that gives open_clip's embeddings, and written back in open_clip's format."""
+def test_layer_scale_and_logit_bias_upcycled_from_open_clip(tmp_path):
+    """Layer scale (open_clip's `ls_init_value`) on both towers and a SigLIP logit bias: read from the weights
+    alone, upcycled to an MoE model that gives open_clip's embeddings, and written back in open_clip's format."""
     torch.manual_seed(0)
     oc = open_clip.model.CLIP(
         embed_dim=32, vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32,
                                   "ls_init_value": 0.1},
-        text_cfg={"context_length": 16, "width": 64, "heads": 2, "layers": 2, "ls_init_value": 0.1}).eval()
+        text_cfg={"context_length": 16, "width": 64, "heads": 2, "layers": 2, "ls_init_value": 0.1},
+        init_logit_bias=-10.0).eval()
     with torch.no_grad():
         for p in oc.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     up = clipmoe.upcycle(oc, num_experts=4, top_k=2, every=1).eval()
     assert up.config.vision.ls_init_value is not None and up.config.text.ls_init_value is not None
+    assert torch.equal(up.logit_bias, oc.logit_bias) and torch.equal(up.logit_scale, oc.logit_scale)
     torch.manual_seed(1)
     images = torch.randn(2, 3, 32, 32)
     tokens = open_clip.tokenize(["a photo of a cat", "a red square"], context_length=16)

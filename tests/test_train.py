@@ -413,3 +413,33 @@ def test_resume_errors_are_one_line(tiny_shards, tmp_path):
         train(from_dict(RunConfig, {**base, "train": {**base["train"], "resume": str(ckpt)}}), progress=False)
     with pytest.raises(clipmoe.ConfigError, match="save_every"):
         from_dict(RunConfig, {"train": {"save_every": -1}})
+
+
+def test_sigmoid_loss_against_formula_and_open_clip():
+    import open_clip
+
+    from clipmoe.loss import sigmoid_loss
+
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    by_hand = sum(-math.log(torch.sigmoid((1 if i == j else -1) * (scale * img[i] @ txt[j] + bias)).item())
+                  for i in range(5) for j in range(5)) / 5
+    assert sigmoid_loss(img, txt, scale, bias).item() == pytest.approx(by_hand, rel=1e-5)
+    assert sigmoid_loss(img, txt, scale, bias).item() == pytest.approx(
+        open_clip.loss.SigLipLoss()(img, txt, scale, bias).item(), rel=1e-6)
+
+
+def test_training_with_the_sigmoid_loss(tiny_shards, tmp_path):
+    d = _cfg_dict(tiny_shards, tmp_path, steps=30)
+    d["loss"]["kind"] = "sigmoid"
+    with pytest.raises(ClipmoeError, match="^loss.kind sigmoid needs a model with a logit bias: set .*init_logit_bias"):
+        train(from_dict(RunConfig, d), progress=False)
+    d["model"]["overrides"].update(init_logit_bias=-10.0, init_logit_scale=math.log(10))
+    result = train(from_dict(RunConfig, d), progress=False)
+    losses = [row["contrastive"] for row in result.history]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.8 * losses[0], losses
+    assert result.model.logit_bias.item() != -10.0
+    reloaded = clipmoe.load(result.files["model"])  # the bias is a weight of the saved model
+    assert torch.equal(reloaded.logit_bias, result.model.logit_bias)
