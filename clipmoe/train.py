@@ -175,8 +175,10 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         first = next(batches)
         graphed = _capture_cuda_graphs(model, first, device, torch.bfloat16 if tc.precision == "bf16" else None)
         batches = chain([first], batches)
-    has_moe = any(isinstance(m, MoE) for m in model.modules())  # idle experts get no gradient
-    net = DistributedDataParallel(model, find_unused_parameters=has_moe) if world > 1 else model
+    # idle experts get no gradient, nor does a logit bias under the softmax loss
+    unused = any(isinstance(m, MoE) for m in model.modules()) or (
+        model.logit_bias is not None and cfg.loss.kind != "sigmoid")
+    net = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
     opt, sched = build_optimizer(model, cfg.optim, tc.steps)
 
     out_dir = Path(tc.out_dir)
