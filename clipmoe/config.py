@@ -259,6 +259,11 @@ class TrainConfig:
     cuda_graphs: bool = False
     # activation checkpointing per block (CLIP.set_grad_checkpointing): less memory for about one more forward
     grad_checkpointing: bool = False
+    # LiT: freeze a tower but its last N groups (CLIP.lock_image_tower / lock_text_tower, open_clip's --lock-*)
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
     # training checkpoints (model, optimizer, schedule, data position, RNG: clipmoe.resume) in OUT/checkpoints
     # every this many steps, at the end and at Ctrl-C; 0: none
     save_every: int = 0
@@ -275,6 +280,8 @@ class TrainConfig:
         _check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
         _check(self.save_every >= 0, "save_every", self.save_every, "must be >= 0 (0: no checkpoints)")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        for name in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
 
 
 @dataclass

@@ -102,6 +102,24 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool,
     return x, aux
 
 
+def lock(groups: list[list], unlocked: int) -> None:
+    """Freezes every parameter of `groups` (lists of modules and parameters, input side first), then unfreezes
+    the last `unlocked` groups (LiT, Zhai et al. 2022; open_clip's grouping)."""
+    def params(group):
+        for item in group:
+            yield from [item] if isinstance(item, nn.Parameter) else item.parameters()
+
+    for i, group in enumerate(groups):
+        for p in params(group):
+            p.requires_grad = unlocked > 0 and i >= len(groups) - unlocked
+
+
+def tower_groups(embed: list, blocks: nn.ModuleList, norm: nn.Module, proj: nn.Parameter) -> list[list]:
+    """open_clip's lock groups: the embeddings, each block but the last, the last block with the final norm,
+    the projection."""
+    return [embed, *([b] for b in blocks[:-1]), [blocks[-1], norm], [proj]]
+
+
 def build_blocks(cfg, act_layer, tower: str) -> nn.ModuleList:
     moe_at = set(cfg.moe.moe_blocks(cfg.depth)) if cfg.moe is not None else set()
     return nn.ModuleList(
@@ -192,6 +210,18 @@ class CLIP(nn.Module):
         keeps each block's input only and recomputes the rest in the backward, trading about one more
         forward for much less activation memory. Same outputs and gradients."""
         self.image.grad_checkpointing = self.text.grad_checkpointing = enable
+
+    def lock_image_tower(self, unlocked_groups: int = 0) -> None:
+        """Freezes the image tower but its last `unlocked_groups` groups (open_clip's method and grouping:
+        embeddings, each block, the last block with the final norm, the projection); LiT's locked image tower."""
+        im = self.image
+        lock(tower_groups([im.patch_embed, im.cls_token, im.pos_embed, im.norm_pre], im.blocks, im.norm, im.proj),
+             unlocked_groups)
+
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        """Freezes the text tower but its last `unlocked_layers` groups (open_clip's method and grouping)."""
+        tx = self.text
+        lock(tower_groups([tx.token_embed, tx.pos_embed], tx.blocks, tx.norm, tx.proj), unlocked_layers)
 
     @property
     def context_length(self) -> int:

@@ -158,6 +158,10 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         resume.restore_model(model, shared, resume_from)
     if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if tc.lock_image:
+        model.lock_image_tower(tc.lock_image_unlocked_groups)
+    if tc.lock_text:
+        model.lock_text_tower(tc.lock_text_unlocked_layers)
     if not cfg.data.train:
         raise ClipmoeError("data.train: no training shards given")
     # the workers' fast path: uint8 crops, normalised below on the device (open_clip's train transform)

@@ -443,3 +443,39 @@ def test_training_with_the_sigmoid_loss(tiny_shards, tmp_path):
     assert result.model.logit_bias.item() != -10.0
     reloaded = clipmoe.load(result.files["model"])  # the bias is a weight of the saved model
     assert torch.equal(reloaded.logit_bias, result.model.logit_bias)
+
+
+def test_locked_towers_train_only_their_unlocked_groups(tiny_shards, tmp_path):
+    """LiT-style locking with open_clip's groups: a locked tower's frozen weights do not move (MoE routers and
+    experts included); its unlocked groups and the other tower do."""
+    def run(name, **train_kw):
+        cfg = _cfg(tiny_shards, tmp_path / name, steps=3, **train_kw)
+        torch.manual_seed(cfg.train.seed)  # as train seeds before it builds the model: the same initial weights
+        before = {k: v.clone() for k, v in clipmoe.create_model(cfg.model).state_dict().items()}
+        after = train(cfg, progress=False).model.state_dict()
+        return {k for k in before if not torch.equal(before[k], after[k])}
+
+    moved = run("image", lock_image=True)
+    assert moved and not any(k.startswith("image.") for k in moved) and any(k.startswith("text.") for k in moved)
+    moved = run("image1", lock_image=True, lock_image_unlocked_groups=1)
+    assert {k for k in moved if k.startswith("image.")} == {"image.proj"}
+    moved = run("text2", lock_text=True, lock_text_unlocked_layers=2)  # the projection; last block and norm
+    text = {k for k in moved if k.startswith("text.")}
+    assert "text.proj" in text and "text.norm.weight" in text and "text.blocks.1.mlp.router.weight" in text
+    assert not any(k.startswith(("text.blocks.0.", "text.token_embed", "text.pos_embed")) for k in text)
+    assert any(k.startswith("image.blocks.0.") for k in moved)
+
+
+def test_lock_groups_match_open_clip():
+    import open_clip
+
+    ours, theirs = clipmoe.create_model("ViT-B-32"), open_clip.create_model("ViT-B-32")
+    for n in range(0, 16):
+        ours.lock_image_tower(n)
+        theirs.visual.lock(n)
+        ours.lock_text_tower(n)
+        theirs.lock_text_tower(n)
+        trainable = {k for k, p in ours.named_parameters() if p.requires_grad}
+        expected = {k for k, p in theirs.named_parameters() if p.requires_grad}
+        renamed = set(clipmoe.adapter.from_open_clip(dict.fromkeys(expected, torch.zeros(1))))
+        assert trainable == renamed, n
