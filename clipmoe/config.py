@@ -87,10 +87,10 @@ class VisionConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
-    ls_init_value: Optional[float] = None  # LayerScale (CaiT) on both residual branches, its initial gain; None: none
     image_size: int = 224
     patch_size: int = 32
     moe: Optional[MoEConfig] = None
+    ls_init_value: Optional[float] = None  # LayerScale (CaiT) on both residual branches, its initial gain; None: none
 
     def __post_init__(self):
         _check_tower(self)
@@ -104,10 +104,10 @@ class TextConfig:
     depth: int = 12
     num_heads: int = 8
     mlp_ratio: float = 4.0
-    ls_init_value: Optional[float] = None  # as the image tower's
     context_length: int = 77
     vocab_size: int = 49408
     moe: Optional[MoEConfig] = None
+    ls_init_value: Optional[float] = None  # as the image tower's
 
     def __post_init__(self):
         _check_tower(self)
@@ -123,9 +123,9 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     quick_gelu: bool = False
     init_logit_scale: float = math.log(1 / 0.07)
+    name: str = ""
     # a learned logit bias (SigLIP: -10, with init_logit_scale log 10), which the sigmoid loss needs; None: none
     init_logit_bias: Optional[float] = None
-    name: str = ""
 
     def __post_init__(self):
         _check(self.embed_dim >= 1, "embed_dim", self.embed_dim, "must be >= 1")
@@ -212,14 +212,14 @@ class EntropyLossConfig:
 
 @dataclass
 class LossConfig:
-    # "softmax": CLIP's InfoNCE both ways; "sigmoid": SigLIP's pairwise loss (the model needs init_logit_bias)
-    kind: str = "softmax"
     balance_coef: float = 0.01  # Switch load-balancing loss
     z_coef: float = 1e-3  # ST-MoE router z-loss
     image_entropy: EntropyLossConfig = field(default_factory=EntropyLossConfig)
     text_entropy: EntropyLossConfig = field(default_factory=EntropyLossConfig)
     local_loss: bool = True
     gather_with_grad: bool = True
+    # "softmax": CLIP's InfoNCE both ways; "sigmoid": SigLIP's pairwise loss (the model needs init_logit_bias)
+    kind: str = "softmax"
 
     def __post_init__(self):
         _check(self.kind in ("softmax", "sigmoid"), "kind", self.kind, "must be 'softmax' or 'sigmoid'")
