@@ -41,13 +41,9 @@ def snapshot(step: int, loader) -> Snapshot:
 
 def restore_rng(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
-    random.setstate(_as_tuple(rng["python"]))
+    random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def _as_tuple(x):  # random.setstate wants the nested tuples getstate gave
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
