@@ -26,3 +26,12 @@ def test_train_step_bench_runs():
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "train step ms: eager" in out.stdout
+
+
+def test_grad_checkpointing_bench_runs():
+    out = subprocess.run(
+        [sys.executable, "scripts/bench/grad_checkpointing.py", "--arch", "clipmoe-micro", "--batch", "2",
+         "--reps", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "plain" in out.stdout and "checkpointed" in out.stdout
