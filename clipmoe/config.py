@@ -271,9 +271,15 @@ class TrainConfig:
     # continue a run exactly: "latest" (this run's newest checkpoint; a fresh start when there is none), a run
     # folder, or a checkpoints/step_N folder
     resume: Optional[str] = None
+    # expert parallelism (clipmoe.expert_parallel): each group of this many consecutive ranks splits every MoE
+    # layer's experts among its ranks and exchanges tokens by all-to-all; 1: every rank holds all experts
+    expert_parallel_size: int = 1
 
     def __post_init__(self):
         _check(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        _check(self.expert_parallel_size >= 1, "expert_parallel_size", self.expert_parallel_size, "must be >= 1")
+        _check(not (self.expert_parallel_size > 1 and self.cuda_graphs), "cuda_graphs", self.cuda_graphs,
+               "cannot be combined with expert_parallel_size > 1 (the all-to-all's sizes are read on the host)")
         _check(not (self.grad_checkpointing and self.cuda_graphs), "grad_checkpointing", self.grad_checkpointing,
                "cannot be combined with cuda_graphs (a graph's replay cannot be recomputed in the backward)")
         _check(self.precision in ("fp32", "bf16"), "precision", self.precision, "must be fp32 or bf16")

@@ -35,7 +35,7 @@ from .first_order import first_order
 class Experts(nn.Module):
     """E two-layer MLPs. The seam for execution strategies: `forward(x_SD, counts_E)` takes tokens sorted
     by expert and per-expert counts and returns their outputs in the same order. Expert parallelism
-    slots in around this call."""
+    (`expert_parallel.ParallelExperts`) keeps this call and holds a share of the experts behind it."""
 
     def __init__(self, num_experts: int, dim: int, hidden: int, act_layer: Callable[[], nn.Module],
                  lanes: Optional[int] = None):

@@ -230,7 +230,7 @@ class MoE(nn.Module):
         order_S, kept_E, counts_E = self.dispatch_order(experts_NK, cap, priority_N, tail)
         align = 1 if tail else self.experts.align(x_ND)  # padding slots are for the CPU's per-expert products
         slots = Slots.arrange(order_S, kept_E, N, self.cfg.top_k, align)
-        # dispatch -> experts -> combine: the seam where expert parallelism's all-to-all slots in
+        # dispatch -> experts -> combine; under expert parallelism the experts' call is where the all-to-alls run
         h_PD = self.experts(Dispatch.apply(x_ND, slots), slots.counts_E, tail=tail, capacity=cap if tail else None)
         y_ND = Combine.apply(h_PD, gates_NK, slots)
         # dropped: computed on the device when only the device knows how many were kept

@@ -26,6 +26,7 @@ import loaders
 from loaders.transforms import TrainTransform, normalize_batch
 
 from . import cuda_graphs, resume
+from . import expert_parallel as ep
 from .checkpoint import save
 from .config import OptimConfig, RunConfig, to_dict
 from .device import resolve_device
@@ -162,6 +163,11 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         model.lock_image_tower(tc.lock_image_unlocked_groups)
     if tc.lock_text:
         model.lock_text_tower(tc.lock_text_unlocked_layers)
+    groups = None
+    if tc.expert_parallel_size > 1:  # every rank starts from rank 0's model and keeps its share of the experts
+        groups = ep.new_groups(tc.expert_parallel_size)
+        ep.broadcast_model(model)
+        ep.shard_experts(model, groups)
     if not cfg.data.train:
         raise ClipmoeError("data.train: no training shards given")
     # the workers' fast path: uint8 crops, normalised below on the device (open_clip's train transform)
@@ -182,6 +188,8 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     # idle experts get no gradient, nor does a logit bias under the softmax loss
     unused = any(isinstance(m, MoE) for m in model.modules()) or (
         model.logit_bias is not None and cfg.loss.kind != "sigmoid")
+    if groups is not None:  # the experts' gradients are reduced by ep.reduce_expert_grads
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ep.expert_parameter_names(model))
     net = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
     opt, sched = build_optimizer(model, cfg.optim, tc.steps)
 
@@ -189,7 +197,8 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     out_dir.mkdir(parents=True, exist_ok=True)
     start, history, load_sums, zeroshot_runs = 0, [], {}, []
     if resume_from is not None:
-        opt.load_state_dict(shared["optimizer"])
+        opt.load_state_dict(shared["optimizer"] if groups is None else
+                            ep.shard_optimizer_state(shared["optimizer"], opt, model))
         sched.load_state_dict(shared["scheduler"])
         start, history, zeroshot_runs = shared["step"], shared["history"], shared["zeroshot"]
         load_sums = {k: v.to(device) for k, v in shared["load_sums"].items()}
@@ -198,8 +207,12 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     saved = []  # the checkpoint folders written
 
     def checkpoint(snap: resume.Snapshot) -> None:
+        if groups is not None:  # whole experts (every rank takes part in gathering them)
+            weights, opt_state = ep.full_state_dict(model), ep.full_optimizer_state(opt, model)
+        elif rank == 0:
+            weights, opt_state = model.state_dict(), opt.state_dict()
         saved.append(resume.save_checkpoint(out_dir, snap, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "model": weights, "optimizer": opt_state, "scheduler": sched.state_dict(),
             "history": history, "load_sums": load_sums, "zeroshot": zeroshot_runs, "config": to_dict(cfg),
         } if rank == 0 else {}, rank, world, tc.keep_checkpoints))
 
@@ -222,8 +235,13 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
             terms = total_loss(out, cfg.loss)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
+            if groups is not None:
+                ep.reduce_expert_grads(model)
             if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                if groups is not None:
+                    ep.clip_grad_norm_(model, cfg.optim.grad_clip)
+                else:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             with _held_interrupt():
                 opt.step()
                 sched.step()
@@ -247,9 +265,11 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
             bar.update(1)
             ev = cfg.eval
-            if ev.zeroshot and rank == 0 and ((ev.every and (step + 1) % ev.every == 0) or step == tc.steps - 1):
-                zeroshot_runs.append(_evaluate(model, ev, step, history))
-                model.train()
+            if ev.zeroshot and ((ev.every and (step + 1) % ev.every == 0) or step == tc.steps - 1):
+                whole = ep.gathered(model)  # under expert parallelism a copy with all experts (all ranks)
+                if rank == 0:
+                    zeroshot_runs.append(_evaluate(whole, ev, step, history))
+                    model.train()
             logged = _write_log_rows(log, history, logged)  # after the evaluation, which adds to its row
             if tc.save_every and (done % tc.save_every == 0 or done == tc.steps):
                 checkpoint(snap)
@@ -273,11 +293,15 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     for layer in graphed:  # the graphs hold memory, and a model with them cannot be copied
         cuda_graphs.release(layer)
 
+    # the trained model with all its experts; not after Ctrl-C under expert parallelism, where a rank may be gone
+    # (its periodic checkpoints hold the whole model)
+    if groups is not None and not interrupted:
+        model = ep.gathered(model)
     expert_load = {k: (v / v.sum()).tolist() for k, v in load_sums.items()}
     result = TrainResult(model.eval(), history, expert_load, loader.stats(), out_dir, zeroshot=zeroshot_runs,
                          cuda_graphs=replays, steps=done)
     if rank == 0:
-        result.files = write_run_outputs(result)
+        result.files = write_run_outputs(result, save_model=not ep.is_sharded(model))
         if saved:
             result.files["checkpoint"] = saved[-1]
     if interrupted:
@@ -319,14 +343,14 @@ def _write_log_rows(log, history: list[dict], logged: int) -> int:
     return len(history)
 
 
-def write_run_outputs(result: TrainResult) -> dict:
+def write_run_outputs(result: TrainResult, save_model: bool = True) -> dict:
     """Model and plots of a finished run, in its output folder, beside the metrics log `train` wrote as it went."""
     out = result.out_dir
-    files = {
-        "model": save(result.model, out / "model.safetensors"),
+    files = {"model": save(result.model, out / "model.safetensors")} if save_model else {}
+    files.update({
         "metrics": out / "metrics.jsonl",
         "loss_plot": plot_losses(result.history, out / "loss.png"),
-    }
+    })
     if result.zeroshot:
         files["zeroshot"] = out / "zeroshot.json"
         files["zeroshot"].write_text(json.dumps(result.zeroshot, indent=2))
