@@ -3,6 +3,7 @@ print one line each."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -27,7 +28,10 @@ def _train(args) -> None:
     from .train import train
 
     overrides = args.set + ([f"train.resume={args.resume}"] if args.resume else [])
-    result = train(load_run_config(args.config, overrides))
+    cfg = load_run_config(args.config, overrides)
+    if args.deepspeed_config:  # as DeepSpeed's own scripts take it: a JSON file
+        cfg.train = dataclasses.replace(cfg.train, deepspeed=_read_json(args.deepspeed_config, "--deepspeed-config"))
+    result = train(cfg)
     last = result.history[-1]
     scalars = {k: v for k, v in last.items() if k != "step" and isinstance(v, (int, float))}
     print(f"step {last['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
@@ -37,6 +41,18 @@ def _train(args) -> None:
     print(f"data: {result.data_stats}")
     for name, path in result.files.items():
         print(f"  {name:<17} {path}")
+
+
+def _read_json(path: str, flag: str) -> dict:
+    try:
+        obj = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ClipmoeError(f"{flag} {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise ClipmoeError(f"{flag} {path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ClipmoeError(f"{flag} {path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _upcycle(args) -> None:
@@ -152,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="CHECKPOINT",
                    help="continue a run exactly from a training checkpoint (train.save_every): 'latest' (the "
                         "run's newest, or a fresh start), a run folder or a checkpoints/step_N folder")
+    t.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", metavar="JSON",
+                   help="train under DeepSpeed's engine with this DeepSpeed config (as train.deepspeed; ZeRO 0-2)")
+    # the deepspeed launcher passes --local_rank; the rank is read from the environment (LOCAL_RANK) as torchrun sets it
+    t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     t.set_defaults(func=_train)
 
     u = sub.add_parser("upcycle", help="turn a dense checkpoint into an MoE one")

@@ -274,12 +274,20 @@ class TrainConfig:
     # expert parallelism (clipmoe.expert_parallel): each group of this many consecutive ranks splits every MoE
     # layer's experts among its ranks and exchanges tokens by all-to-all; 1: every rank holds all experts
     expert_parallel_size: int = 1
+    # train under DeepSpeed's engine with this DeepSpeed config (clipmoe.deepspeed_engine), e.g.
+    # {zero_optimization: {stage: 2}}; batch size, optimizer, clipping and precision come from clipmoe's config
+    deepspeed: Optional[dict] = None
 
     def __post_init__(self):
         _check(self.steps >= 1, "steps", self.steps, "must be >= 1")
         _check(self.expert_parallel_size >= 1, "expert_parallel_size", self.expert_parallel_size, "must be >= 1")
         _check(not (self.expert_parallel_size > 1 and self.cuda_graphs), "cuda_graphs", self.cuda_graphs,
                "cannot be combined with expert_parallel_size > 1 (the all-to-all's sizes are read on the host)")
+        _check(self.deepspeed is None or self.expert_parallel_size == 1, "expert_parallel_size",
+               self.expert_parallel_size, "is not supported under train.deepspeed (DeepSpeed's engine would reduce "
+               "the experts' gradients as replicated ones)")
+        _check(self.deepspeed is None or not self.cuda_graphs, "cuda_graphs", self.cuda_graphs,
+               "is not supported under train.deepspeed")
         _check(not (self.grad_checkpointing and self.cuda_graphs), "grad_checkpointing", self.grad_checkpointing,
                "cannot be combined with cuda_graphs (a graph's replay cannot be recomputed in the backward)")
         _check(self.precision in ("fp32", "bf16"), "precision", self.precision, "must be fp32 or bf16")

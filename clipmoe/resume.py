@@ -11,7 +11,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -55,14 +55,18 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def save_checkpoint(out_dir: str | Path, snap: Snapshot, shared: dict, rank: int, world: int, keep: int) -> Path:
+def save_checkpoint(out_dir: str | Path, snap: Snapshot, shared: dict, rank: int, world: int, keep: int,
+                    extra: Optional[Callable[[Path], None]] = None) -> Path:
     """Writes the checkpoint of `snap.step` (every rank calls this; `shared` matters on rank 0 only: model,
-    optimizer, scheduler, history, ...); keeps the newest `keep` checkpoints. Returns the folder."""
+    optimizer, scheduler, history, ...); keeps the newest `keep` checkpoints. Returns the folder.
+    `extra(folder)`, called on every rank, writes more into the folder before it is complete."""
     root = checkpoint_root(out_dir)
     final = root / f"{_PREFIX}{snap.step:08d}"
     tmp = root / (final.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     torch.save({"loader": snap.loader, "rng": snap.rng}, tmp / f"rank{rank}.pt")
+    if extra is not None:
+        extra(tmp)
     _barrier(world)
     if rank == 0:
         torch.save({"format": FORMAT, "step": snap.step, "world_size": world, **shared}, tmp / "state.pt")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import loaders
 from loaders.transforms import TrainTransform, normalize_batch
 
-from . import cuda_graphs, resume
+from . import cuda_graphs, deepspeed_engine, resume
 from . import expert_parallel as ep
 from .checkpoint import save
 from .config import OptimConfig, RunConfig, to_dict
@@ -143,6 +143,9 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     tc = cfg.train
     device = resolve_device(tc.device)
     rank, world = _distributed(device)
+    if tc.deepspeed is not None:
+        deepspeed_engine.engine_config(cfg, world)  # a DeepSpeed config that contradicts clipmoe's: an error now
+        deepspeed_engine.ensure_process_group(device)
     torch.manual_seed(tc.seed + rank)
     random.seed(tc.seed + rank)
     if tc.precision == "bf16" and device.type == "cpu" and cpu_bf16_matmul_is_slow():
@@ -190,15 +193,25 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         model.logit_bias is not None and cfg.loss.kind != "sigmoid")
     if groups is not None:  # the experts' gradients are reduced by ep.reduce_expert_grads
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ep.expert_parameter_names(model))
-    net = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
     opt, sched = build_optimizer(model, cfg.optim, tc.steps)
+    engine = None
+    if tc.deepspeed is not None:  # the engine reduces the gradients, clips and steps `opt` and `sched`
+        net = engine = deepspeed_engine.initialize(model, opt, sched, cfg, world)
+    else:
+        net = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
 
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start, history, load_sums, zeroshot_runs = 0, [], {}, []
     if resume_from is not None:
-        opt.load_state_dict(shared["optimizer"] if groups is None else
-                            ep.shard_optimizer_state(shared["optimizer"], opt, model))
+        if engine is not None:
+            deepspeed_engine.load(engine, resume_from)
+        elif shared["optimizer"] is None:
+            raise ClipmoeError(f"train.resume: {resume_from} was written under train.deepspeed (its optimizer state "
+                               "is DeepSpeed's); resume with the same train.deepspeed")
+        else:
+            opt.load_state_dict(shared["optimizer"] if groups is None else
+                                ep.shard_optimizer_state(shared["optimizer"], opt, model))
         sched.load_state_dict(shared["scheduler"])
         start, history, zeroshot_runs = shared["step"], shared["history"], shared["zeroshot"]
         load_sums = {k: v.to(device) for k, v in shared["load_sums"].items()}
@@ -209,12 +222,13 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     def checkpoint(snap: resume.Snapshot) -> None:
         if groups is not None:  # whole experts (every rank takes part in gathering them)
             weights, opt_state = ep.full_state_dict(model), ep.full_optimizer_state(opt, model)
-        elif rank == 0:
-            weights, opt_state = model.state_dict(), opt.state_dict()
+        elif rank == 0:  # under DeepSpeed its engine writes the (partitioned) optimizer state
+            weights, opt_state = model.state_dict(), None if engine is not None else opt.state_dict()
+        extra = None if engine is None else lambda folder: deepspeed_engine.save(engine, folder)
         saved.append(resume.save_checkpoint(out_dir, snap, {
             "model": weights, "optimizer": opt_state, "scheduler": sched.state_dict(),
             "history": history, "load_sums": load_sums, "zeroshot": zeroshot_runs, "config": to_dict(cfg),
-        } if rank == 0 else {}, rank, world, tc.keep_checkpoints))
+        } if rank == 0 else {}, rank, world, tc.keep_checkpoints, extra))
 
     # the log is written as the run goes: a run that stops early (a NaN, a data error, Ctrl-C) keeps it; a
     # resumed run's log is the checkpoint's rows, then the new ones
@@ -233,20 +247,28 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                                 cache_enabled=not graphed):
                 out = net(images, tokens)
             terms = total_loss(out, cfg.loss)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            if groups is not None:
-                ep.reduce_expert_grads(model)
-            if cfg.optim.grad_clip:
+            if engine is not None:
+                engine.backward(terms["loss"])
+                deepspeed_engine.clip_grad_norm_(engine, model, cfg.optim.grad_clip)
+            else:
+                opt.zero_grad(set_to_none=True)
+                terms["loss"].backward()
                 if groups is not None:
-                    ep.clip_grad_norm_(model, cfg.optim.grad_clip)
-                else:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                    ep.reduce_expert_grads(model)
+                if cfg.optim.grad_clip:
+                    if groups is not None:
+                        ep.clip_grad_norm_(model, cfg.optim.grad_clip)
+                    else:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             with _held_interrupt():
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))
+                if engine is not None:
+                    engine.step()  # clips, steps the optimizer and the schedule, zeroes the gradients
+                    deepspeed_engine.clamp_logit_scale(model)
+                else:
+                    opt.step()
+                    sched.step()
+                    with torch.no_grad():
+                        model.logit_scale.clamp_(0, math.log(100))
                 done = step + 1
                 if tc.save_every:  # this step's data position and RNG, for a checkpoint now or at Ctrl-C
                     snap = resume.snapshot(done, loader)

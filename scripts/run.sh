@@ -10,11 +10,15 @@ PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
-# Re-install only when the project's dependencies change.
-stamp="$VENV/.clipmoe-installed-$(sha1sum pyproject.toml | cut -c1-12)"
+# Re-install only when the project's dependencies (or this script) change.
+stamp="$VENV/.clipmoe-installed-$(cat pyproject.toml scripts/run.sh | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+  # DeepSpeed (its engine, and the reference MoE layer of the benchmarks) is a source package whose setup imports
+  # torch: built against the torch above, without its CUDA/C++ ops (compiled on first use where needed)
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check wheel
+  DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation deepspeed==0.19.8
   rm -f "$VENV"/.clipmoe-installed-*
   touch "$stamp"
 fi

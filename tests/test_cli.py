@@ -350,3 +350,21 @@ def test_shards_from_folder_and_table_then_check(tmp_path):
     (tmp_path / "out" / "00001.tar").write_bytes(b"x" * 100)
     r = _run("shards", "--check", str(tmp_path / "out"))
     assert r.returncode == 2 and "1 of 3 shards failed" in r.stderr and "BAD  unreadable" in r.stdout
+
+
+def test_train_takes_a_deepspeed_config_file(tmp_path):
+    """`--deepspeed-config JSON` (and the deepspeed launcher's --local_rank): a bad file, or a DeepSpeed config that
+    contradicts clipmoe's, is one line before any work."""
+    from clipmoe.cli import build_parser
+
+    args = build_parser().parse_args(["train", "c.yaml", "--deepspeed_config", "ds.json", "--local_rank=1"])
+    assert args.deepspeed_config == "ds.json"
+    (tmp_path / "run.yaml").write_text(json.dumps({"data": {"train": "x.tar"}}))
+    r = _run("train", str(tmp_path / "run.yaml"), "--deepspeed-config", str(tmp_path / "missing.json"))
+    assert r.returncode == 2 and "missing.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "bad.json").write_text("{zero: ")
+    r = _run("train", str(tmp_path / "run.yaml"), "--deepspeed-config", str(tmp_path / "bad.json"))
+    assert r.returncode == 2 and "not valid JSON" in r.stderr
+    (tmp_path / "z3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    r = _run("train", str(tmp_path / "run.yaml"), "--deepspeed-config", str(tmp_path / "z3.json"))
+    assert r.returncode == 2 and "stages 0, 1 and 2" in r.stderr, r.stderr

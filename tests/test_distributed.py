@@ -64,11 +64,11 @@ def test_gathered_loss_equals_full_batch(tmp_path, kind):
         torch.testing.assert_close(ranks[r]["txt_grad"] / WORLD, txt.grad[rows], atol=1e-6, rtol=1e-5)
 
 
-def _train_rank(rank: int, port: int, cfg: dict, out_dir: str):
+def _train_rank(rank: int, port: int, cfg: dict, out_dir: str, world: int = WORLD):
     """One rank of `clipmoe train` as torchrun starts it (the process group from the environment); what it ends
     with goes to OUT_DIR/rank{rank}.pt."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
+                      WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from clipmoe.config import RunConfig, from_dict
     from clipmoe.train import train
@@ -80,6 +80,13 @@ def _train_rank(rank: int, port: int, cfg: dict, out_dir: str):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_training(cfg: dict, out_dir, world: int = WORLD) -> list[dict]:
+    """`clipmoe train` with `cfg` on `world` gloo ranks; what each rank ended with (see `_train_rank`)."""
+    out_dir.mkdir()
+    mp.start_processes(_train_rank, args=(_free_port(), cfg, str(out_dir), world), nprocs=world, start_method="spawn")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 def test_ddp_training_on_two_ranks(tiny_shards, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import _free_port
+from test_distributed import _free_port, run_training
 from torch import nn
 
 from clipmoe.config import MoEConfig
@@ -191,19 +191,11 @@ def test_expert_parallel_needs_a_process_group():
         ep.new_groups(2)
 
 
-def _run(cfg: dict, out: str, tmp_path) -> list[dict]:
-    from test_distributed import _train_rank
-
-    (tmp_path / out).mkdir()
-    mp.start_processes(_train_rank, args=(_free_port(), cfg, str(tmp_path / out)), nprocs=2, start_method="spawn")
-    return [torch.load(tmp_path / out / f"rank{r}.pt", weights_only=True) for r in range(2)]
-
-
 def test_training_with_expert_parallelism_equals_training_without(tiny_shards, tmp_path):
     """`clipmoe train` on 2 gloo ranks with expert_parallel_size 2 (MoE in both towers, capacity drops in the text
-    tower, gradient clipping that binds): the same losses and final weights as plain DDP, the whole model written
-    once, the zero-shot evaluations during training equal; resumed from its step-2 checkpoint (whole experts, whole
-    optimizer state), the same weights bit for bit."""
+    tower, gradient clipping that binds, activation checkpointing, whose recomputation exchanges again): the same
+    losses and final weights as plain DDP, the whole model written once, the zero-shot evaluations during training
+    equal; resumed from its step-2 checkpoint (whole experts, whole optimizer state), the same weights bit for bit."""
     from PIL import Image
 
     root = tmp_path / "colours"  # a folder benchmark to evaluate on during training
@@ -221,10 +213,10 @@ def test_training_with_expert_parallelism_equals_training_without(tiny_shards, t
         "train": {"steps": 4, "log_every": 1, "out_dir": str(tmp_path / "ddp"), "device": "cpu"},
         "eval": {"zeroshot": ["folder"], "data_root": str(root), "every": 2},
     }
-    ddp = _run(cfg, "ddp_ranks", tmp_path)
+    ddp = run_training(cfg, tmp_path / "ddp_ranks")
     sharded = {**cfg, "train": {**cfg["train"], "out_dir": str(tmp_path / "ep"), "expert_parallel_size": 2,
-                                "save_every": 2, "keep_checkpoints": 2}}
-    ep_runs = _run(sharded, "ep_ranks", tmp_path)
+                                "save_every": 2, "keep_checkpoints": 2, "grad_checkpointing": True}}
+    ep_runs = run_training(sharded, tmp_path / "ep_ranks")
     for r in range(2):
         assert ep_runs[r]["losses"] == pytest.approx(ddp[r]["losses"], rel=1e-5, abs=1e-6)
         assert ep_runs[r]["state"].keys() == ddp[r]["state"].keys()
@@ -242,7 +234,7 @@ def test_training_with_expert_parallelism_equals_training_without(tiny_shards, t
 
     step2 = tmp_path / "ep" / "checkpoints" / "step_00000002"
     resumed = {**sharded, "train": {**sharded["train"], "out_dir": str(tmp_path / "ep2"), "resume": str(step2)}}
-    again = _run(resumed, "again_ranks", tmp_path)
+    again = run_training(resumed, tmp_path / "again_ranks")
     for r in range(2):
         for name, weight in ep_runs[r]["state"].items():
             assert torch.equal(again[r]["state"][name], weight), (r, name)

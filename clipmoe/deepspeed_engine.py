@@ -1,0 +1,128 @@
+"""Training under DeepSpeed's engine (`train.deepspeed`: a DeepSpeed config, e.g. `{zero_optimization: {stage: 2}}`):
+ZeRO stages 0-2 partition the optimizer state (1) and the gradients (2) over the ranks.
+
+clipmoe's config stays the one source of what it already decides: the batch size per rank, the optimizer
+(AdamW with clipmoe's parameter groups and LR schedule, handed to the engine), gradient clipping and precision
+(`train.precision: bf16` is autocast with fp32 weights, which keeps the router in fp32; DeepSpeed's bf16 mode
+would cast the router's weights too). A DeepSpeed config that says otherwise is one error naming the key.
+Launch with `deepspeed` or `torchrun`; both set the environment `clipmoe train` reads.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import RunConfig
+from .errors import ClipmoeError
+
+TAG = "deepspeed"  # the engine's folder inside a clipmoe training checkpoint
+
+
+def engine_config(cfg: RunConfig, world: int) -> dict:
+    """The DeepSpeed config for `cfg`: `cfg.train.deepspeed`, with what clipmoe's config decides filled in."""
+    ds = copy.deepcopy(cfg.train.deepspeed)
+
+    def fixed(key: str, ours, why: str) -> None:
+        if key in ds and ds[key] != ours:
+            raise ClipmoeError(f"train.deepspeed.{key}: {ds[key]!r}, but {why} makes it {ours!r}; leave it out")
+        ds[key] = ours
+
+    batch = cfg.data.batch_size
+    fixed("train_micro_batch_size_per_gpu", batch, f"data.batch_size ({batch} per rank)")
+    fixed("gradient_accumulation_steps", 1, "clipmoe's training loop (one batch per step)")
+    fixed("train_batch_size", batch * world, f"data.batch_size x {world} ranks")
+    for key in ("bf16", "fp16", "torch_autocast", "amp"):
+        section = ds.get(key)
+        if isinstance(section, dict) and section.get("enabled"):
+            raise ClipmoeError(f"train.deepspeed.{key}: set train.precision: bf16 instead (autocast with fp32 "
+                               "weights: the router and the auxiliary losses stay fp32)")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ClipmoeError(f"train.deepspeed.{key}: clipmoe builds AdamW and its schedule from the optim: "
+                               "section (lr, warmup_steps, weight_decay, betas); set them there")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ClipmoeError(f"train.deepspeed.zero_optimization.stage: {stage!r}; clipmoe supports ZeRO stages 0, 1 "
+                           "and 2 (stage 3 partitions the parameters, which the MoE layers read whole)")
+    clip = float(cfg.optim.grad_clip or 0.0)
+    fixed("gradient_clipping", clip, "optim.grad_clip")
+    if stage == 0:  # DeepSpeed 0.19 cannot clip 0-dim gradients (the logit scale's) without ZeRO: clipmoe clips
+        ds["gradient_clipping"] = 0.0
+    ds.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW under ZeRO
+    ds.setdefault("steps_per_print", 2**31 - 1)  # clipmoe logs the steps itself
+    return ds
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """DeepSpeed's engine needs a process group, also on one process: a one-rank group on a free local port."""
+    if dist.is_initialized():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise ClipmoeError("train.deepspeed: the launcher's process group was not joined")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+
+
+def initialize(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, cfg: RunConfig, world: int):
+    """The DeepSpeed engine around `model`, stepping `opt` and `sched`."""
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ClipmoeError(f"train.deepspeed needs DeepSpeed (pip install deepspeed): {e}") from None
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    # DeepSpeed 0.19's start-up broadcast views every weight as bytes, which fails on 0-dim ones (the logit
+    # scale and bias, 0-dim as in open_clip): broadcast here, and have the engine skip those (it skips weights
+    # marked `ds_optim_param`, an attribute read nowhere else unless offloading is configured)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, 0)
+    scalars = [p for p in model.parameters() if p.ndim == 0]
+    for p in scalars:
+        p.ds_optim_param = True
+    try:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                          config=engine_config(cfg, world), dist_init_required=False)
+    finally:
+        for p in scalars:
+            del p.ds_optim_param
+    return engine
+
+
+def clip_grad_norm_(engine, model: torch.nn.Module, max_norm: float) -> None:
+    """Between the engine's backward (which averaged the gradients) and its step: clips where the engine does not
+    (without ZeRO; see `engine_config`)."""
+    if max_norm and not engine.zero_optimization():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def clamp_logit_scale(model: torch.nn.Module) -> None:
+    """open_clip's clamp of the logit scale to [0, ln 100], on the weight and, under ZeRO 1-2, on the optimizer's
+    fp32 copy (the weight is overwritten from it at the next step)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    with torch.no_grad():
+        value = model.logit_scale.clamp(0, math.log(100))
+        safe_set_full_fp32_param(model.logit_scale, value)
+        model.logit_scale.copy_(value)
+
+
+def save(engine, folder: Path) -> None:
+    """The engine's state (optimizer partitions of every rank) into a checkpoint folder (every rank calls this)."""
+    engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+
+
+def load(engine, folder: Path) -> None:
+    """The engine's state from a checkpoint folder `save` wrote into."""
+    if not (folder / TAG).is_dir():
+        raise ClipmoeError(f"train.resume: {folder} holds no DeepSpeed state ({folder / TAG}); it was written "
+                           "without train.deepspeed")
+    engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)

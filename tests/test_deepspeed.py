@@ -1,0 +1,144 @@
+"""`clipmoe train` under DeepSpeed's engine (ZeRO 0-2) on real gloo ranks: the same run as plain DDP, resumed bit
+for bit from its checkpoints; the DeepSpeed config checked against clipmoe's."""
+import math
+
+import pytest
+import torch
+from test_distributed import run_training
+
+from clipmoe.config import RunConfig, from_dict
+from clipmoe.deepspeed_engine import engine_config
+from clipmoe.errors import ClipmoeError, ConfigError
+
+pytest.importorskip("deepspeed")
+
+
+def _cfg(tiny_shards, out_dir, **train) -> dict:
+    return {
+        "model": {"arch": "clipmoe-micro", "overrides": {
+            # the logit scale starts at its bound: a step that raises it must be clamped back
+            "init_logit_scale": math.log(100),
+            "vision": {"moe": {"num_experts": 4, "top_k": 2, "every": 1}},
+            "text": {"moe": {"num_experts": 4, "top_k": 1, "every": 2, "capacity_factor": 1.0}}}},
+        "data": {"train": tiny_shards["train"], "batch_size": 16},
+        "loss": {"balance_coef": 0.01, "z_coef": 0.001},
+        "optim": {"lr": 1e-3, "warmup_steps": 1, "grad_clip": 0.5},
+        "train": {"steps": 4, "log_every": 1, "out_dir": str(out_dir), "device": "cpu", **train},
+    }
+
+
+def _assert_same_run(a: list[dict], b: list[dict]) -> None:
+    for r in range(len(a)):
+        assert a[r]["losses"] == pytest.approx(b[r]["losses"], rel=1e-5, abs=1e-6)
+        for name, weight in b[r]["state"].items():
+            torch.testing.assert_close(a[r]["state"][name], weight, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_zero_stages_train_as_ddp_and_resume_exactly(tiny_shards, tmp_path):
+    """2 gloo ranks, MoE in both towers (idle experts get no gradient), clipping that binds, the logit scale at its
+    clamp: ZeRO stages 0 and 2 end with plain DDP's losses and weights; stage 2 resumed from its step-2
+    checkpoint (the engine's partitioned optimizer state inside clipmoe's checkpoint) ends bit for bit the same."""
+    ddp = run_training(_cfg(tiny_shards, tmp_path / "ddp"), tmp_path / "ddp_ranks")
+    assert ddp[0]["state"]["logit_scale"].item() == pytest.approx(math.log(100))  # the clamp held it
+    stage0 = run_training(_cfg(tiny_shards, tmp_path / "z0", deepspeed={}), tmp_path / "z0_ranks")
+    _assert_same_run(stage0, ddp)
+    z2 = _cfg(tiny_shards, tmp_path / "z2", deepspeed={"zero_optimization": {"stage": 2}}, save_every=2,
+              keep_checkpoints=2)
+    stage2 = run_training(z2, tmp_path / "z2_ranks")
+    _assert_same_run(stage2, ddp)
+    assert "model" in stage2[0]["files"] and stage2[1]["files"] == []
+    step2 = tmp_path / "z2" / "checkpoints" / "step_00000002"
+    assert (step2 / "deepspeed").is_dir()
+
+    again = run_training({**z2, "train": {**z2["train"], "out_dir": str(tmp_path / "z2b"), "resume": str(step2)}},
+                         tmp_path / "again_ranks")
+    for r in range(2):
+        for name, weight in stage2[r]["state"].items():
+            assert torch.equal(again[r]["state"][name], weight), (r, name)
+        assert again[r]["losses"] == stage2[0]["losses"][:2] + stage2[r]["losses"][2:]
+
+
+def test_one_process_under_deepspeed_and_checkpoint_mismatches(tiny_shards, tmp_path):
+    """Without a launcher the engine gets a one-rank group; ZeRO 1 ends where the plain run ends. A checkpoint
+    written without DeepSpeed does not resume under it, nor the other way round: one clear error each."""
+    plain = run_training(_cfg(tiny_shards, tmp_path / "plain", save_every=2), tmp_path / "plain_ranks", world=1)
+    z1 = _cfg(tiny_shards, tmp_path / "z1", deepspeed={"zero_optimization": {"stage": 1}}, save_every=2)
+    _assert_same_run(run_training(z1, tmp_path / "z1_ranks", world=1), plain)
+
+    from clipmoe.train import train
+    ds_from_plain = {**z1, "train": {**z1["train"], "out_dir": str(tmp_path / "x"),
+                                     "resume": str(tmp_path / "plain")}}
+    with pytest.raises(Exception, match="holds no DeepSpeed state"):
+        run_training(ds_from_plain, tmp_path / "x_ranks", world=1)
+    plain_from_ds = {**z1, "train": {**z1["train"], "out_dir": str(tmp_path / "y"), "resume": str(tmp_path / "z1"),
+                                     "deepspeed": None}}
+    with pytest.raises(ClipmoeError, match="written under train.deepspeed"):
+        train(from_dict(RunConfig, plain_from_ds), progress=False)
+
+
+def _clamp_rank(rank: int, port: int):
+    import os
+
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+    from torch import nn
+
+    from clipmoe.deepspeed_engine import clamp_logit_scale
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    model = nn.Linear(3, 3)
+    model.logit_scale = nn.Parameter(torch.tensor([7.0]))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={
+        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
+        "zero_allow_untested_optimizer": True})
+    clamp_logit_scale(model)
+    assert model.logit_scale.item() == pytest.approx(math.log(100))
+    # the optimizer's fp32 copy too, from which the next step writes the weight
+    assert safe_get_full_fp32_param(model.logit_scale).item() == pytest.approx(math.log(100))
+    torch.distributed.destroy_process_group()
+
+
+def test_logit_scale_clamp_reaches_zeros_fp32_copy():
+    import torch.multiprocessing as mp
+    from test_distributed import _free_port
+
+    mp.start_processes(_clamp_rank, args=(_free_port(),), nprocs=1, start_method="spawn")
+
+
+def _run_cfg(**train) -> RunConfig:
+    return from_dict(RunConfig, {"data": {"batch_size": 8}, "optim": {"grad_clip": 1.0}, "train": train})
+
+
+def test_engine_config_takes_clipmoes_decisions():
+    ds = engine_config(_run_cfg(deepspeed={"zero_optimization": {"stage": 2}}), world=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["train_batch_size"] == 32
+    assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 1.0
+    # without ZeRO clipmoe clips (DeepSpeed's clipping fails on 0-dim gradients)
+    assert engine_config(_run_cfg(deepspeed={"gradient_clipping": 1.0}), world=1)["gradient_clipping"] == 0.0
+    assert ds["zero_optimization"] == {"stage": 2} and ds["zero_allow_untested_optimizer"] is True
+    same = engine_config(_run_cfg(deepspeed={"train_micro_batch_size_per_gpu": 8}), world=1)
+    assert same["train_batch_size"] == 8
+
+
+@pytest.mark.parametrize("ds, match", [
+    ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu: 4, but data.batch_size"),
+    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
+    ({"gradient_clipping": 0.3}, "optim.grad_clip"),
+    ({"bf16": {"enabled": True}}, "train.precision: bf16"),
+    ({"optimizer": {"type": "Adam"}}, "optim: section"),
+    ({"zero_optimization": {"stage": 3}}, "stages 0, 1 and 2"),
+])
+def test_engine_config_refuses_what_clipmoe_decides(ds, match):
+    with pytest.raises(ClipmoeError, match=match):
+        engine_config(_run_cfg(deepspeed=ds), world=2)
+
+
+@pytest.mark.parametrize("train, match", [
+    ({"expert_parallel_size": 2}, "expert_parallel_size"),
+    ({"cuda_graphs": True}, "cuda_graphs"),
+])
+def test_deepspeed_config_refuses_unsupported_combinations(train, match):
+    with pytest.raises(ConfigError, match=match):
+        _run_cfg(deepspeed={}, **train)
