@@ -46,7 +46,10 @@ def engine_config(cfg: RunConfig, world: int) -> dict:
         if key in ds:
             raise ClipmoeError(f"train.deepspeed.{key}: clipmoe builds AdamW and its schedule from the optim: "
                                "section (lr, warmup_steps, weight_decay, betas); set them there")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    zero = ds.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise ClipmoeError(f"train.deepspeed.zero_optimization: expected a section, got {zero!r}")
+    stage = zero.get("stage", 0)
     if stage not in (0, 1, 2):
         raise ClipmoeError(f"train.deepspeed.zero_optimization.stage: {stage!r}; clipmoe supports ZeRO stages 0, 1 "
                            "and 2 (stage 3 partitions the parameters, which the MoE layers read whole)")
@@ -120,9 +123,17 @@ def save(engine, folder: Path) -> None:
     engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
 
 
-def load(engine, folder: Path) -> None:
-    """The engine's state from a checkpoint folder `save` wrote into."""
-    if not (folder / TAG).is_dir():
+def check_resumable(folder: Path, shared: dict, under_deepspeed: bool) -> None:
+    """A checkpoint resumes under DeepSpeed only if written under it (the optimizer state is the engine's), and
+    the other way round: one error before any work."""
+    if under_deepspeed and not (folder / TAG).is_dir():
         raise ClipmoeError(f"train.resume: {folder} holds no DeepSpeed state ({folder / TAG}); it was written "
                            "without train.deepspeed")
+    if not under_deepspeed and shared.get("optimizer") is None:
+        raise ClipmoeError(f"train.resume: {folder} was written under train.deepspeed (its optimizer state is "
+                           "DeepSpeed's); resume with train.deepspeed")
+
+
+def load(engine, folder: Path) -> None:
+    """The engine's state from a checkpoint folder `save` wrote into (see `check_resumable`)."""
     engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)

@@ -93,6 +93,18 @@ def cpu_bf16_matmul_is_slow() -> bool:
         return False
 
 
+def local_device(device: torch.device, local_rank: Optional[str], gpus: int) -> torch.device:
+    """The device of this process: under a launcher (LOCAL_RANK set), a bare "cuda" is GPU LOCAL_RANK of this
+    machine, as in open_clip (else every rank of a node would share GPU 0)."""
+    if device.type != "cuda" or device.index is not None or local_rank is None:
+        return device
+    index = int(local_rank)
+    if index >= gpus:
+        raise ClipmoeError(f"LOCAL_RANK {index}, but this machine has {gpus} GPU(s): start at most {gpus} processes "
+                           "per node (torchrun --nproc_per_node)")
+    return torch.device("cuda", index)
+
+
 def _distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size); joins the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -142,10 +154,12 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     holding it."""
     tc = cfg.train
     device = resolve_device(tc.device)
+    if device.type == "cuda":  # NCCL and kernels without an explicit device take the current one
+        device = local_device(device, os.environ.get("LOCAL_RANK"), torch.cuda.device_count())
+        torch.cuda.set_device(device)
     rank, world = _distributed(device)
     if tc.deepspeed is not None:
         deepspeed_engine.engine_config(cfg, world)  # a DeepSpeed config that contradicts clipmoe's: an error now
-        deepspeed_engine.ensure_process_group(device)
     torch.manual_seed(tc.seed + rank)
     random.seed(tc.seed + rank)
     if tc.precision == "bf16" and device.type == "cpu" and cpu_bf16_matmul_is_slow():
@@ -159,6 +173,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     resume_from = resume.resolve(tc.resume, tc.out_dir) if tc.resume else None
     if resume_from is not None:
         shared, mine = resume.load_checkpoint(resume_from, rank, world)
+        deepspeed_engine.check_resumable(resume_from, shared, tc.deepspeed is not None)
         resume.restore_model(model, shared, resume_from)
     if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -196,6 +211,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     opt, sched = build_optimizer(model, cfg.optim, tc.steps)
     engine = None
     if tc.deepspeed is not None:  # the engine reduces the gradients, clips and steps `opt` and `sched`
+        deepspeed_engine.ensure_process_group(device)
         net = engine = deepspeed_engine.initialize(model, opt, sched, cfg, world)
     else:
         net = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
@@ -206,9 +222,6 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     if resume_from is not None:
         if engine is not None:
             deepspeed_engine.load(engine, resume_from)
-        elif shared["optimizer"] is None:
-            raise ClipmoeError(f"train.resume: {resume_from} was written under train.deepspeed (its optimizer state "
-                               "is DeepSpeed's); resume with the same train.deepspeed")
         else:
             opt.load_state_dict(shared["optimizer"] if groups is None else
                                 ep.shard_optimizer_state(shared["optimizer"], opt, model))

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -66,3 +68,16 @@ def emulated_grouped_mm(monkeypatch):
     monkeypatch.setattr(experts, "_grouped_mm",
                         lambda x, dtype: asked.append(dtype) or (lambda a, b, offs: _PoisonedGroupedMM.apply(a, b, offs)))
     return asked
+
+
+@pytest.fixture(scope="session")
+def ddp_baseline(tiny_shards, tmp_path_factory):
+    """`test_distributed.baseline_config` trained under plain DDP on 2 gloo ranks, once per session: (config,
+    what each rank ended with, output folder)."""
+    from test_distributed import baseline_config, run_training
+
+    tmp = tmp_path_factory.mktemp("ddp_baseline")
+    cfg = baseline_config(tiny_shards, tmp)
+    ranks = run_training(cfg, tmp / "ranks")
+    assert ranks[0]["state"]["logit_scale"].item() == pytest.approx(math.log(100))  # the clamp held it
+    return cfg, ranks, tmp / "run"

@@ -35,3 +35,13 @@ def test_grad_checkpointing_bench_runs():
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "plain" in out.stdout and "checkpointed" in out.stdout
+
+
+def test_expert_parallel_bench_runs():
+    out = subprocess.run(
+        [sys.executable, "scripts/bench/expert_parallel.py", "--tokens", "64", "--reps", "1", "--ks", "2",
+         "--cfs", "1.25"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.split()[:2] == ["2", "1.25"]]
+    assert len(rows) == 1, out.stdout

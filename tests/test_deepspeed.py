@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_distributed import run_training
+from test_distributed import assert_same_run, baseline_config, run_training, variant
 
 from clipmoe.config import RunConfig, from_dict
 from clipmoe.deepspeed_engine import engine_config
@@ -13,68 +13,42 @@ from clipmoe.errors import ClipmoeError, ConfigError
 pytest.importorskip("deepspeed")
 
 
-def _cfg(tiny_shards, out_dir, **train) -> dict:
-    return {
-        "model": {"arch": "clipmoe-micro", "overrides": {
-            # the logit scale starts at its bound: a step that raises it must be clamped back
-            "init_logit_scale": math.log(100),
-            "vision": {"moe": {"num_experts": 4, "top_k": 2, "every": 1}},
-            "text": {"moe": {"num_experts": 4, "top_k": 1, "every": 2, "capacity_factor": 1.0}}}},
-        "data": {"train": tiny_shards["train"], "batch_size": 16},
-        "loss": {"balance_coef": 0.01, "z_coef": 0.001},
-        "optim": {"lr": 1e-3, "warmup_steps": 1, "grad_clip": 0.5},
-        "train": {"steps": 4, "log_every": 1, "out_dir": str(out_dir), "device": "cpu", **train},
-    }
-
-
-def _assert_same_run(a: list[dict], b: list[dict]) -> None:
-    for r in range(len(a)):
-        assert a[r]["losses"] == pytest.approx(b[r]["losses"], rel=1e-5, abs=1e-6)
-        for name, weight in b[r]["state"].items():
-            torch.testing.assert_close(a[r]["state"][name], weight, atol=2e-5, rtol=1e-4, msg=name)
-
-
-@pytest.mark.slow
-def test_zero_stages_train_as_ddp_and_resume_exactly(tiny_shards, tmp_path):
-    """2 gloo ranks, MoE in both towers (idle experts get no gradient), clipping that binds, the logit scale at its
-    clamp: ZeRO stages 0 and 2 end with plain DDP's losses and weights; stage 2 resumed from its step-2
-    checkpoint (the engine's partitioned optimizer state inside clipmoe's checkpoint) ends bit for bit the same."""
-    ddp = run_training(_cfg(tiny_shards, tmp_path / "ddp"), tmp_path / "ddp_ranks")
-    assert ddp[0]["state"]["logit_scale"].item() == pytest.approx(math.log(100))  # the clamp held it
-    stage0 = run_training(_cfg(tiny_shards, tmp_path / "z0", deepspeed={}), tmp_path / "z0_ranks")
-    _assert_same_run(stage0, ddp)
-    z2 = _cfg(tiny_shards, tmp_path / "z2", deepspeed={"zero_optimization": {"stage": 2}}, save_every=2,
-              keep_checkpoints=2)
+def test_zero_2_trains_as_ddp_and_resumes_exactly(ddp_baseline, tmp_path):
+    """2 gloo ranks, the baseline run (MoE in both towers, idle experts without gradients, clipping that binds, the
+    logit scale at its clamp) under ZeRO 2: plain DDP's losses and weights; resumed from its step-2 checkpoint (the
+    engine's partitioned optimizer state inside clipmoe's checkpoint), the same weights bit for bit."""
+    cfg, ddp, _ = ddp_baseline
+    z2 = variant(cfg, tmp_path / "z2", deepspeed={"zero_optimization": {"stage": 2}}, save_every=2,
+                 keep_checkpoints=2)
     stage2 = run_training(z2, tmp_path / "z2_ranks")
-    _assert_same_run(stage2, ddp)
+    assert_same_run(stage2, ddp)
     assert "model" in stage2[0]["files"] and stage2[1]["files"] == []
     step2 = tmp_path / "z2" / "checkpoints" / "step_00000002"
     assert (step2 / "deepspeed").is_dir()
 
-    again = run_training({**z2, "train": {**z2["train"], "out_dir": str(tmp_path / "z2b"), "resume": str(step2)}},
-                         tmp_path / "again_ranks")
+    again = run_training(variant(z2, tmp_path / "z2b", resume=str(step2)), tmp_path / "again_ranks")
     for r in range(2):
         for name, weight in stage2[r]["state"].items():
             assert torch.equal(again[r]["state"][name], weight), (r, name)
         assert again[r]["losses"] == stage2[0]["losses"][:2] + stage2[r]["losses"][2:]
 
 
-def test_one_process_under_deepspeed_and_checkpoint_mismatches(tiny_shards, tmp_path):
-    """Without a launcher the engine gets a one-rank group; ZeRO 1 ends where the plain run ends. A checkpoint
-    written without DeepSpeed does not resume under it, nor the other way round: one clear error each."""
-    plain = run_training(_cfg(tiny_shards, tmp_path / "plain", save_every=2), tmp_path / "plain_ranks", world=1)
-    z1 = _cfg(tiny_shards, tmp_path / "z1", deepspeed={"zero_optimization": {"stage": 1}}, save_every=2)
-    _assert_same_run(run_training(z1, tmp_path / "z1_ranks", world=1), plain)
-
+def test_one_process_without_zero_and_checkpoint_mismatches(tiny_shards, tmp_path):
+    """Without a launcher the engine gets a one-rank group; without ZeRO (clipmoe clips) it ends where the plain run
+    ends. A checkpoint written without DeepSpeed does not resume under it, nor the other way round: one clear
+    error each, before any work."""
     from clipmoe.train import train
-    ds_from_plain = {**z1, "train": {**z1["train"], "out_dir": str(tmp_path / "x"),
-                                     "resume": str(tmp_path / "plain")}}
-    with pytest.raises(Exception, match="holds no DeepSpeed state"):
-        run_training(ds_from_plain, tmp_path / "x_ranks", world=1)
-    plain_from_ds = {**z1, "train": {**z1["train"], "out_dir": str(tmp_path / "y"), "resume": str(tmp_path / "z1"),
-                                     "deepspeed": None}}
+
+    cfg = baseline_config(tiny_shards, tmp_path, save_every=2)
+    result = train(from_dict(RunConfig, variant(cfg, tmp_path / "plain")), progress=False)
+    plain = [{"state": result.model.state_dict(), "losses": [row["loss"] for row in result.history]}]
+    z0 = variant(cfg, tmp_path / "z0", deepspeed={})
+    assert_same_run(run_training(z0, tmp_path / "z0_ranks", world=1), plain)
+
+    with pytest.raises(ClipmoeError, match="holds no DeepSpeed state"):
+        train(from_dict(RunConfig, variant(z0, tmp_path / "x", resume=str(tmp_path / "plain"))), progress=False)
     with pytest.raises(ClipmoeError, match="written under train.deepspeed"):
-        train(from_dict(RunConfig, plain_from_ds), progress=False)
+        train(from_dict(RunConfig, variant(cfg, tmp_path / "y", resume=str(tmp_path / "z0"))), progress=False)
 
 
 def _clamp_rank(rank: int, port: int):

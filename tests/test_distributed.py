@@ -89,6 +89,46 @@ def run_training(cfg: dict, out_dir, world: int = WORLD) -> list[dict]:
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
+def baseline_config(tiny_shards, tmp_path, **train) -> dict:
+    """The run that the expert-parallel and DeepSpeed tests compare with plain DDP: MoE in both towers (capacity
+    drops in the text tower), clipping that binds, the logit scale at its clamp (a step that raises it is clamped
+    back), zero-shot evaluation on a folder benchmark every 2 steps; output in TMP_PATH/run."""
+    from PIL import Image
+
+    root = tmp_path / "colours"
+    for name, rgb in {"red": (220, 30, 30), "blue": (30, 40, 220)}.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), tuple(c + 9 * i for c in rgb)).save(root / name / f"{i}.png")
+    return {
+        "model": {"arch": "clipmoe-micro", "overrides": {
+            "init_logit_scale": math.log(100),
+            "vision": {"moe": {"num_experts": 4, "top_k": 2, "every": 1}},
+            "text": {"moe": {"num_experts": 4, "top_k": 1, "every": 2, "capacity_factor": 1.0}}}},
+        "data": {"train": tiny_shards["train"], "batch_size": 16},
+        "loss": {"balance_coef": 0.01, "z_coef": 0.001},
+        "optim": {"lr": 1e-3, "warmup_steps": 1, "grad_clip": 0.5},
+        "train": {"steps": 4, "log_every": 1, "out_dir": str(tmp_path / "run"), "device": "cpu", **train},
+        "eval": {"zeroshot": ["folder"], "data_root": str(root), "every": 2},
+    }
+
+
+def variant(cfg: dict, out_dir, **train) -> dict:
+    """`cfg` writing to `out_dir`, with these train: fields."""
+    return {**cfg, "train": {**cfg["train"], "out_dir": str(out_dir), **train}}
+
+
+def assert_same_run(a: list[dict], b: list[dict]) -> None:
+    """Two runs' ranks ended with the same losses and weights, up to float reassociation."""
+    import pytest
+
+    for r in range(len(a)):
+        assert a[r]["losses"] == pytest.approx(b[r]["losses"], rel=1e-5, abs=1e-6)
+        assert a[r]["state"].keys() == b[r]["state"].keys()
+        for name, weight in b[r]["state"].items():
+            torch.testing.assert_close(a[r]["state"][name], weight, atol=2e-5, rtol=1e-4, msg=name)
+
+
 def test_ddp_training_on_two_ranks(tiny_shards, tmp_path):
     """DDP over 2 gloo ranks with MoE layers in both towers (capacity drops in the text tower, router jitter) and
     activation checkpointing: the ranks read different shards, end with the same weights, and only rank 0

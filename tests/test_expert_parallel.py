@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import _free_port, run_training
+from test_distributed import _free_port, assert_same_run, run_training, variant
 from torch import nn
 
 from clipmoe.config import MoEConfig
@@ -191,40 +191,18 @@ def test_expert_parallel_needs_a_process_group():
         ep.new_groups(2)
 
 
-def test_training_with_expert_parallelism_equals_training_without(tiny_shards, tmp_path):
-    """`clipmoe train` on 2 gloo ranks with expert_parallel_size 2 (MoE in both towers, capacity drops in the text
-    tower, gradient clipping that binds, activation checkpointing, whose recomputation exchanges again): the same
-    losses and final weights as plain DDP, the whole model written once, the zero-shot evaluations during training
-    equal; resumed from its step-2 checkpoint (whole experts, whole optimizer state), the same weights bit for bit."""
-    from PIL import Image
-
-    root = tmp_path / "colours"  # a folder benchmark to evaluate on during training
-    for name, rgb in {"red": (220, 30, 30), "blue": (30, 40, 220)}.items():
-        (root / name).mkdir(parents=True)
-        for i in range(2):
-            Image.new("RGB", (16, 16), tuple(c + 9 * i for c in rgb)).save(root / name / f"{i}.png")
-    cfg = {
-        "model": {"arch": "clipmoe-micro", "overrides": {
-            "vision": {"moe": {"num_experts": 4, "top_k": 2, "every": 1}},
-            "text": {"moe": {"num_experts": 4, "top_k": 1, "every": 2, "capacity_factor": 1.0}}}},
-        "data": {"train": tiny_shards["train"], "batch_size": 16},
-        "loss": {"balance_coef": 0.01, "z_coef": 0.001},
-        "optim": {"lr": 1e-3, "warmup_steps": 1, "grad_clip": 0.5},
-        "train": {"steps": 4, "log_every": 1, "out_dir": str(tmp_path / "ddp"), "device": "cpu"},
-        "eval": {"zeroshot": ["folder"], "data_root": str(root), "every": 2},
-    }
-    ddp = run_training(cfg, tmp_path / "ddp_ranks")
-    sharded = {**cfg, "train": {**cfg["train"], "out_dir": str(tmp_path / "ep"), "expert_parallel_size": 2,
-                                "save_every": 2, "keep_checkpoints": 2, "grad_checkpointing": True}}
+def test_training_with_expert_parallelism_equals_training_without(ddp_baseline, tmp_path):
+    """`clipmoe train` on 2 gloo ranks with expert_parallel_size 2 (the baseline run: MoE in both towers, capacity
+    drops, clipping that binds; plus activation checkpointing, whose recomputation exchanges again): the same losses
+    and final weights as plain DDP, the whole model written once, the same zero-shot evaluations during training;
+    resumed from its step-2 checkpoint (whole experts, whole optimizer state), the same weights bit for bit."""
+    cfg, ddp, ddp_out = ddp_baseline
+    sharded = variant(cfg, tmp_path / "ep", expert_parallel_size=2, save_every=2, keep_checkpoints=2,
+                      grad_checkpointing=True)
     ep_runs = run_training(sharded, tmp_path / "ep_ranks")
-    for r in range(2):
-        assert ep_runs[r]["losses"] == pytest.approx(ddp[r]["losses"], rel=1e-5, abs=1e-6)
-        assert ep_runs[r]["state"].keys() == ddp[r]["state"].keys()
-        for name, weight in ddp[r]["state"].items():
-            # whole experts on every rank at the end, as without expert parallelism
-            torch.testing.assert_close(ep_runs[r]["state"][name], weight, atol=2e-5, rtol=1e-4, msg=name)
+    assert_same_run(ep_runs, ddp)  # whole experts on every rank at the end, as without expert parallelism
     assert "model" in ep_runs[0]["files"] and ep_runs[1]["files"] == []
-    evals = [json.loads((tmp_path / run / "zeroshot.json").read_text()) for run in ("ddp", "ep")]
+    evals = [json.loads((out / "zeroshot.json").read_text()) for out in (ddp_out, tmp_path / "ep")]
     assert [e["step"] for e in evals[1]] == [1, 3]
     for a, b in zip(*evals):  # evaluated on a copy holding all experts
         assert a["results"][0]["metrics"] == pytest.approx(b["results"][0]["metrics"])
@@ -233,8 +211,7 @@ def test_training_with_expert_parallelism_equals_training_without(tiny_shards, t
     assert saved.state_dict()["image.blocks.0.mlp.experts.w1"].shape[0] == 4
 
     step2 = tmp_path / "ep" / "checkpoints" / "step_00000002"
-    resumed = {**sharded, "train": {**sharded["train"], "out_dir": str(tmp_path / "ep2"), "resume": str(step2)}}
-    again = run_training(resumed, tmp_path / "again_ranks")
+    again = run_training(variant(sharded, tmp_path / "ep2", resume=str(step2)), tmp_path / "again_ranks")
     for r in range(2):
         for name, weight in ep_runs[r]["state"].items():
             assert torch.equal(again[r]["state"][name], weight), (r, name)

@@ -479,3 +479,17 @@ def test_lock_groups_match_open_clip():
         expected = {k for k, p in theirs.named_parameters() if p.requires_grad}
         renamed = set(clipmoe.adapter.from_open_clip(dict.fromkeys(expected, torch.zeros(1))))
         assert trainable == renamed, n
+
+
+def test_each_launched_process_takes_its_own_gpu():
+    """Under torchrun (LOCAL_RANK), a bare "cuda" is this process's GPU; an explicit index or another device stays
+    as given; more processes than GPUs is one clear error."""
+    from clipmoe.train import local_device
+
+    cuda = torch.device("cuda")
+    assert local_device(cuda, "3", gpus=8) == torch.device("cuda", 3)
+    assert local_device(cuda, None, gpus=8) == cuda  # no launcher: the current device
+    assert local_device(torch.device("cuda", 1), "3", gpus=8) == torch.device("cuda", 1)
+    assert local_device(torch.device("cpu"), "3", gpus=0) == torch.device("cpu")
+    with pytest.raises(ClipmoeError, match="LOCAL_RANK 2, but this machine has 2 GPU"):
+        local_device(cuda, "2", gpus=2)
