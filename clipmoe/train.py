@@ -154,9 +154,10 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     holding it."""
     tc = cfg.train
     device = resolve_device(tc.device)
-    if device.type == "cuda":  # NCCL and kernels without an explicit device take the current one
+    if device.type == "cuda":
         device = local_device(device, os.environ.get("LOCAL_RANK"), torch.cuda.device_count())
-        torch.cuda.set_device(device)
+        if device.index is not None:  # NCCL and kernels without an explicit device take the current one
+            torch.cuda.set_device(device)
     rank, world = _distributed(device)
     if tc.deepspeed is not None:
         deepspeed_engine.engine_config(cfg, world)  # a DeepSpeed config that contradicts clipmoe's: an error now
