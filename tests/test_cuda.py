@@ -257,3 +257,17 @@ def test_fp32_training_with_cuda_graphs_refuses_dropless_layers(tiny_shards, tmp
     cfg.model.overrides["vision"]["moe"]["capacity_factor"] = None  # fp32 dropless: counts read on the host
     with pytest.raises(ClipmoeError, match="no MoE layer to capture.*dropless"):
         train(cfg, progress=False)
+
+
+def test_deepspeed_zero2_training_on_one_gpu(tiny_shards, tmp_path):
+    """`train.deepspeed` on the GPU, launched as torchrun would (LOCAL_RANK 0, so the process takes cuda:0): ZeRO 2
+    over a one-rank NCCL group, bf16 autocast, the same run as without DeepSpeed up to float reassociation."""
+    pytest.importorskip("deepspeed")
+    from test_distributed import baseline_config, run_training, variant
+
+    cfg = variant(baseline_config(tiny_shards, tmp_path), tmp_path / "plain", device="cuda", precision="bf16")
+    plain = run_training(cfg, tmp_path / "plain_ranks", world=1)
+    z2 = run_training(variant(cfg, tmp_path / "z2", deepspeed={"zero_optimization": {"stage": 2}}),
+                      tmp_path / "z2_ranks", world=1)
+    assert z2[0]["losses"] == pytest.approx(plain[0]["losses"], rel=2e-2)
+    assert all(math.isfinite(x) for x in z2[0]["losses"])
