@@ -19,6 +19,8 @@ if [ ! -f "$stamp" ]; then
   # torch: built against the torch above, without its CUDA/C++ ops (compiled on first use where needed)
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check wheel
   DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation deepspeed==0.19.8
+  # its CPU communication op compiles on first use (~45 s): here, with the set-up, not inside the first test
+  "$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null 2>&1 || true
   rm -f "$VENV"/.clipmoe-installed-*
   touch "$stamp"
 fi
