@@ -36,7 +36,7 @@ step() {  # step NAME SECONDS CMD...: CMD's output to the screen and $OUT/NAME.l
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch, torch.nn.functional as F; print('torch', torch.__version__, torch.cuda.get_device_name(0),
       'F.grouped_mm' if hasattr(F, 'grouped_mm') else 'torch._grouped_mm')"
-step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
+step cuda_tests 210 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
 step moe_layer 200 "$PY" scripts/bench/moe_layer.py --device cuda --reps 20 --profile /tmp/moe_profiles
 step moe_layer_b2b 150 env MASTER_PORT=29534 "$PY" scripts/bench/moe_layer.py --device cuda --reps 10 --back-to-back
 tar czf "$OUT/moe_profiles.tar.gz" -C /tmp moe_profiles 2>/dev/null
