@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from .config import RunConfig
 from .errors import ClipmoeError
+from .expert_parallel import broadcast_model
 
 TAG = "deepspeed"  # the engine's folder inside a clipmoe training checkpoint
 
@@ -85,9 +86,7 @@ def initialize(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, cfg: R
     # DeepSpeed 0.19's start-up broadcast views every weight as bytes, which fails on 0-dim ones (the logit
     # scale and bias, 0-dim as in open_clip): broadcast here, and have the engine skip those (it skips weights
     # marked `ds_optim_param`, an attribute read nowhere else unless offloading is configured)
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(t.data, 0)
+    broadcast_model(model)
     scalars = [p for p in model.parameters() if p.ndim == 0]
     for p in scalars:
         p.ds_optim_param = True

@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from .errors import ClipmoeError
 from .experts import Experts
@@ -62,7 +63,8 @@ def new_groups(ep_size: int) -> Groups:
 
 class _AllToAll(torch.autograd.Function):
     """Rows of x, `send[g]` of them to rank g of `group`, in rank order; returns the `recv[g]` rows from each
-    rank g, in rank order. The backward sends the gradients back the same way."""
+    rank g, in rank order. The backward sends the gradients back the same way. (torch's differentiable
+    `torch.distributed.nn.functional.all_to_all_single` is deprecated, its successor private.)"""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, recv: list[int], send: list[int], group):
@@ -229,17 +231,12 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     experts = _expert_params(model)
     ids = {id(p) for _, p in experts}
     params = [p for p in model.parameters() if p.grad is not None]
-
-    def sum_sq(grads):
-        return torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else \
-            torch.zeros((), device=params[0].device if params else None)
-
-    sq = sum_sq([p.grad for p in params if id(p) in ids])
+    mine = get_total_norm([p.grad for p in params if id(p) in ids]).to(experts[0][1].device)
+    sq = mine.square()
     dist.all_reduce(sq, group=experts[0][0].groups.ep)  # the other shards' share
-    total = (sq + sum_sq([p.grad for p in params if id(p) not in ids])).sqrt()
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as torch's clip_grad_norm_
-    for p in params:
-        p.grad.mul_(scale.to(p.grad.dtype))
+    rest = get_total_norm([p.grad for p in params if id(p) not in ids]).to(sq.device)
+    total = (sq + rest.square()).sqrt()
+    clip_grads_with_norm_(params, max_norm, total)
     return total
 
 
