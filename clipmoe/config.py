@@ -283,9 +283,6 @@ class TrainConfig:
         _check(self.expert_parallel_size >= 1, "expert_parallel_size", self.expert_parallel_size, "must be >= 1")
         _check(not (self.expert_parallel_size > 1 and self.cuda_graphs), "cuda_graphs", self.cuda_graphs,
                "cannot be combined with expert_parallel_size > 1 (the all-to-all's sizes are read on the host)")
-        _check(self.deepspeed is None or self.expert_parallel_size == 1, "expert_parallel_size",
-               self.expert_parallel_size, "is not supported under train.deepspeed (DeepSpeed's engine would reduce "
-               "the experts' gradients as replicated ones)")
         _check(self.deepspeed is None or not self.cuda_graphs, "cuda_graphs", self.cuda_graphs,
                "is not supported under train.deepspeed")
         _check(not (self.grad_checkpointing and self.cuda_graphs), "grad_checkpointing", self.grad_checkpointing,

@@ -6,6 +6,11 @@ clipmoe's config stays the one source of what it already decides: the batch size
 (`train.precision: bf16` is autocast with fp32 weights, which keeps the router in fp32; DeepSpeed's bf16 mode
 would cast the router's weights too). A DeepSpeed config that says otherwise is one error naming the key.
 Launch with `deepspeed` or `torchrun`; both set the environment `clipmoe train` reads.
+
+With expert parallelism (`train.expert_parallel_size`, ZeRO 1-2) the engine holds the rest of the model and
+clipmoe the experts' shards: their gradients are reduced over the ranks holding the same experts
+(`expert_parallel.reduce_expert_grads`), their AdamW steps beside the engine's with the same schedule, and the
+engine's clipping norm counts them (see `initialize`).
 """
 from __future__ import annotations
 
@@ -17,10 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.utils import clip_grads_with_norm_
 
+from . import expert_parallel as ep
 from .config import RunConfig
 from .errors import ClipmoeError
-from .expert_parallel import broadcast_model
 
 TAG = "deepspeed"  # the engine's folder inside a clipmoe training checkpoint
 
@@ -54,6 +60,9 @@ def engine_config(cfg: RunConfig, world: int) -> dict:
     if stage not in (0, 1, 2):
         raise ClipmoeError(f"train.deepspeed.zero_optimization.stage: {stage!r}; clipmoe supports ZeRO stages 0, 1 "
                            "and 2 (stage 3 partitions the parameters, which the MoE layers read whole)")
+    if cfg.train.expert_parallel_size > 1 and stage == 0:
+        raise ClipmoeError("train.expert_parallel_size under train.deepspeed needs zero_optimization.stage 1 or 2 "
+                           "(without ZeRO, leave out train.deepspeed: plain DDP trains the same way)")
     clip = float(cfg.optim.grad_clip or 0.0)
     fixed("gradient_clipping", clip, "optim.grad_clip")
     if stage == 0:  # DeepSpeed 0.19 cannot clip 0-dim gradients (the logit scale's) without ZeRO: clipmoe clips
@@ -77,26 +86,49 @@ def ensure_process_group(device: torch.device) -> None:
 
 
 def initialize(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, cfg: RunConfig, world: int):
-    """The DeepSpeed engine around `model`, stepping `opt` and `sched`."""
+    """The DeepSpeed engine around `model`, stepping `opt` and `sched`. Every rank must already hold the same
+    weights (rank 0's: `expert_parallel.broadcast_model`, before the experts are sharded). Under expert
+    parallelism `opt` holds all but the experts' shards, and the ZeRO optimizer's norm for clipping includes the
+    experts' gradients, which it clips too."""
     try:
         import deepspeed
     except ImportError as e:
         raise ClipmoeError(f"train.deepspeed needs DeepSpeed (pip install deepspeed): {e}") from None
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-    # DeepSpeed 0.19's start-up broadcast views every weight as bytes, which fails on 0-dim ones (the logit
-    # scale and bias, 0-dim as in open_clip): broadcast here, and have the engine skip those (it skips weights
-    # marked `ds_optim_param`, an attribute read nowhere else unless offloading is configured)
-    broadcast_model(model)
-    scalars = [p for p in model.parameters() if p.ndim == 0]
-    for p in scalars:
+    # the engine's start-up broadcast is skipped (it skips weights marked `ds_optim_param`, an attribute read
+    # nowhere else unless offloading is configured): it would overwrite the other ranks' expert shards, and
+    # DeepSpeed 0.19's views every weight as bytes, which fails on 0-dim ones (open_clip's logit scale and bias)
+    params = list(model.parameters())
+    for p in params:
         p.ds_optim_param = True
     try:
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                           config=engine_config(cfg, world), dist_init_required=False)
     finally:
-        for p in scalars:
+        for p in params:
             del p.ds_optim_param
+    if ep.is_sharded(model):
+        _count_experts_in_zero_norm(engine.optimizer, model, float(cfg.optim.grad_clip or 0.0))
     return engine
+
+
+def _count_experts_in_zero_norm(zero, model: torch.nn.Module, max_norm: float) -> None:
+    """ZeRO's gradient norm (of the weights it holds) made the whole model's, the experts' shards included, and
+    those clipped by it too: one clipping for the whole model, as without DeepSpeed. ZeRO 1-2 take their norm
+    from `scaled_global_norm` in their step."""
+    own_norm = zero.scaled_global_norm
+
+    def scaled_global_norm(norm_type=2):
+        norm = own_norm(norm_type)
+        if norm.item() < 0:  # DeepSpeed's mark of an inf/NaN gradient: the step is skipped
+            return norm
+        experts = ep.expert_grad_norm(model).to(norm)
+        total = (norm.square() + experts.square()).sqrt()
+        if max_norm:
+            clip_grads_with_norm_(ep.expert_parameters(model), max_norm, total)
+        return total
+
+    zero.scaled_global_norm = scaled_global_norm
 
 
 def clip_grad_norm_(engine, model: torch.nn.Module, max_norm: float) -> None:
@@ -122,17 +154,26 @@ def save(engine, folder: Path) -> None:
     engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
 
 
-def check_resumable(folder: Path, shared: dict, under_deepspeed: bool) -> None:
+def check_resumable(folder: Path, shared: dict, under_deepspeed: bool, expert_parallel: bool = False) -> None:
     """A checkpoint resumes under DeepSpeed only if written under it (the optimizer state is the engine's), and
-    the other way round: one error before any work."""
+    the other way round; under DeepSpeed, with expert parallelism only if written with it (the engine's state
+    then leaves out the experts): one error before any work."""
     if under_deepspeed and not (folder / TAG).is_dir():
         raise ClipmoeError(f"train.resume: {folder} holds no DeepSpeed state ({folder / TAG}); it was written "
                            "without train.deepspeed")
     if not under_deepspeed and shared.get("optimizer") is None:
         raise ClipmoeError(f"train.resume: {folder} was written under train.deepspeed (its optimizer state is "
                            "DeepSpeed's); resume with train.deepspeed")
+    written_with = shared.get("expert_optimizer") is not None
+    if under_deepspeed and written_with != expert_parallel:
+        raise ClipmoeError(f"train.resume: {folder} was written under train.deepspeed "
+                           f"{'with' if written_with else 'without'} expert parallelism (the engine's optimizer "
+                           f"state {'leaves out' if written_with else 'holds'} the experts); resume "
+                           f"{'with' if written_with else 'without'} train.expert_parallel_size > 1")
 
 
 def load(engine, folder: Path) -> None:
-    """The engine's state from a checkpoint folder `save` wrote into (see `check_resumable`)."""
-    engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+    """The engine's state from a checkpoint folder `save` wrote into (see `check_resumable`). The weights are
+    clipmoe's, restored from the checkpoint's whole model, not from the engine's copy (one rank's expert shards)."""
+    engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+                           custom_load_fn=lambda src, dst: None)

@@ -225,19 +225,31 @@ def reduce_expert_grads(model: nn.Module) -> None:
         p.grad.div_(m.groups.world)
 
 
+def expert_grad_norm(model: nn.Module) -> torch.Tensor:
+    """The 2-norm of all experts' gradients, the shards on the other ranks of the expert-parallel group included
+    (after `reduce_expert_grads`; every rank of the group calls this)."""
+    experts = _expert_params(model)
+    grads = [p.grad for _, p in experts if p.grad is not None]
+    sq = get_total_norm(grads).to(experts[0][1].device).square()
+    dist.all_reduce(sq, group=experts[0][0].groups.ep)  # the other shards' share
+    return sq.sqrt()
+
+
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` over the whole model's gradients, the experts on the other ranks of the
     expert-parallel group included (after `reduce_expert_grads`). Returns the total norm."""
-    experts = _expert_params(model)
-    ids = {id(p) for _, p in experts}
+    ids = {id(p) for _, p in _expert_params(model)}
     params = [p for p in model.parameters() if p.grad is not None]
-    mine = get_total_norm([p.grad for p in params if id(p) in ids]).to(experts[0][1].device)
-    sq = mine.square()
-    dist.all_reduce(sq, group=experts[0][0].groups.ep)  # the other shards' share
-    rest = get_total_norm([p.grad for p in params if id(p) not in ids]).to(sq.device)
-    total = (sq + rest.square()).sqrt()
+    experts = expert_grad_norm(model)
+    rest = get_total_norm([p.grad for p in params if id(p) not in ids]).to(experts.device)
+    total = (experts.square() + rest.square()).sqrt()
     clip_grads_with_norm_(params, max_norm, total)
     return total
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of this rank's share of the experts."""
+    return [p for _, p in _expert_params(model)]
 
 
 def _optimizer_params(opt: torch.optim.Optimizer) -> list[nn.Parameter]:

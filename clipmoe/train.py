@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from itertools import chain, count
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -113,11 +113,12 @@ def _distributed(device: torch.device) -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, steps: int):
-    """AdamW without weight decay on gains, biases and the logit scale (as open_clip)."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, steps: int, only: Optional[Callable[[str], bool]] = None):
+    """AdamW without weight decay on gains, biases and the logit scale (as open_clip), over the parameters whose
+    names `only` accepts (default: all)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and (only is None or only(name)):
             # expert biases are stacked (E, F): 2-D, but biases all the same
             (no_decay if p.ndim < 2 or name.endswith((".b1", ".b2")) else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -174,7 +175,8 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     resume_from = resume.resolve(tc.resume, tc.out_dir) if tc.resume else None
     if resume_from is not None:
         shared, mine = resume.load_checkpoint(resume_from, rank, world)
-        deepspeed_engine.check_resumable(resume_from, shared, tc.deepspeed is not None)
+        deepspeed_engine.check_resumable(resume_from, shared, tc.deepspeed is not None,
+                                         tc.expert_parallel_size > 1)
         resume.restore_model(model, shared, resume_from)
     if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -183,9 +185,10 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     if tc.lock_text:
         model.lock_text_tower(tc.lock_text_unlocked_layers)
     groups = None
-    if tc.expert_parallel_size > 1:  # every rank starts from rank 0's model and keeps its share of the experts
+    if tc.expert_parallel_size > 1 or (tc.deepspeed is not None and world > 1):
+        ep.broadcast_model(model)  # every rank starts from rank 0's model (DDP does this itself)
+    if tc.expert_parallel_size > 1:  # each rank keeps its share of the experts
         groups = ep.new_groups(tc.expert_parallel_size)
-        ep.broadcast_model(model)
         ep.shard_experts(model, groups)
     if not cfg.data.train:
         raise ClipmoeError("data.train: no training shards given")
@@ -209,8 +212,13 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         model.logit_bias is not None and cfg.loss.kind != "sigmoid")
     if groups is not None:  # the experts' gradients are reduced by ep.reduce_expert_grads
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ep.expert_parameter_names(model))
-    opt, sched = build_optimizer(model, cfg.optim, tc.steps)
-    engine = None
+    engine = expert_opt = expert_sched = None
+    if tc.deepspeed is not None and groups is not None:  # the engine holds all but the experts' shards
+        shards = set(ep.expert_parameter_names(model))
+        opt, sched = build_optimizer(model, cfg.optim, tc.steps, only=lambda name: name not in shards)
+        expert_opt, expert_sched = build_optimizer(model, cfg.optim, tc.steps, only=shards.__contains__)
+    else:
+        opt, sched = build_optimizer(model, cfg.optim, tc.steps)
     if tc.deepspeed is not None:  # the engine reduces the gradients, clips and steps `opt` and `sched`
         deepspeed_engine.ensure_process_group(device)
         net = engine = deepspeed_engine.initialize(model, opt, sched, cfg, world)
@@ -223,6 +231,9 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     if resume_from is not None:
         if engine is not None:
             deepspeed_engine.load(engine, resume_from)
+            if expert_opt is not None:
+                expert_opt.load_state_dict(ep.shard_optimizer_state(shared["expert_optimizer"], expert_opt, model))
+                expert_sched.load_state_dict(shared["scheduler"])
         else:
             opt.load_state_dict(shared["optimizer"] if groups is None else
                                 ep.shard_optimizer_state(shared["optimizer"], opt, model))
@@ -234,14 +245,20 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     saved = []  # the checkpoint folders written
 
     def checkpoint(snap: resume.Snapshot) -> None:
+        # under DeepSpeed its engine writes the (partitioned) optimizer state, but not the experts' under expert
+        # parallelism (`expert_opt`)
+        weights, opt_state, expert_state = None, None, None
         if groups is not None:  # whole experts (every rank takes part in gathering them)
-            weights, opt_state = ep.full_state_dict(model), ep.full_optimizer_state(opt, model)
-        elif rank == 0:  # under DeepSpeed its engine writes the (partitioned) optimizer state
+            weights = ep.full_state_dict(model)
+            opt_state = ep.full_optimizer_state(opt, model) if engine is None else None
+            expert_state = ep.full_optimizer_state(expert_opt, model) if expert_opt is not None else None
+        elif rank == 0:
             weights, opt_state = model.state_dict(), None if engine is not None else opt.state_dict()
         extra = None if engine is None else lambda folder: deepspeed_engine.save(engine, folder)
         saved.append(resume.save_checkpoint(out_dir, snap, {
-            "model": weights, "optimizer": opt_state, "scheduler": sched.state_dict(),
-            "history": history, "load_sums": load_sums, "zeroshot": zeroshot_runs, "config": to_dict(cfg),
+            "model": weights, "optimizer": opt_state, "expert_optimizer": expert_state,
+            "scheduler": sched.state_dict(), "history": history, "load_sums": load_sums, "zeroshot": zeroshot_runs,
+            "config": to_dict(cfg),
         } if rank == 0 else {}, rank, world, tc.keep_checkpoints, extra))
 
     # the log is written as the run goes: a run that stops early (a NaN, a data error, Ctrl-C) keeps it; a
@@ -262,7 +279,11 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                 out = net(images, tokens)
             terms = total_loss(out, cfg.loss)
             if engine is not None:
+                if expert_opt is not None:
+                    expert_opt.zero_grad(set_to_none=True)
                 engine.backward(terms["loss"])
+                if groups is not None:  # clipped in the engine's step, with the rest
+                    ep.reduce_expert_grads(model)
                 deepspeed_engine.clip_grad_norm_(engine, model, cfg.optim.grad_clip)
             else:
                 opt.zero_grad(set_to_none=True)
@@ -277,6 +298,9 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
             with _held_interrupt():
                 if engine is not None:
                     engine.step()  # clips, steps the optimizer and the schedule, zeroes the gradients
+                    if expert_opt is not None and engine.was_step_applied():
+                        expert_opt.step()
+                        expert_sched.step()
                     deepspeed_engine.clamp_logit_scale(model)
                 else:
                     opt.step()
