@@ -220,9 +220,15 @@ class LossConfig:
     gather_with_grad: bool = True
     # "softmax": CLIP's InfoNCE both ways; "sigmoid": SigLIP's pairwise loss (the model needs init_logit_bias)
     kind: str = "softmax"
+    # how the sigmoid loss gets the other ranks' texts: "gather" (all-gather) or "bidir" (point to point from the
+    # neighbours on both sides, one block at a time; open_clip's --loss-dist-impl bidir). The same loss
+    dist_impl: str = "gather"
 
     def __post_init__(self):
         _check(self.kind in ("softmax", "sigmoid"), "kind", self.kind, "must be 'softmax' or 'sigmoid'")
+        _check(self.dist_impl in ("gather", "bidir"), "dist_impl", self.dist_impl, "must be 'gather' or 'bidir'")
+        _check(self.dist_impl == "gather" or self.kind == "sigmoid", "dist_impl", self.dist_impl,
+               "applies to kind: sigmoid (the softmax loss all-gathers)")
         for name in ("balance_coef", "z_coef"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
 

@@ -66,19 +66,72 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     return (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
 
 
+class _Exchange(torch.autograd.Function):
+    """Rank r receives rank (r + h)'s tensor for each distance h in `distances` (and sends its own to rank r - h),
+    point to point, all at once; the gradients travel back the same way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, distances: tuple[int, ...]):
+        ctx.distances = distances
+        return _p2p([x] * len(distances), distances)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = [torch.zeros_like(g) if g is None else g for g in grads]
+        return sum(_p2p(grads, tuple(-h for h in ctx.distances))), None
+
+
+def _p2p(tensors: list[torch.Tensor], distances: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """tensors[i] sent to rank - distances[i]; what rank + distances[i] sent, received."""
+    rank, world = _world()
+    received = tuple(torch.empty_like(t) for t in tensors)
+    ops = []
+    for t, out, h in zip(tensors, received, distances):
+        tag = h % world  # with 2 ranks the left and the right neighbour are the same rank
+        ops += [dist.P2POp(dist.isend, t.contiguous(), (rank - h) % world, tag=tag),
+                dist.P2POp(dist.irecv, out, (rank + h) % world, tag=tag)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+def _pair_terms(image_features: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor, positives: bool) -> torch.Tensor:
+    """-sum log sigmoid(z (t x.y + b)) over one block of pairs: matching pairs on the diagonal if `positives`."""
+    logits = logit_scale * image_features @ texts.t() + logit_bias
+    labels = -torch.ones_like(logits)
+    if positives:
+        labels.diagonal().fill_(1)
+    return -F.logsigmoid(labels * logits).sum()
+
+
 def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                 logit_bias: torch.Tensor, gather_with_grad: bool = True) -> torch.Tensor:
+                 logit_bias: torch.Tensor, gather_with_grad: bool = True, dist_impl: str = "gather") -> torch.Tensor:
     """SigLIP's loss (Zhai et al. 2023): every image-text pair of the global batch is a binary problem,
     -sum_j log sigmoid(z_ij (t x_i.y_j + b)) with z = 1 for the matching pair and -1 otherwise, summed over
-    the texts and averaged over the images. Each rank scores its own images against all ranks' texts
-    (gathered with gradients), so the rank-mean loss and DDP-averaged gradients equal the full batch's."""
+    the texts and averaged over the images. Each rank scores its own images against all ranks' texts, so the
+    rank-mean loss and DDP-averaged gradients equal the full batch's.
+
+    The other ranks' texts arrive by all-gather (`dist_impl` "gather", with gradients unless `gather_with_grad`
+    is false) or, as with open_clip's default "bidir", point to point from the neighbours on both sides at
+    once, nearest first, scored one B x B block at a time (always with gradients). Both give the same loss."""
+    if dist_impl not in ("gather", "bidir"):
+        raise ValueError(f"dist_impl {dist_impl!r}: expected 'gather' or 'bidir'")
     rank, world = _world()
-    all_text = gather_features(text_features, gather_with_grad) if world > 1 else text_features
-    logits = logit_scale * image_features @ all_text.t() + logit_bias
     B = image_features.shape[0]
-    labels = -torch.ones_like(logits)
-    labels[torch.arange(B, device=logits.device), torch.arange(B, device=logits.device) + rank * B] = 1
-    return -F.logsigmoid(labels * logits).sum() / B
+    if world == 1 or dist_impl == "gather":
+        texts = gather_features(text_features, gather_with_grad) if world > 1 else text_features
+        logits = logit_scale * image_features @ texts.t() + logit_bias
+        labels = -torch.ones_like(logits)
+        labels[torch.arange(B, device=logits.device), torch.arange(B, device=logits.device) + rank * B] = 1
+        return -F.logsigmoid(labels * logits).sum() / B
+    total = _pair_terms(image_features, text_features, logit_scale, logit_bias, positives=True)
+    # the W - 1 other ranks' texts, the nearest first, both directions at once: from the ranks at +-1, +-2, ...,
+    # and for an even W the one opposite
+    for h in range(1, world // 2 + 1):
+        for texts in _Exchange.apply(text_features, (h,) if 2 * h == world else (h, -h)):
+            total = total + _pair_terms(image_features, texts, logit_scale, logit_bias, positives=False)
+    return total / B
 
 
 def entropy_terms(aux: list[MoEAux], tower: str, threshold: Optional[float] = None) -> dict[str, torch.Tensor]:
@@ -100,7 +153,8 @@ def total_loss(output: CLIPOutput, cfg: LossConfig) -> dict[str, torch.Tensor]:
     if cfg.kind == "sigmoid":
         if output.logit_bias is None:
             raise ClipmoeError(SIGMOID_NEEDS_BIAS)
-        terms = {"contrastive": sigmoid_loss(image, text, scale, output.logit_bias.float(), cfg.gather_with_grad)}
+        terms = {"contrastive": sigmoid_loss(image, text, scale, output.logit_bias.float(), cfg.gather_with_grad,
+                                             cfg.dist_impl)}
     else:
         terms = {"contrastive": clip_loss(image, text, scale, cfg.local_loss, cfg.gather_with_grad)}
     loss = terms["contrastive"]

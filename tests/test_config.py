@@ -63,6 +63,8 @@ def test_base_derivation_and_overrides(tmp_path):
     ("", ["nosuch.key=1"], "nosuch"),
     ("train: [1, 2]", [], "train"),
     ("data: {resampled: true}", [], "data.samples_per_epoch"),
+    ("loss: {kind: sigmoid, dist_impl: ring}", [], "loss.dist_impl"),
+    ("loss: {dist_impl: bidir}", [], "loss.dist_impl"),  # the softmax loss has one way
 ])
 def test_bad_values_name_the_key(tmp_path, text, overrides, key):
     (tmp_path / "c.yaml").write_text(text)

@@ -15,23 +15,24 @@ from clipmoe.loss import clip_loss, sigmoid_loss
 WORLD, B, D = 2, 4, 8
 
 
-def _full_batch():
+def _full_batch(world: int = WORLD):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(WORLD * B, D, generator=g), torch.randn(WORLD * B, D, generator=g)
+    return torch.randn(world * B, D, generator=g), torch.randn(world * B, D, generator=g)
 
 
 def _loss(kind: str, img, txt):
-    if kind == "sigmoid":
-        return sigmoid_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), torch.tensor(10.0), torch.tensor(-5.0))
+    if kind.startswith("sigmoid"):
+        return sigmoid_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), torch.tensor(10.0), torch.tensor(-5.0),
+                            dist_impl="bidir" if kind == "sigmoid-bidir" else "gather")
     return clip_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), torch.tensor(10.0), local_loss=True,
                      gather_with_grad=True)
 
 
-def _rank_main(rank: int, port: int, kind: str, out_dir: str):
+def _rank_main(rank: int, port: int, kind: str, out_dir: str, world: int):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        img, txt = _full_batch()
+        img, txt = _full_batch(world)
         img = img[rank * B:(rank + 1) * B].clone().requires_grad_()
         txt = txt[rank * B:(rank + 1) * B].clone().requires_grad_()
         loss = _loss(kind, img, txt)
@@ -47,21 +48,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
-def test_gathered_loss_equals_full_batch(tmp_path, kind):
-    img, txt = _full_batch()
+@pytest.mark.parametrize("kind, world", [("softmax", 2), ("sigmoid", 2), ("sigmoid-bidir", 2), ("sigmoid-bidir", 3),
+                                         ("sigmoid-bidir", 4)])
+def test_gathered_loss_equals_full_batch(tmp_path, kind, world):
+    """Each rank's loss on its rows of the batch (the other ranks' features gathered with gradients, or for the
+    sigmoid loss's "bidir" exchanged point to point: with 3 ranks from both sides, with 4 also from the opposite
+    rank): the rank mean and DDP's mean of the gradients are the full batch's."""
+    img, txt = _full_batch(world)
     img.requires_grad_()
     txt.requires_grad_()
     full = _loss(kind, img, txt)
     full.backward()
-    mp.start_processes(_rank_main, args=(_free_port(), kind, str(tmp_path)), nprocs=WORLD, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    mp.start_processes(_rank_main, args=(_free_port(), kind, str(tmp_path), world), nprocs=world,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     # DDP averages over ranks: the rank-mean loss and rank-mean gradients are the full-batch ones
-    assert torch.allclose(sum(r["loss"] for r in ranks) / WORLD, full, atol=1e-6)
-    for r in range(WORLD):
+    assert torch.allclose(sum(r["loss"] for r in ranks) / world, full, atol=1e-6)
+    for r in range(world):
         rows = slice(r * B, (r + 1) * B)
-        torch.testing.assert_close(ranks[r]["img_grad"] / WORLD, img.grad[rows], atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(ranks[r]["txt_grad"] / WORLD, txt.grad[rows], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ranks[r]["img_grad"] / world, img.grad[rows], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ranks[r]["txt_grad"] / world, txt.grad[rows], atol=1e-6, rtol=1e-5)
 
 
 def _train_rank(rank: int, port: int, cfg: dict, out_dir: str, world: int = WORLD):
