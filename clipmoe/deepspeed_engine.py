@@ -150,8 +150,15 @@ def clamp_logit_scale(model: torch.nn.Module) -> None:
 
 
 def save(engine, folder: Path) -> None:
-    """The engine's state (optimizer partitions of every rank) into a checkpoint folder (every rank calls this)."""
-    engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+    """The engine's state (optimizer partitions of every rank, the schedule) into a checkpoint folder (every rank
+    calls this)."""
+    # the weights are in clipmoe's part of the checkpoint, whole (`load` restores them from there): the engine's
+    # copy is left out, as DeepSpeed's pipeline engine leaves it out (its module_state_dict returns None)
+    engine.module_state_dict = lambda *args, **kwargs: None
+    try:
+        engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+    finally:
+        del engine.module_state_dict  # the class's again
 
 
 def check_resumable(folder: Path, shared: dict, under_deepspeed: bool, expert_parallel: bool = False) -> None:
