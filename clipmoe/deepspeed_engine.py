@@ -26,7 +26,7 @@ from torch.nn.utils import clip_grads_with_norm_
 
 from . import expert_parallel as ep
 from .config import RunConfig
-from .errors import ClipmoeError
+from .errors import ClipmoeError, first_line
 
 TAG = "deepspeed"  # the engine's folder inside a clipmoe training checkpoint
 
@@ -83,6 +83,8 @@ def ensure_process_group(device: torch.device) -> None:
         port = s.getsockname()[1]
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=0, world_size=1)
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # what a launcher would set:
+        os.environ.setdefault(key, value)  # DeepSpeed's engine asserts LOCAL_RANK
 
 
 def initialize(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, cfg: RunConfig, world: int):
@@ -182,5 +184,9 @@ def check_resumable(folder: Path, shared: dict, under_deepspeed: bool, expert_pa
 def load(engine, folder: Path) -> None:
     """The engine's state from a checkpoint folder `save` wrote into (see `check_resumable`). The weights are
     clipmoe's, restored from the checkpoint's whole model, not from the engine's copy (one rank's expert shards)."""
-    engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
-                           custom_load_fn=lambda src, dst: None)
+    try:
+        engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+                               custom_load_fn=lambda src, dst: None)
+    except Exception as e:  # a missing, torn or foreign file: DeepSpeed and torch raise many types
+        why = first_line(e)
+        raise ClipmoeError(f"train.resume: DeepSpeed's state in {folder / TAG} is not readable ({why})") from None

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .checkpoint import load
 from .device import check_model_device, resolve_device
-from .errors import ClipmoeError
+from .errors import ClipmoeError, first_line
 from .factory import create_transforms, get_tokenizer
 from .model import CLIP
 
@@ -97,7 +97,7 @@ def _open(item) -> Image.Image:
             with Image.open(item) as img:
                 return img.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            why = first_line(e, limit=300)
             raise ClipmoeError(f"cannot read image {item}: {why}") from None
     raise ClipmoeError(f"encode_image takes PIL images, paths or tensors, not {type(item).__name__}")
 

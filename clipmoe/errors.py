@@ -7,3 +7,9 @@ class ClipmoeError(Exception):
 
 class ConfigError(ClipmoeError, ValueError):
     """An invalid configuration: unknown key, wrong type or impossible value. Names the key."""
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type's name if it has none), for a one-line error that
+    wraps a library's exception."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

@@ -15,7 +15,7 @@ from open_clip.transform import image_transform
 from .architectures import config_from_weights, get_model_config, list_architectures
 from .checkpoint import is_clipmoe_file, load, load_weights, read_checkpoint, read_config
 from .config import ModelConfig, ModelSection, UpcycleConfig, deep_merge, from_dict, to_dict
-from .errors import ClipmoeError
+from .errors import ClipmoeError, first_line
 from .model import CLIP
 from .tokenizer import Tokenizer
 from .upcycle import is_dense_state_dict, load_upcycled
@@ -153,7 +153,7 @@ def _resolve_pretrained(arch: str, pretrained: str) -> Path:
     try:
         file = download_pretrained(cfg)
     except Exception as e:  # offline: huggingface_hub / urllib raise many types
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = first_line(e)
         raise ClipmoeError(f"could not fetch open_clip pretrained weights {arch}/{pretrained!r}: "
                            f"{type(e).__name__}: {reason}") from None
     if not file:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .adapter import check_compatible
-from .errors import ClipmoeError
+from .errors import ClipmoeError, first_line
 
 FORMAT = "clipmoe-train/1"
 _PREFIX = "step_"
@@ -115,7 +115,7 @@ def _read(path: Path) -> dict:
     except FileNotFoundError:
         raise ClipmoeError(f"train.resume: {path} is missing") from None
     except Exception as e:  # torch raises many types for a torn or foreign file; all mean "unreadable"
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        why = first_line(e)
         raise ClipmoeError(f"train.resume: {path} is not readable ({why})") from None
     if not isinstance(obj, dict):
         raise ClipmoeError(f"train.resume: {path} is not a clipmoe training checkpoint")

@@ -66,9 +66,9 @@ def test_zero_1_with_expert_parallelism_trains_as_ddp_and_resumes_exactly(ddp_ba
 
 
 def test_one_process_without_zero_and_checkpoint_mismatches(tiny_shards, tmp_path):
-    """Without a launcher the engine gets a one-rank group; without ZeRO (clipmoe clips) it ends where the plain run
-    ends. A checkpoint written without DeepSpeed does not resume under it, nor the other way round: one clear
-    error each, before any work."""
+    """Without a launcher (no LOCAL_RANK) the engine gets a one-rank group; without ZeRO (clipmoe clips) it ends
+    where the plain run ends. A checkpoint written without DeepSpeed does not resume under it, nor the other way
+    round, nor one whose engine files are torn: one clear error each."""
     from clipmoe.train import train
 
     cfg = baseline_config(tiny_shards, tmp_path, save_every=2)
@@ -76,6 +76,13 @@ def test_one_process_without_zero_and_checkpoint_mismatches(tiny_shards, tmp_pat
     plain = [{"state": result.model.state_dict(), "losses": [row["loss"] for row in result.history]}]
     z0 = variant(cfg, tmp_path / "z0", deepspeed={})
     assert_same_run(run_training(z0, tmp_path / "z0_ranks", world=1), plain)
+
+    # a torn engine file: one error, not DeepSpeed's stack trace
+    step = max((tmp_path / "z0" / "checkpoints").glob("step_*"))
+    for f in (step / "deepspeed").glob("*_states.pt"):
+        f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(Exception, match=r"DeepSpeed's state in .*deepspeed is not readable"):
+        run_training(variant(z0, tmp_path / "torn", resume=str(step)), tmp_path / "torn_ranks", world=1)
 
     with pytest.raises(ClipmoeError, match="holds no DeepSpeed state"):
         train(from_dict(RunConfig, variant(z0, tmp_path / "x", resume=str(tmp_path / "plain"))), progress=False)

@@ -70,10 +70,15 @@ def test_gathered_loss_equals_full_batch(tmp_path, kind, world):
 
 
 def _train_rank(rank: int, port: int, cfg: dict, out_dir: str, world: int = WORLD):
-    """One rank of `clipmoe train` as torchrun starts it (the process group from the environment); what it ends
-    with goes to OUT_DIR/rank{rank}.pt."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+    """One rank of `clipmoe train` as torchrun starts it (the process group from the environment), or for one
+    process as a plain `clipmoe train` runs (no launcher's environment); what it ends with goes to
+    OUT_DIR/rank{rank}.pt."""
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(world))
+    else:
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
     torch.set_num_threads(1)
     from clipmoe.config import RunConfig, from_dict
     from clipmoe.train import train
