@@ -106,12 +106,22 @@ def initialize(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, cfg: R
     try:
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                           config=engine_config(cfg, world), dist_init_required=False)
+    except Exception as e:  # mostly its config's validation (pydantic) and its checks of the combination
+        raise ClipmoeError(f"train.deepspeed: DeepSpeed's engine refused it: {_reason(e)}") from e
     finally:
         for p in params:
             del p.ds_optim_param
     if ep.is_sharded(model):
         _count_experts_in_zero_norm(engine.optimizer, model, float(cfg.optim.grad_clip or 0.0))
     return engine
+
+
+def _reason(e: Exception) -> str:
+    """One line for an exception from `deepspeed.initialize`; for a pydantic validation error, the key."""
+    if type(e).__name__ == "ValidationError" and callable(getattr(e, "errors", None)) and e.errors():
+        first = e.errors()[0]
+        return f"{'.'.join(map(str, first['loc']))}: {first['msg']} ({getattr(e, 'title', 'config')})"
+    return f"{type(e).__name__}: {first_line(e, limit=400)}"
 
 
 def _count_experts_in_zero_norm(zero, model: torch.nn.Module, max_norm: float) -> None:

@@ -153,3 +153,18 @@ def test_deepspeed_config_refuses_unsupported_combinations():
         _run_cfg(deepspeed={}, cuda_graphs=True)
     with pytest.raises(ClipmoeError, match="needs zero_optimization.stage 1 or 2"):
         engine_config(_run_cfg(deepspeed={"zero_optimization": {"stage": 0}}, expert_parallel_size=2), world=2)
+
+
+def test_engine_refusals_are_one_line():
+    """What `deepspeed.initialize` raises is wrapped as one line: for its config's validation, the key."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
+    from clipmoe.deepspeed_engine import _reason
+
+    with pytest.raises(Exception) as e:
+        DeepSpeedZeroConfig(stage=2, overlap_comm="maybe")
+    assert _reason(e.value) == "overlap_comm: Input should be a valid boolean, unable to interpret input " \
+                               "(DeepSpeedZeroConfig)"
+    assert _reason(ZeRORuntimeException("You are using ZeRO-Offload\nwith ...")) == \
+        "ZeRORuntimeException: You are using ZeRO-Offload"
