@@ -184,11 +184,10 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         model.lock_image_tower(tc.lock_image_unlocked_groups)
     if tc.lock_text:
         model.lock_text_tower(tc.lock_text_unlocked_layers)
-    groups = None
-    if tc.expert_parallel_size > 1 or (tc.deepspeed is not None and world > 1):
+    groups = ep.new_groups(tc.expert_parallel_size) if tc.expert_parallel_size > 1 else None
+    if groups is not None or (tc.deepspeed is not None and world > 1):
         ep.broadcast_model(model)  # every rank starts from rank 0's model (DDP does this itself)
-    if tc.expert_parallel_size > 1:  # each rank keeps its share of the experts
-        groups = ep.new_groups(tc.expert_parallel_size)
+    if groups is not None:  # each rank keeps its share of the experts
         ep.shard_experts(model, groups)
     if not cfg.data.train:
         raise ClipmoeError("data.train: no training shards given")

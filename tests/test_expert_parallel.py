@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import _free_port, assert_same_run, run_training, variant
+from test_distributed import _free_port, assert_same_run, baseline_config, run_training, variant
 from torch import nn
 
 from clipmoe.config import MoEConfig
@@ -183,12 +183,20 @@ def test_expert_parallel_errors():
     mp.start_processes(_errors_rank, args=(_free_port(),), nprocs=2, start_method="spawn")
 
 
-def test_expert_parallel_needs_a_process_group():
+def test_expert_parallel_needs_a_process_group(tiny_shards, tmp_path):
+    """Without a launcher, the layer's groups and `clipmoe train` (also under DeepSpeed) say how to launch."""
     from clipmoe import expert_parallel as ep
+    from clipmoe.config import RunConfig, from_dict
     from clipmoe.errors import ClipmoeError
+    from clipmoe.train import train
 
     with pytest.raises(ClipmoeError, match="torchrun"):
         ep.new_groups(2)
+    for extra in ({}, {"deepspeed": {"zero_optimization": {"stage": 2}}}):
+        cfg = variant(baseline_config(tiny_shards, tmp_path), tmp_path / "run", expert_parallel_size=2, **extra)
+        with pytest.raises(ClipmoeError, match="torchrun"):
+            train(from_dict(RunConfig, cfg), progress=False)
+    assert not dist.is_initialized()
 
 
 def test_training_with_expert_parallelism_equals_training_without(ddp_baseline, tmp_path):
