@@ -32,6 +32,10 @@ def _train(args) -> None:
     if args.deepspeed_config:  # as DeepSpeed's own scripts take it: a JSON file
         cfg.train = dataclasses.replace(cfg.train, deepspeed=_read_json(args.deepspeed_config, "--deepspeed-config"))
     result = train(cfg)
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:  # under a launcher rank 0 reports, as its progress bar did
+        return
     last = result.history[-1]
     scalars = {k: v for k, v in last.items() if k != "step" and isinstance(v, (int, float))}
     print(f"step {last['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))

@@ -368,3 +368,21 @@ def test_train_takes_a_deepspeed_config_file(tmp_path):
     (tmp_path / "z3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     r = _run("train", str(tmp_path / "run.yaml"), "--deepspeed-config", str(tmp_path / "z3.json"))
     assert r.returncode == 2 and "stages 0, 1 and 2" in r.stderr, r.stderr
+
+
+def test_train_reports_on_rank_0_only(monkeypatch, tmp_path):
+    """Under a launcher the summary is printed by rank 0 (as the progress bar is); the other ranks stay quiet."""
+    import torch.distributed as dist
+
+    import clipmoe.train
+    from clipmoe.train import TrainResult
+
+    (tmp_path / "run.yaml").write_text(json.dumps({"data": {"train": "x.tar"}}))
+    result = TrainResult(model=None, history=[{"step": 0, "loss": 1.5}], expert_load={}, data_stats={"samples": 8},
+                         out_dir=tmp_path)
+    monkeypatch.setattr(clipmoe.train, "train", lambda cfg: result)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    for rank, printed in ((1, ""), (0, "step 0: loss 1.5\ndata: {'samples': 8}\n")):
+        monkeypatch.setattr(dist, "get_rank", lambda group=None, rank=rank: rank)
+        r = _run("train", str(tmp_path / "run.yaml"))
+        assert (r.returncode, r.stdout) == (0, printed), r.stderr
