@@ -24,6 +24,8 @@ def _quickstart(args) -> None:
 
 
 def _train(args) -> None:
+    import torch.distributed as dist
+
     from .config import load_run_config
     from .train import train
 
@@ -32,8 +34,6 @@ def _train(args) -> None:
     if args.deepspeed_config:  # as DeepSpeed's own scripts take it: a JSON file
         cfg.train = dataclasses.replace(cfg.train, deepspeed=_read_json(args.deepspeed_config, "--deepspeed-config"))
     result = train(cfg)
-    import torch.distributed as dist
-
     if dist.is_initialized() and dist.get_rank() != 0:  # under a launcher rank 0 reports, as its progress bar did
         return
     last = result.history[-1]
