@@ -96,12 +96,13 @@ def _p2p(tensors: list[torch.Tensor], distances: tuple[int, ...]) -> tuple[torch
 
 
 def _pair_terms(image_features: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor, positives: bool) -> torch.Tensor:
-    """-sum log sigmoid(z (t x.y + b)) over one block of pairs: matching pairs on the diagonal if `positives`."""
+                logit_bias: torch.Tensor, first_match: Optional[int]) -> torch.Tensor:
+    """-sum log sigmoid(z (t x.y + b)) over the pairs of these images and texts: image i matches text
+    first_match + i (none matches when None)."""
     logits = logit_scale * image_features @ texts.t() + logit_bias
     labels = -torch.ones_like(logits)
-    if positives:
-        labels.diagonal().fill_(1)
+    if first_match is not None:
+        labels.diagonal(first_match).fill_(1)
     return -F.logsigmoid(labels * logits).sum()
 
 
@@ -121,16 +122,13 @@ def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     B = image_features.shape[0]
     if world == 1 or dist_impl == "gather":
         texts = gather_features(text_features, gather_with_grad) if world > 1 else text_features
-        logits = logit_scale * image_features @ texts.t() + logit_bias
-        labels = -torch.ones_like(logits)
-        labels[torch.arange(B, device=logits.device), torch.arange(B, device=logits.device) + rank * B] = 1
-        return -F.logsigmoid(labels * logits).sum() / B
-    total = _pair_terms(image_features, text_features, logit_scale, logit_bias, positives=True)
+        return _pair_terms(image_features, texts, logit_scale, logit_bias, first_match=rank * B) / B
+    total = _pair_terms(image_features, text_features, logit_scale, logit_bias, first_match=0)
     # the W - 1 other ranks' texts, the nearest first, both directions at once: from the ranks at +-1, +-2, ...,
     # and for an even W the one opposite
     for h in range(1, world // 2 + 1):
         for texts in _Exchange.apply(text_features, (h,) if 2 * h == world else (h, -h)):
-            total = total + _pair_terms(image_features, texts, logit_scale, logit_bias, positives=False)
+            total = total + _pair_terms(image_features, texts, logit_scale, logit_bias, first_match=None)
     return total / B
 
 

@@ -281,19 +281,17 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                 if expert_opt is not None:
                     expert_opt.zero_grad(set_to_none=True)
                 engine.backward(terms["loss"])
-                if groups is not None:  # clipped in the engine's step, with the rest
-                    ep.reduce_expert_grads(model)
-                deepspeed_engine.clip_grad_norm_(engine, model, cfg.optim.grad_clip)
             else:
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()
-                if groups is not None:
-                    ep.reduce_expert_grads(model)
-                if cfg.optim.grad_clip:
-                    if groups is not None:
-                        ep.clip_grad_norm_(model, cfg.optim.grad_clip)
-                    else:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            if groups is not None:
+                ep.reduce_expert_grads(model)
+            if engine is not None:  # clips only without ZeRO, whose step clips (the experts too)
+                deepspeed_engine.clip_grad_norm_(engine, model, cfg.optim.grad_clip)
+            elif cfg.optim.grad_clip and groups is not None:
+                ep.clip_grad_norm_(model, cfg.optim.grad_clip)
+            elif cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             with _held_interrupt():
                 if engine is not None:
                     engine.step()  # clips, steps the optimizer and the schedule, zeroes the gradients
