@@ -117,8 +117,10 @@ def initialize(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, cfg: R
 
 
 def _reason(e: Exception) -> str:
-    """One line for an exception from `deepspeed.initialize`; for a pydantic validation error, the key."""
-    if type(e).__name__ == "ValidationError" and callable(getattr(e, "errors", None)) and e.errors():
+    """One line for an exception from `deepspeed.initialize`; for a validation error of its config, the key."""
+    from pydantic import ValidationError  # DeepSpeed's config classes are pydantic models
+
+    if isinstance(e, ValidationError) and e.errors():
         first = e.errors()[0]
         return f"{'.'.join(map(str, first['loc']))}: {first['msg']} ({getattr(e, 'title', 'config')})"
     return f"{type(e).__name__}: {first_line(e, limit=400)}"
