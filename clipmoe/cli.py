@@ -88,6 +88,7 @@ def _encode(args) -> None:
         raise ClipmoeError("give --text or --image (one or more values)")
     features = encode_text(args.text, model=args.model) if args.text else encode_image(args.image, model=args.model)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         torch.save(features, args.out)  # a plain tensor; read back with torch.load(weights_only=True)
         print(f"wrote {tuple(features.shape)} embeddings to {args.out}")
     else:

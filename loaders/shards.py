@@ -2,9 +2,11 @@
 `NNNNN_stats.json` beside each tar) plus a `manifest.json` of per-shard sample counts and checksums."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -84,11 +86,16 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 def records_from_folder(folder: str | Path) -> list[tuple[str, str]]:
     """(image path, caption) for each image with a same-named .txt caption beside it."""
     folder = Path(folder)
-    out = []
+    out, uncaptioned = [], []
     for img in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         cap = img.with_suffix(".txt")
         if cap.is_file():
             out.append((str(img), cap.read_text(encoding="utf-8", errors="replace").strip()))
+        else:
+            uncaptioned.append(img)
+    if uncaptioned:
+        warnings.warn(f"{len(uncaptioned)} images in {folder} have no same-named .txt caption and are left out "
+                      f"(e.g. {uncaptioned[0]})", stacklevel=2)
     return out
 
 
@@ -118,10 +125,11 @@ def records_from_table(table: str | Path, image_col: str = "image",
     return [(str(table.parent / r[image_col]), str(r[caption_col])) for r in rows]
 
 
-def _write_one(job) -> dict:
+def _write_one(job) -> tuple[dict, list[str]]:
+    """One shard: its manifest entry, and "path: reason" for each image that could not be read."""
     index, records, out, resize = job
     name = f"{index:05d}.tar"
-    written, failed = 0, 0
+    written, failed = 0, []
     with wds.TarWriter(str(Path(out) / name)) as sink:
         for i, (path, caption) in enumerate(records):
             try:
@@ -130,21 +138,23 @@ def _write_one(job) -> dict:
                     if resize and max(img.size) > resize:
                         img.thumbnail((resize, resize), Image.BICUBIC)
                     data = encode_image(img)
-            except (OSError, ValueError, Image.DecompressionBombError):
-                failed += 1
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                failed.append(f"{path}: {e}")
                 continue
             key = f"{index:05d}{i:05d}"
             sink.write({"__key__": key, "jpg": data, "txt": caption,
                         "json": {"key": key, "status": "success", "caption": caption, "source": path}})
             written += 1
-    stats = {"count": len(records), "successes": written, "failed_to_download": failed}
+    stats = {"count": len(records), "successes": written, "failed_to_download": len(failed)}
     (Path(out) / f"{index:05d}_stats.json").write_text(json.dumps(stats))
-    return {"name": name, "count": written, "sha256": _sha256(Path(out) / name)}
+    return {"name": name, "count": written, "sha256": _sha256(Path(out) / name)}, failed
 
 
 def write_shards_from_records(records: list[tuple[str, str]], out_dir: str | Path, *, samples_per_shard: int = 1000,
                               resize: int | None = None, processes: int = 1, progress: bool = True) -> dict:
-    """Image files + captions -> shards in the img2dataset layout, one shard per job across processes."""
+    """Image files + captions -> shards in the img2dataset layout, one shard per job across processes. Images that
+    cannot be read are left out, counted in each shard's NNNNN_stats.json (as img2dataset counts failed
+    downloads) and in one warning."""
     from multiprocessing import get_context
 
     from tqdm.auto import tqdm
@@ -154,17 +164,17 @@ def write_shards_from_records(records: list[tuple[str, str]], out_dir: str | Pat
     jobs = [(i, records[s:s + samples_per_shard], str(out), resize)
             for i, s in enumerate(range(0, len(records), samples_per_shard))]
     bar = tqdm(total=len(jobs), desc="shards", disable=not progress)
-    shards = []
-    if processes > 1:
-        with get_context("spawn").Pool(processes) as pool:
-            for rec in pool.imap(_write_one, jobs):
-                shards.append(rec)
-                bar.update(1)
-    else:
-        for job in jobs:
-            shards.append(_write_one(job))
+    shards, failed = [], []
+    with contextlib.ExitStack() as stack:
+        run = stack.enter_context(get_context("spawn").Pool(processes)).imap if processes > 1 else map
+        for rec, bad in run(_write_one, jobs):
+            shards.append(rec)
+            failed += bad
             bar.update(1)
     bar.close()
+    if failed:
+        warnings.warn(f"{len(failed)} of {len(records)} images could not be read and are left out (e.g. {failed[0]})",
+                      stacklevel=2)
     manifest = {"num_samples": sum(s["count"] for s in shards), "shards": shards}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest

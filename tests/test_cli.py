@@ -119,6 +119,10 @@ def test_upcycle_and_encode(tmp_path):
     assert len(rows) == 2 and len(rows[0]) == 32
     expected = clipmoe.encode_text(["a red square", "two circles"], model=out)
     assert max(abs(a - b) for a, b in zip(rows[1], expected[1].tolist())) < 1e-5
+    saved = tmp_path / "new" / "folder" / "text.pt"  # a folder that does not exist yet, as for every output
+    r = _run("encode", "--model", str(out), "--text", "a red square", "--out", str(saved))
+    assert r.returncode == 0, r.stderr
+    assert torch.allclose(torch.load(saved, weights_only=True), expected[:1], atol=1e-5)
 
 
 def test_upcycle_open_clip_weights_without_arch(tmp_path):
@@ -329,11 +333,19 @@ def test_shards_from_folder_and_table_then_check(tmp_path):
         (src / f"{s['key']}.txt").write_text(s["caption"])
     (src / "broken.png").write_bytes(b"not a png")
     (src / "broken.txt").write_text("a broken image")
+    (src / "uncaptioned.png").write_bytes((src / "broken.png").read_bytes())
     r = _run("shards", "--images", str(src), "--out", str(tmp_path / "out"), "--per-shard", "10",
              "--resize", "48", "--processes", "2")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["num_samples"] == 25 and len(manifest["shards"]) == 3
+    # what was left out is said, one line each, not only counted in the stats files
+    warned = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert len(warned) == 2, r.stderr
+    assert "1 images in" in warned[0] and "uncaptioned.png" in warned[0]
+    assert "1 of 26 images could not be read" in warned[1] and "broken.png: cannot identify" in warned[1]
+    assert sum(json.loads((tmp_path / "out" / f"0000{i}_stats.json").read_text())["failed_to_download"]
+               for i in range(3)) == 1
     r = _run("shards", "--check", str(tmp_path / "out"))
     assert r.returncode == 0 and r.stdout.count(" ok") >= 3, r.stdout
     import loaders
