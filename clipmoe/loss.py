@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .config import LossConfig
 from .errors import ClipmoeError
@@ -26,13 +26,38 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+class _AllGather(torch.autograd.Function):
+    """All ranks' rows of x, concatenated in rank order; each rank's gradient is the sum over ranks of the
+    gradients of its rows. (torch.distributed.nn's all_gather does this, but it is deprecated, warns at every
+    call, under torchrun at every step, and its successor is private.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):
+        rank, world = _world()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        if dist.get_backend() == dist.Backend.NCCL:
+            mine = g.new_empty((ctx.rows, *g.shape[1:]))
+            dist.reduce_scatter_tensor(mine, g.contiguous())
+            return mine
+        total = g.clone(memory_format=torch.contiguous_format)  # gloo has no reduce-scatter
+        dist.all_reduce(total)
+        return total[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_features(features: torch.Tensor, with_grad: bool) -> torch.Tensor:
     """All ranks' features, concatenated in rank order. With grad, gradients flow to every rank."""
     rank, world = _world()
     if world == 1:
         return features
     if with_grad:
-        return torch.cat(dist_fn.all_gather(features), dim=0)
+        return _AllGather.apply(features)
     parts = [torch.empty_like(features) for _ in range(world)]
     dist.all_gather(parts, features.detach())
     parts[rank] = features  # keep the local gradient path
