@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:  # training's says what it kept: "interrupted after 40 of 500 steps; ..."
         print(f"clipmoe {args.command}: {e or 'interrupted'}", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)  # as the shell reports a signal: 130 Ctrl-C, 143 SIGTERM
     return 0
 
 

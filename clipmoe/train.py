@@ -52,35 +52,66 @@ class TrainResult:
     steps: int = 0  # optimizer steps taken: train.steps, or fewer after Ctrl-C
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during `train`, raised after the steps done were written out (model, log, plots; rank 0):
-    `result` is that shorter run."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during `train`: what `kill`, `timeout`, SLURM (before it kills a job at its time limit or to
+    preempt it) and torchrun's shutdown send first. Training stops as at Ctrl-C."""
 
-    def __init__(self, result: TrainResult, total: int):
+    signum = signal.SIGTERM
+
+    def __init__(self, message: str = "terminated (SIGTERM)"):
+        super().__init__(message)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, see `Terminated`) during `train`, raised after the steps done were written out (model,
+    log, plots; rank 0): `result` is that shorter run, `signum` the signal that stopped it."""
+
+    def __init__(self, result: TrainResult, total: int, signum: int = signal.SIGINT):
         where = f"; its model: {result.files['model']}" if "model" in result.files else ""
         if result.files.get("checkpoint"):
             where += f"; to continue: --resume {result.files['checkpoint']}"
-        super().__init__(f"interrupted after {result.steps} of {total} steps{where}")
-        self.result = result
+        how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+        super().__init__(f"{how} after {result.steps} of {total} steps{where}")
+        self.result, self.signum = result, signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def _terminate_as_interrupt() -> Callable[[], None]:
+    """Makes SIGTERM raise `Terminated` until the returned function is called; only where the signal's default
+    action (to die at once, writing nothing) is installed, in the main thread: a handler someone else set stays
+    theirs."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_STOPPING = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_terminated}
 
 
 @contextlib.contextmanager
 def _held_interrupt():
-    """Holds Ctrl-C (SIGINT) until the block ends, so that it never leaves the parameters half-updated (the
-    optimizer updates them one tensor at a time). Only where Python's own handler is installed, in the main
-    thread: a handler someone else set stays theirs."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    """Holds Ctrl-C (SIGINT) and SIGTERM until the block ends, so that they never leave the parameters half-updated
+    (the optimizer updates them one tensor at a time). Only signals that Python's or clipmoe's own handler turns
+    into an exception, in the main thread: a handler someone else set stays theirs."""
+    held = [s for s, handler in _STOPPING.items() if signal.getsignal(s) is handler]
+    if threading.current_thread() is not threading.main_thread() or not held:
         yield
         return
     pending = []
-    signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    for s in held:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for s in held:
+            signal.signal(s, _STOPPING[s])
     if pending:
-        raise KeyboardInterrupt
+        raise Terminated if pending[0] == signal.SIGTERM else KeyboardInterrupt
 
 
 def cpu_bf16_matmul_is_slow() -> bool:
@@ -151,8 +182,8 @@ def _batches(loader: loaders.ImageTextLoader, resuming: bool = False):
 def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -> TrainResult:
     """Trains `model` (or the one `cfg.model` names) on `cfg.data.train` for `cfg.train.steps` steps.
 
-    Ctrl-C writes out the steps done as a shorter run and raises `TrainingInterrupted` (a KeyboardInterrupt)
-    holding it."""
+    Ctrl-C or SIGTERM writes out the steps done as a shorter run (with a checkpoint where `train.save_every` is set,
+    on one process) and raises `TrainingInterrupted` (a KeyboardInterrupt) holding it."""
     tc = cfg.train
     device = resolve_device(tc.device)
     if device.type == "cuda":
@@ -267,6 +298,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not progress or rank != 0, dynamic_ncols=True)
     done = start  # steps taken
     snap = resume.snapshot(start, loader) if tc.save_every else None  # as of the last finished step
+    restore_sigterm = _terminate_as_interrupt()
     try:
         for step in range(start, tc.steps):
             batch = next(batches)
@@ -330,10 +362,13 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
             logged = _write_log_rows(log, history, logged)  # after the evaluation, which adds to its row
             if tc.save_every and (done % tc.save_every == 0 or done == tc.steps):
                 checkpoint(snap)
-    except KeyboardInterrupt:
-        # Ctrl-C: the steps done are a shorter run, written out like a finished one (never lost work)
+    except KeyboardInterrupt as e:
+        # Ctrl-C or SIGTERM: the steps done are a shorter run, written out like a finished one (never lost work); a
+        # second signal stops the writing, as it would without clipmoe
+        restore_sigterm()
         if done == start:
             raise
+        stopped_by = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
         logged = _write_log_rows(log, history, logged)
         # resumable (not under DDP, where a rank may be gone); unless this step's checkpoint is already written
         if tc.save_every and world == 1 and snap.step == done and not (saved and saved[-1].name.endswith(
@@ -343,6 +378,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     else:
         interrupted = False
     finally:
+        restore_sigterm()
         bar.close()
         if log is not None:
             log.close()
@@ -362,7 +398,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         if saved:
             result.files["checkpoint"] = saved[-1]
     if interrupted:
-        raise TrainingInterrupted(result, tc.steps)
+        raise TrainingInterrupted(result, tc.steps, stopped_by)
     return result
 
 

@@ -77,15 +77,18 @@ def test_log_is_written_as_the_run_goes(tiny_shards, tmp_path, monkeypatch):
     assert rows[0]["moe"][0]["tower"] == "image"
 
 
-def _interrupt_at(calls: int):
-    """A decorator: the wrapped function sends this process Ctrl-C (SIGINT) at its `calls`-th call, then runs."""
+def _interrupt_at(calls: int, signum: int = signal.SIGINT):
+    """A decorator: the wrapped function sends this process Ctrl-C (SIGINT), or `signum`, at its `calls`-th call,
+    then runs."""
     seen = []
 
     def wrap(fn):
         def wrapped(*args, **kwargs):
             seen.append(None)
             if len(seen) == calls:
-                os.kill(os.getpid(), signal.SIGINT)
+                # SIGTERM's default action would end the test run itself, not only the training
+                assert signal.getsignal(signum) is not signal.SIG_DFL, f"no handler for {signum!r}"
+                os.kill(os.getpid(), signum)
             return fn(*args, **kwargs)
         return wrapped
     return wrap
@@ -109,19 +112,25 @@ def test_ctrl_c_writes_the_steps_done_and_exits_130(tiny_shards, tmp_path, monke
         assert (tmp_path / "run" / plot).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_ctrl_c_checkpoint_resumes_exactly(tiny_shards, tmp_path, monkeypatch, capsys):
-    """Ctrl-C in the 4th step's forward (its batch already drawn) with checkpoints on: the checkpoint is of the 3
-    steps done, and `--resume latest` continues to the weights of an uninterrupted run."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_checkpoint_resumes_exactly(tiny_shards, tmp_path, monkeypatch, capsys, signum):
+    """Ctrl-C (or SIGTERM: `kill`, `timeout`, SLURM's time limit) in the 4th step's forward (its batch already
+    drawn) with checkpoints on: the checkpoint is of the 3 steps done, and `--resume latest` continues to the
+    weights of an uninterrupted run."""
     import clipmoe.train as train_module
     from clipmoe.cli import main
 
     straight = train(_cfg(tiny_shards, tmp_path / "straight", steps=8, log_every=1), progress=False)
-    monkeypatch.setattr(train_module, "total_loss", _interrupt_at(4)(total_loss))
+    monkeypatch.setattr(train_module, "total_loss", _interrupt_at(4, signum)(total_loss))
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(_cfg_dict(tiny_shards, tmp_path, steps=8, log_every=1,
                                                               save_every=5)))
-    assert main(["train", str(tmp_path / "c.yaml")]) == 130
+    assert main(["train", str(tmp_path / "c.yaml")]) == 128 + signum
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # only while training
     step3 = tmp_path / "run" / "checkpoints" / "step_00000003"
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"; to continue: --resume {step3}")
+    how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"clipmoe train: {how} after 3 of 8 steps; its model: {tmp_path / 'run' / 'model.safetensors'}; "
+        f"to continue: --resume {step3}")
     monkeypatch.setattr(train_module, "total_loss", total_loss)
     assert main(["train", str(tmp_path / "c.yaml"), "--resume", "latest"]) == 0
     resumed = clipmoe.load(tmp_path / "run" / "model.safetensors")
@@ -163,7 +172,7 @@ def test_ctrl_c_before_the_first_step_is_a_plain_interrupt(tiny_shards, tmp_path
 
 
 def test_held_interrupt_raises_when_the_block_ends():
-    from clipmoe.train import _held_interrupt
+    from clipmoe.train import Terminated, _held_interrupt, _raise_terminated, _terminate_as_interrupt
 
     ran = []
     with pytest.raises(KeyboardInterrupt):
@@ -172,6 +181,17 @@ def test_held_interrupt_raises_when_the_block_ends():
             time.sleep(0.05)  # the signal would have been delivered here
             ran.append("after")
     assert ran == ["after"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    restore = _terminate_as_interrupt()  # SIGTERM as training has it: held too, then raised as Terminated
+    try:
+        with pytest.raises(Terminated):
+            with _held_interrupt():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                ran.append("after SIGTERM")
+        assert ran[-1] == "after SIGTERM" and signal.getsignal(signal.SIGTERM) is _raise_terminated
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     with _held_interrupt():  # no Ctrl-C: nothing raised
         pass
     mine = signal.signal(signal.SIGINT, lambda *a: ran.append("mine"))  # someone else's handler stays theirs
@@ -179,7 +199,7 @@ def test_held_interrupt_raises_when_the_block_ends():
         with _held_interrupt():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
-        assert ran == ["after", "mine"]
+        assert ran == ["after", "after SIGTERM", "mine"]
     finally:
         signal.signal(signal.SIGINT, mine)
 
