@@ -14,10 +14,14 @@ engine's clipping norm counts them (see `initialize`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import difflib
+import logging
 import math
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,6 +74,80 @@ def engine_config(cfg: RunConfig, world: int) -> dict:
     ds.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW under ZeRO
     ds.setdefault("steps_per_print", 2**31 - 1)  # clipmoe logs the steps itself
     return ds
+
+
+def check_config(cfg: RunConfig, world: int) -> None:
+    """`cfg.train.deepspeed` checked before any work: against clipmoe's config (`engine_config`), by DeepSpeed's
+    own config reader, and for top-level keys DeepSpeed does not know. DeepSpeed ignores those, so a misspelt
+    `zero_optimizaton` would train without ZeRO: a key close to one it knows is an error, another a warning."""
+    ds = engine_config(cfg, world)
+    try:
+        import deepspeed
+        from deepspeed.runtime.config import DeepSpeedConfig
+    except ImportError as e:
+        raise ClipmoeError(f"train.deepspeed needs DeepSpeed (pip install deepspeed): {e}") from None
+    # its batch-size check reads the world size from a process group DeepSpeed may not have joined yet: it
+    # computes the same train_batch_size itself
+    probe = _AskedKeys({k: v for k, v in ds.items() if k != "train_batch_size"})
+    try:
+        with _quiet(deepspeed.utils.logger):  # it logs its whole config at INFO; the engine logs it again
+            DeepSpeedConfig(probe)
+    except Exception as e:
+        raise ClipmoeError(f"train.deepspeed: DeepSpeed's engine refused it: {_reason(e)}") from e
+    version = deepspeed.__version__
+    for key in (k for k in ds if k not in probe.asked and k != "train_batch_size"):
+        close = difflib.get_close_matches(key, sorted(probe.asked), n=1, cutoff=0.8)
+        if close:
+            raise ClipmoeError(f"train.deepspeed.{key}: DeepSpeed {version} has no such key; did you mean "
+                               f"{close[0]!r}? (it would ignore it)")
+        warnings.warn(f"train.deepspeed.{key}: DeepSpeed {version} does not read this key; it is ignored",
+                      stacklevel=2)
+
+
+class _AskedKeys(dict):
+    """A config dict that records every key its reader asks for, there or not (DeepSpeed asks for each key it
+    knows, with a default); its copies record into the same set."""
+
+    def __init__(self, data, asked: set | None = None):
+        super().__init__(data)
+        self.asked = set() if asked is None else asked
+
+    def get(self, key, default=None):
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.asked.add(key)
+        return super().__contains__(key)
+
+    def __copy__(self):
+        return _AskedKeys(self, self.asked)
+
+    def __deepcopy__(self, memo):
+        return _AskedKeys(copy.deepcopy(dict(self), memo), self.asked)
+
+
+def quiet_step_warnings(scope: contextlib.ExitStack) -> None:
+    """Until `scope` closes, hides the deprecation warnings of torch functions that DeepSpeed's step calls (under
+    ZeRO, `all_gather_into_tensor`): nothing a clipmoe user can change, repeated at every step by every rank
+    (torch's filters, reset at each step, let each through again)."""
+    scope.enter_context(warnings.catch_warnings())
+    # torch attributes them to its own wrapper (torch.distributed.c10d_logger), not to DeepSpeed: by message
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def ensure_process_group(device: torch.device) -> None:

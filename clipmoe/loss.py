@@ -44,7 +44,9 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         if dist.get_backend() == dist.Backend.NCCL:
             mine = g.new_empty((ctx.rows, *g.shape[1:]))
-            dist.reduce_scatter_tensor(mine, g.contiguous())
+            # torch 2.14 deprecates reduce_scatter_tensor for reduce_scatter_single, which older torch lacks
+            reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            reduce_scatter(mine, g.contiguous())
             return mine
         total = g.clone(memory_format=torch.contiguous_format)  # gloo has no reduce-scatter
         dist.all_reduce(total)

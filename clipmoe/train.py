@@ -192,7 +192,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
             torch.cuda.set_device(device)
     rank, world = _distributed(device)
     if tc.deepspeed is not None:
-        deepspeed_engine.engine_config(cfg, world)  # a DeepSpeed config that contradicts clipmoe's: an error now
+        deepspeed_engine.check_config(cfg, world)  # a DeepSpeed config that contradicts clipmoe's: an error now
     torch.manual_seed(tc.seed + rank)
     random.seed(tc.seed + rank)
     if tc.precision == "bf16" and device.type == "cpu" and cpu_bf16_matmul_is_slow():
@@ -299,6 +299,9 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     done = start  # steps taken
     snap = resume.snapshot(start, loader) if tc.save_every else None  # as of the last finished step
     restore_sigterm = _terminate_as_interrupt()
+    scope = contextlib.ExitStack()  # what holds only while the loop runs (closed in the finally below)
+    if engine is not None:
+        deepspeed_engine.quiet_step_warnings(scope)
     try:
         for step in range(start, tc.steps):
             batch = next(batches)
@@ -379,6 +382,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         interrupted = False
     finally:
         restore_sigterm()
+        scope.close()
         bar.close()
         if log is not None:
             log.close()

@@ -24,6 +24,12 @@ from .transforms import TrainTransform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _MEMBERS = set(IMAGE_EXTS) | {"txt", "json"}
+
+
+def _wanted(name: str) -> bool:  # the tar members read; others (e.g. .pyd, which webdataset would unpickle) are not
+    return name.rsplit(".", 1)[-1].lower() in _MEMBERS
+
+
 MAX_CAPTION_CHARS = 10_000
 
 
@@ -271,14 +277,22 @@ class ImageTextLoader:
             counts[reason] += 1
             return True
 
+        def kept(url: str, opened: list):  # webdataset leaves a shard's file open when its reader stops mid-shard
+            for source in tariterators.url_opener([{"url": url}], handler=handler):
+                opened.append(source["stream"])
+                yield source
+
         for url in self._my_shards(worker, workers):
-            streams = tariterators.url_opener([{"url": url}], handler=handler)
-            files = tariterators.tar_file_expander(
-                streams, handler=handler, select_files=lambda name: name.rsplit(".", 1)[-1].lower() in _MEMBERS)
+            opened = []
+            members = tariterators.tar_file_expander(kept(url, opened), handler=handler, select_files=_wanted)
             n = 0
-            for sample in tariterators.group_by_keys(files, handler=handler):
-                n += 1
-                yield sample
+            try:
+                for sample in tariterators.group_by_keys(members, handler=handler):
+                    n += 1
+                    yield sample
+            finally:  # also when training ends mid-shard (this generator is closed)
+                for stream in opened:
+                    stream.close()
             expected = expected_count(url)
             if expected is not None and n < expected and url not in truncated:
                 if self.strict:

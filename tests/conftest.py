@@ -80,4 +80,5 @@ def ddp_baseline(tiny_shards, tmp_path_factory):
     cfg = baseline_config(tiny_shards, tmp)
     ranks = run_training(cfg, tmp / "ranks")
     assert ranks[0]["state"]["logit_scale"].item() == pytest.approx(math.log(100))  # the clamp held it
+    assert [r["warnings"] for r in ranks] == [[], []]  # e.g. a deprecated collective would warn at every step
     return cfg, ranks, tmp / "run"

@@ -1,13 +1,14 @@
 """`clipmoe train` under DeepSpeed's engine (ZeRO 0-2) on real gloo ranks: the same run as plain DDP, resumed bit
 for bit from its checkpoints; the DeepSpeed config checked against clipmoe's."""
 import math
+import warnings
 
 import pytest
 import torch
 from test_distributed import assert_same_run, baseline_config, run_training, variant
 
 from clipmoe.config import RunConfig, from_dict
-from clipmoe.deepspeed_engine import check_resumable, engine_config
+from clipmoe.deepspeed_engine import check_config, check_resumable, engine_config
 from clipmoe.errors import ClipmoeError, ConfigError
 
 pytest.importorskip("deepspeed")
@@ -22,6 +23,9 @@ def test_zero_2_trains_as_ddp_and_resumes_exactly(ddp_baseline, tmp_path):
                  keep_checkpoints=2)
     stage2 = run_training(z2, tmp_path / "z2_ranks")
     assert_same_run(stage2, ddp)
+    # none, so none repeated at every step: DeepSpeed's ZeRO step calls torch functions that warn of their
+    # deprecation each time (its file handles left open by the loader warned once)
+    assert [r["warnings"] for r in stage2] == [[], []]
     assert "model" in stage2[0]["files"] and stage2[1]["files"] == []
     step2 = tmp_path / "z2" / "checkpoints" / "step_00000002"
     # the engine's state without its copy of the weights, which are whole in clipmoe's state.pt
@@ -47,6 +51,7 @@ def test_zero_1_with_expert_parallelism_trains_as_ddp_and_resumes_exactly(ddp_ba
                  save_every=2, keep_checkpoints=2)
     runs = run_training(z1, tmp_path / "z1_ranks")
     assert_same_run(runs, ddp)  # the clip binds in the baseline: a norm without the experts would differ
+    assert [r["warnings"] for r in runs] == [[], []]
     assert "model" in runs[0]["files"] and runs[1]["files"] == []
 
     step2 = tmp_path / "z1" / "checkpoints" / "step_00000002"
@@ -153,6 +158,28 @@ def test_deepspeed_config_refuses_unsupported_combinations():
         _run_cfg(deepspeed={}, cuda_graphs=True)
     with pytest.raises(ClipmoeError, match="needs zero_optimization.stage 1 or 2"):
         engine_config(_run_cfg(deepspeed={"zero_optimization": {"stage": 0}}, expert_parallel_size=2), world=2)
+
+
+def test_deepspeed_keys_it_does_not_know():
+    """DeepSpeed ignores a top-level key it does not know (a misspelt `zero_optimizaton` would train without ZeRO):
+    one close to a key it reads is an error that names that key, another a warning. Keys it reads pass silently;
+    its own validation of a section is one line."""
+    with pytest.raises(ClipmoeError, match=r"^train\.deepspeed\.zero_optimizaton: DeepSpeed \S+ has no such key; "
+                                           r"did you mean 'zero_optimization'\?"):
+        check_config(_run_cfg(deepspeed={"zero_optimizaton": {"stage": 1}}), world=2)
+    with pytest.raises(ClipmoeError, match=r"train\.deepspeed\.wall_clock_breakdwon: .*'wall_clock_breakdown'"):
+        check_config(_run_cfg(deepspeed={"wall_clock_breakdwon": True}), world=1)
+    with pytest.warns(UserWarning, match=r"^train\.deepspeed\.notes: DeepSpeed \S+ does not read this key"):
+        check_config(_run_cfg(deepspeed={"notes": "run 7", "zero_optimization": {"stage": 1}}), world=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_config(_run_cfg(deepspeed={
+            "zero_optimization": {"stage": 2, "overlap_comm": True}, "wall_clock_breakdown": False,
+            "activation_checkpointing": {"partition_activations": False}, "flops_profiler": {"enabled": False},
+            "tensorboard": {"enabled": False}, "communication_data_type": "fp32", "dump_state": False,
+            "checkpoint": {"tag_validation": "Warn"}, "data_types": {"grad_accum_dtype": "fp32"}}), world=2)
+    with pytest.raises(ClipmoeError, match=r"refused it: stag: Extra inputs are not permitted \(DeepSpeedZeroConfig\)"):
+        check_config(_run_cfg(deepspeed={"zero_optimization": {"stag": 1}}), world=1)
 
 
 def test_engine_refusals_are_one_line():

@@ -88,9 +88,12 @@ def _train_rank(rank: int, port: int, cfg: dict, out_dir: str, world: int = WORL
     from clipmoe.train import train
 
     try:
-        result = train(from_dict(RunConfig, cfg), progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = train(from_dict(RunConfig, cfg), progress=False)
         torch.save({"state": result.model.state_dict(), "stats": result.data_stats, "files": sorted(result.files),
-                    "losses": [row["loss"] for row in result.history]}, f"{out_dir}/rank{rank}.pt")
+                    "losses": [row["loss"] for row in result.history],
+                    "warnings": [f"{w.category.__name__}: {w.message}" for w in caught]}, f"{out_dir}/rank{rank}.pt")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
