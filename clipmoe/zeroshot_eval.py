@@ -38,6 +38,14 @@ def zeroshot_eval(model: Union[str, Path, CLIP], datasets: Sequence[str], data_r
     class-per-folder tree at `data_root`). A dataset that cannot be opened gets an `error` entry and the
     others still run. With `out`, writes the results as JSON (metrics, dataset, model, templates) and a bar
     chart of each dataset's main metric beside it (same name, .png)."""
+    for flag, path, read in (("classnames_file", classnames_file, zeroshot.read_classnames),
+                             ("templates_file", templates_file, zeroshot.read_templates)):
+        if path is not None:  # once here, not as the same error for every dataset
+            try:
+                read(path)
+            except (OSError, ValueError) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise ClipmoeError(f"{flag}: {why if str(path) in why else f'{path}: {why}'}") from None
     clip = _model(model, pretrained, device).eval()
     model_device = next(clip.parameters()).device
     _, transform = create_transforms(clip.config)

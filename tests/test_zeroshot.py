@@ -144,6 +144,14 @@ def test_user_classnames_and_templates_files(tmp_path):
 
     with pytest.raises(ValueError, match="bad.json"):
         zeroshot.read_templates(tmp_path / "bad.json")
+    # a template must take the class name: not a bare sentence, nor a field of another name (a KeyError at the
+    # first class, in the middle of an evaluation)
+    for bad in ("a photo of {x}", "a photo", "a {0} and {1}"):
+        (tmp_path / "bad.txt").write_text(f"a photo of a {{c}}.\n{bad}\n")
+        with pytest.raises(ValueError, match=r"bad.txt: template .* has no \{c\} \(or \{\}\)"):
+            zeroshot.read_templates(tmp_path / "bad.txt")
+    (tmp_path / "ok.json").write_text('["{c}, {c}", "a {} drawing", "{c} in {braces}"]')
+    assert len(zeroshot.read_templates(tmp_path / "ok.json")) == 3
     assert zeroshot.fill("a {} drawing", "cat") == "a cat drawing"
 
 

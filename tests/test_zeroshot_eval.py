@@ -2,6 +2,7 @@
 recomputed independently), CLIP_benchmark's WebDataset export (classification and retrieval), ImageNet
 folder layouts, missing data, and the `clipmoe zeroshot` command."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -144,6 +145,15 @@ def test_cli_folder_with_user_files(model_path, folder_root, tmp_path, capsys):
     assert res["templates"] == ["a {c} patch"] and res["num_classes"] == 3
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     assert main(["zeroshot", "--list"]) == 0 and "imagenet1k" in capsys.readouterr().out
+    # a file that cannot be read: one error before any work, not a failure of every dataset
+    (tmp_path / "t.txt").write_text("a photo of {x}\n")
+    for flag, path, said in (("--templates", tmp_path / "none.txt", "templates_file: .*none.txt: No such file"),
+                             ("--classnames", tmp_path / "none.txt", "classnames_file: .*none.txt: No such file"),
+                             ("--templates", tmp_path / "t.txt", r"templates_file: .*t.txt: template 'a photo of \{x\}'")):
+        code = main(["zeroshot", "--model", str(model_path), "--datasets", "folder,cifar10", "--data-root",
+                     str(folder_root), flag, str(path)])
+        captured = capsys.readouterr()
+        assert code == 2 and captured.out == "" and re.fullmatch(f"clipmoe zeroshot: error: {said}.*\n", captured.err)
 
 
 def test_corrupt_image_fails_its_dataset_only(model_path, folder_root, tmp_path):

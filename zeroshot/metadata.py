@@ -111,11 +111,26 @@ def read_templates(path: Union[str, Path]) -> Union[list[str], dict[str, list[st
     if path.suffix == ".json":
         value = json.loads(text)
         if isinstance(value, list) and all(isinstance(t, str) for t in value):
-            return value
+            return _checked_templates(path, value)
         if isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
             return {str(k): [str(p) for p in v] for k, v in value.items()}
         raise ValueError(f"{path}: expected a JSON list of templates or a dict class -> prompts")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"{path}: no templates")
-    return lines
+    return _checked_templates(path, lines)
+
+
+def _checked_templates(path: Path, templates: list[str]) -> list[str]:
+    """Each template must take the class name at `{c}` or `{}` (and have no other `{...}` field, which would
+    fail at the first class, or mislead quietly)."""
+    for t in templates:
+        if "{c}" in t:
+            continue
+        try:
+            filled = t.format("\0")
+        except (IndexError, KeyError, ValueError):
+            filled = None
+        if filled is None or "\0" not in filled:
+            raise ValueError(f"{path}: template {t!r} has no {{c}} (or {{}}) where the class name goes")
+    return templates
