@@ -3,6 +3,7 @@ open_clip / OpenAI checkpoints (.safetensors, .bin, .pt, .pth; TorchScript archi
 from __future__ import annotations
 
 import json
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -155,7 +156,9 @@ def _is_torch_save(path: Path) -> bool:
 
 def _read_torchscript(path: Path) -> dict:
     try:
-        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # torch deprecates TorchScript, in which OpenAI's checkpoints stay
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
     except Exception as e:
         raise ClipmoeError(f"{path}: not a readable TorchScript checkpoint ({_first_line(e)})") from None
     return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}

@@ -10,6 +10,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -112,6 +113,13 @@ def _held_interrupt():
             signal.signal(s, _STOPPING[s])
     if pending:
         raise Terminated if pending[0] == signal.SIGTERM else KeyboardInterrupt
+
+
+def bar_interval(stream) -> float:
+    """Seconds between redraws of the progress bar: tqdm's 0.1 on a terminal; in a log file (SLURM's, nohup's),
+    where each redraw is kept as another line of the file, 30."""
+    isatty = getattr(stream, "isatty", None)
+    return 0.1 if isatty is not None and isatty() else 30.0
 
 
 def cpu_bf16_matmul_is_slow() -> bool:
@@ -295,7 +303,8 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     # resumed run's log is the checkpoint's rows, then the new ones
     log = (out_dir / "metrics.jsonl").open("w") if rank == 0 else None
     logged = _write_log_rows(log, history, 0)
-    bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not progress or rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not progress or rank != 0, dynamic_ncols=True,
+               mininterval=bar_interval(sys.stderr))
     done = start  # steps taken
     snap = resume.snapshot(start, loader) if tc.save_every else None  # as of the last finished step
     restore_sigterm = _terminate_as_interrupt()
@@ -354,7 +363,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                     logged = _write_log_rows(log, history, logged)
                     raise ClipmoeError(f"loss is {row['loss']} at step {step}; lower optim.lr or use precision fp32"
                                        + (f" (the log so far: {log.name})" if log else ""))
-                bar.set_postfix(loss=f"{row['loss']:.3f}")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)  # shown at the next redraw
             bar.update(1)
             ev = cfg.eval
             if ev.zeroshot and ((ev.every and (step + 1) % ev.every == 0) or step == tc.steps - 1):

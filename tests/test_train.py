@@ -513,3 +513,20 @@ def test_each_launched_process_takes_its_own_gpu():
     assert local_device(torch.device("cpu"), "3", gpus=0) == torch.device("cpu")
     with pytest.raises(ClipmoeError, match="LOCAL_RANK 2, but this machine has 2 GPU"):
         local_device(cuda, "2", gpus=2)
+
+
+def test_progress_bar_redraws_rarely_in_a_log_file(tiny_shards, tmp_path, capsys):
+    """On a terminal the bar redraws 10 times a second; in a log file every redraw stays as another line, so there
+    it redraws every 30 s."""
+    import io
+
+    from clipmoe.train import bar_interval
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert bar_interval(Terminal()) == 0.1 and bar_interval(io.StringIO()) == 30.0
+    train(_cfg(tiny_shards, tmp_path, steps=40), progress=True)  # pytest's stderr is not a terminal
+    redraws = capsys.readouterr().err.count("\r")
+    assert 1 <= redraws <= 4, redraws  # the start, the end (tqdm redraws at close), not every step
