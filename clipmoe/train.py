@@ -214,6 +214,9 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     resume_from = resume.resolve(tc.resume, tc.out_dir) if tc.resume else None
     if resume_from is not None:
         shared, mine = resume.load_checkpoint(resume_from, rank, world)
+        if shared["step"] > tc.steps:  # there is no going back from it
+            raise ClipmoeError(f"train.resume: {resume_from} is at step {shared['step']}, past train.steps "
+                               f"({tc.steps}); raise train.steps to train on from it")
         deepspeed_engine.check_resumable(resume_from, shared, tc.deepspeed is not None,
                                          tc.expert_parallel_size > 1)
         resume.restore_model(model, shared, resume_from)

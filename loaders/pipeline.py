@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import signal
 import tarfile
 import warnings
 from collections import Counter, deque
@@ -31,6 +32,14 @@ def _wanted(name: str) -> bool:  # the tar members read; others (e.g. .pyd, whic
 
 
 MAX_CAPTION_CHARS = 10_000
+
+
+def _end_quietly_on_sigterm(worker_id: int) -> None:
+    """SIGTERM to a whole job (SLURM's at its time limit, `kill -- -PGID`) reaches the loader's workers too.
+    Killed by it, they would fail the training process ("DataLoader worker is killed by signal") before it can
+    write out what it has done; as at Ctrl-C, they end quietly instead (torch's worker loop takes a
+    KeyboardInterrupt as the end), and the training process, which got the signal too, stops."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 class DataError(Exception):
@@ -229,7 +238,7 @@ class ImageTextLoader:
             seeds = torch.Generator().manual_seed(self._rng(-1, "workers").getrandbits(63))
             source = iter(torch.utils.data.DataLoader(
                 _Stream(self, resume), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                generator=seeds))
+                generator=seeds, worker_init_fn=_end_quietly_on_sigterm))
         for batch in source:
             worker, counts, position = batch.pop("__stats__")
             if batch.pop("__replayed__", False):

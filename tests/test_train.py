@@ -425,6 +425,9 @@ def test_resume_errors_are_one_line(tiny_shards, tmp_path):
     for spec, why in [(tmp_path / "nowhere", "not found"), (tmp_path, "holds no training checkpoint")]:
         with pytest.raises(ClipmoeError, match=f"^train.resume: .*{why}"):
             train(from_dict(RunConfig, {**base, "train": {**base["train"], "resume": str(spec)}}), progress=False)
+    with pytest.raises(ClipmoeError, match=r"^train.resume: .*step_00000002 is at step 2, past train.steps \(1\)"):
+        train(from_dict(RunConfig, {**base, "train": {**base["train"], "steps": 1, "resume": str(ckpt)}}),
+              progress=False)
     other = {**base, "model": {"arch": "clipmoe-micro"}, "train": {**base["train"], "resume": str(ckpt)}}
     with pytest.raises(ClipmoeError, match="^train.resume: .* does not match"):
         train(from_dict(RunConfig, other), progress=False)
@@ -530,3 +533,31 @@ def test_progress_bar_redraws_rarely_in_a_log_file(tiny_shards, tmp_path, capsys
     train(_cfg(tiny_shards, tmp_path, steps=40), progress=True)  # pytest's stderr is not a terminal
     redraws = capsys.readouterr().err.count("\r")
     assert 1 <= redraws <= 4, redraws  # the start, the end (tqdm redraws at close), not every step
+
+
+def test_sigterm_to_the_whole_job_with_loader_workers(tiny_shards, tmp_path):
+    """SLURM, at a job's time limit, signals every process of the job: the training process and its loader workers.
+    The workers end quietly, and the training process writes out the steps done with a checkpoint and exits 143
+    (killed by the signal, the workers used to fail it first: "DataLoader worker is killed by signal")."""
+    import re
+    import subprocess
+    import sys
+
+    cfg = _cfg_dict(tiny_shards, tmp_path, steps=100_000, log_every=1, save_every=100_000)
+    cfg["data"]["num_workers"] = 2
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    job = subprocess.Popen([sys.executable, "-m", "clipmoe.cli", "train", str(tmp_path / "c.yaml")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        log, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 240
+        while not (log.exists() and log.read_text().count("\n") >= 3) and job.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        os.killpg(job.pid, signal.SIGTERM)  # the whole process group, as SLURM signals a job step
+        _, err = job.communicate(timeout=240)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    said = re.fullmatch(r"clipmoe train: terminated \(SIGTERM\) after (\d+) of 100000 steps; its model: \S+; "
+                        r"to continue: --resume (\S+)", err.strip().splitlines()[-1])
+    assert job.returncode == 143 and said, err[-2000:]
+    assert (tmp_path / said[2]).name == f"step_{int(said[1]):08d}" and (tmp_path / said[2]).is_dir()
