@@ -37,7 +37,7 @@ from .loss import SIGMOID_NEEDS_BIAS, total_loss
 from .model import CLIP
 from .moe import MoE, moe_report
 from .plots import plot_expert_load, plot_losses, plot_moe_history, plot_zeroshot
-from .zeroshot_eval import zeroshot_eval
+from .zeroshot_eval import check_datasets, zeroshot_eval
 
 
 @dataclass
@@ -201,6 +201,11 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     rank, world = _distributed(device)
     if tc.deepspeed is not None:
         deepspeed_engine.check_config(cfg, world)  # a DeepSpeed config that contradicts clipmoe's: an error now
+    if cfg.eval.zeroshot:  # as a benchmark that cannot be opened: not a failed evaluation after the training
+        try:
+            check_datasets(cfg.eval.zeroshot, cfg.eval.data_root)
+        except ClipmoeError as e:
+            raise ClipmoeError(f"eval.zeroshot: {e}") from None
     torch.manual_seed(tc.seed + rank)
     random.seed(tc.seed + rank)
     if tc.precision == "bf16" and device.type == "cpu" and cpu_bf16_matmul_is_slow():

@@ -75,6 +75,19 @@ def zeroshot_eval(model: Union[str, Path, CLIP], datasets: Sequence[str], data_r
     return results
 
 
+def check_datasets(names: Sequence[str], data_root: Union[str, Path], split: str = "test") -> None:
+    """One error naming every dataset of `names` that cannot be opened under `data_root` (unknown, or no local
+    copy): what training checks before its first step rather than at its first evaluation."""
+    failed = []
+    for name in names:
+        try:
+            zeroshot.open_dataset(name, data_root, split=split)
+        except (zeroshot.DatasetNotFound, zeroshot.UnknownDataset, OSError, ValueError) as e:
+            failed.append(str(e) if str(e).startswith(name) else f"{name}: {e}")
+    if failed:
+        raise ClipmoeError(f"{len(failed)} of {len(names)} datasets cannot be opened: {'; '.join(failed)}")
+
+
 def format_results(results: list[dict]) -> str:
     """A results table: one row per dataset, its main metrics in percent."""
     lines = [f"{'dataset':<28} {'task':<14} {'metric':<26} {'value':>7}  samples"]

@@ -303,6 +303,9 @@ def test_zeroshot_evaluation_hook(tiny_shards, tmp_path):
         (root / name).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (20, 20), tuple(c + 5 * i for c in rgb)).save(root / name / f"{i}.png")
+    # a cifar10 export that opens (its shard is there) but cannot be read: each of its evaluations fails
+    (root / "wds_cifar10" / "test").mkdir(parents=True)
+    (root / "wds_cifar10" / "test" / "0.tar").write_bytes(b"not a tar file" * 100)
     cfg = _cfg(tiny_shards, tmp_path, steps=6, log_every=3)
     cfg.eval = from_dict(type(cfg.eval), {"zeroshot": ["folder", "cifar10"], "data_root": str(root), "every": 1})
     result = train(cfg, progress=False)
@@ -310,7 +313,7 @@ def test_zeroshot_evaluation_hook(tiny_shards, tmp_path):
     assert result.history[0]["zeroshot"]["folder"] is not None  # logged rows carry it (step 0 too)
     folder, missing = result.zeroshot[-1]["results"]
     assert folder["num_samples"] == 6 and 0 <= folder["metrics"]["top1"] <= 1
-    assert "error" in missing  # no cifar10 copy: reported, training went on
+    assert "error" in missing  # its shard unreadable: reported, training went on
     assert result.history[-1]["step"] == 5 and set(result.history[-1]["zeroshot"]) == {"folder", "cifar10"}
     assert json.loads(result.files["zeroshot"].read_text())[-1]["step"] == 5
     assert result.files["zeroshot_plot"].read_bytes()[:4] == b"\x89PNG"
@@ -561,3 +564,17 @@ def test_sigterm_to_the_whole_job_with_loader_workers(tiny_shards, tmp_path):
                         r"to continue: --resume (\S+)", err.strip().splitlines()[-1])
     assert job.returncode == 143 and said, err[-2000:]
     assert (tmp_path / said[2]).name == f"step_{int(said[1]):08d}" and (tmp_path / said[2]).is_dir()
+
+
+def test_benchmarks_that_cannot_be_opened_stop_training_before_it_starts(tiny_shards, tmp_path):
+    """`eval.zeroshot` datasets without a local copy: one error before the first step, not a failed evaluation
+    after the whole run."""
+    cfg = _cfg_dict(tiny_shards, tmp_path, steps=2)
+    from PIL import Image
+
+    (tmp_path / "bench" / "red").mkdir(parents=True)
+    Image.new("RGB", (16, 16), (220, 30, 30)).save(tmp_path / "bench" / "red" / "0.png")
+    cfg["eval"] = {"zeroshot": ["folder", "cifar10"], "data_root": str(tmp_path / "bench")}
+    with pytest.raises(ClipmoeError, match=r"^eval.zeroshot: 1 of 2 datasets cannot be opened: cifar10: no local copy"):
+        train(from_dict(RunConfig, cfg), progress=False)
+    assert not (tmp_path / "run").exists()
