@@ -206,6 +206,11 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
             check_datasets(cfg.eval.zeroshot, cfg.eval.data_root)
         except ClipmoeError as e:
             raise ClipmoeError(f"eval.zeroshot: {e}") from None
+    out_dir = Path(tc.out_dir)
+    try:  # before any work: a run that cannot write its results should not start
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClipmoeError(f"train.out_dir: cannot create {out_dir}: {e.strerror or e}") from None
     torch.manual_seed(tc.seed + rank)
     random.seed(tc.seed + rank)
     if tc.precision == "bf16" and device.type == "cpu" and cpu_bf16_matmul_is_slow():
@@ -271,8 +276,6 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     else:
         net = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
 
-    out_dir = Path(tc.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     start, history, load_sums, zeroshot_runs = 0, [], {}, []
     if resume_from is not None:
         if engine is not None:

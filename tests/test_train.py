@@ -578,3 +578,9 @@ def test_benchmarks_that_cannot_be_opened_stop_training_before_it_starts(tiny_sh
     with pytest.raises(ClipmoeError, match=r"^eval.zeroshot: 1 of 2 datasets cannot be opened: cifar10: no local copy"):
         train(from_dict(RunConfig, cfg), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_out_dir_that_cannot_be_made_is_one_error(tiny_shards, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ClipmoeError, match=r"^train.out_dir: cannot create .*file/run: Not a directory$"):
+        train(_cfg(tiny_shards, tmp_path, steps=1, out_dir=str(tmp_path / "file" / "run")), progress=False)
