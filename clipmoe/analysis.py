@@ -11,7 +11,7 @@ import torch
 
 import loaders
 
-from .errors import ClipmoeError
+from .errors import ClipmoeError, make_folder
 from .factory import MEAN, STD, create_transforms, get_tokenizer
 from .model import CLIP
 from .moe import MoE
@@ -42,6 +42,7 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
             raise ClipmoeError(f"{name} must be >= {least}, got {value}")
     if not any(isinstance(m, MoE) for m in model.modules()):
         raise ClipmoeError("the model has no MoE layers: there is no routing to analyse (upcycle it first)")
+    out_dir = make_folder(out_dir, "out_dir")
     model.eval()
     _, eval_tf = create_transforms(model.config)
     tokenizer = get_tokenizer(model)
@@ -101,8 +102,6 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
         if name in best:
             entry["top_patches"] = [[[key, pos, round(p, 6)] for p, key, pos, _ in top] for top in best[name]]
         report[name] = entry
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "routing.json").write_text(json.dumps(report, indent=1))
     pixels = {name: [[px for *_, px in top] for top in experts] for name, experts in best.items()}
     plot_routing(report, out_dir / "routing.png", grid=int((grid_tokens - 1) ** 0.5), patches=pixels)

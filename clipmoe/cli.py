@@ -276,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ClipmoeError, DataError) as e:
         print(f"clipmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file that cannot be written or read (a path under a file, no permission, disk full)
+        if e.filename is None:
+            raise
+        print(f"clipmoe {args.command}: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:  # training's says what it kept: "interrupted after 40 of 500 steps; ..."
         print(f"clipmoe {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)  # as the shell reports a signal: 130 Ctrl-C, 143 SIGTERM

@@ -13,3 +13,17 @@ def first_line(e: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message (its type's name if it has none), for a one-line error that
     wraps a library's exception."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
+def make_folder(path, what: str):
+    """`path` as a folder, made with its parents if missing; a path that cannot be one (under a file, no
+    permission) is a ClipmoeError naming `what` (the option or key that gave it). Called before long work, so
+    that it never ends in an unwritable output. Returns the path as a `pathlib.Path`."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClipmoeError(f"{what}: cannot create {path}: {e.strerror or e}") from None
+    return path

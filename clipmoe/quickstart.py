@@ -15,6 +15,7 @@ import zeroshot
 from loaders import synthetic
 
 from .config import RunConfig, apply_overrides, from_dict
+from .errors import make_folder
 from .factory import create_transforms, get_tokenizer
 from .model import CLIP
 from .train import train
@@ -103,7 +104,7 @@ def quickstart(out_dir: str | Path = "quickstart_out", overrides: list[str] = ()
                progress: bool = True) -> dict:
     """Runs the whole quickstart; returns (and writes to OUT/results.json) the zero-shot results."""
     start = time.time()
-    out = Path(out_dir)
+    out = make_folder(out_dir, "out")
     cfg = quickstart_config(out, overrides)
     _, eval_urls = make_data(out / "shards", seed=seed, progress=progress)
     result = train(cfg, progress=progress)

@@ -31,7 +31,7 @@ from . import expert_parallel as ep
 from .checkpoint import save
 from .config import OptimConfig, RunConfig, to_dict
 from .device import resolve_device
-from .errors import ClipmoeError
+from .errors import ClipmoeError, make_folder
 from .factory import MEAN, STD, create_model, get_tokenizer
 from .loss import SIGMOID_NEEDS_BIAS, total_loss
 from .model import CLIP
@@ -206,11 +206,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
             check_datasets(cfg.eval.zeroshot, cfg.eval.data_root)
         except ClipmoeError as e:
             raise ClipmoeError(f"eval.zeroshot: {e}") from None
-    out_dir = Path(tc.out_dir)
-    try:  # before any work: a run that cannot write its results should not start
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ClipmoeError(f"train.out_dir: cannot create {out_dir}: {e.strerror or e}") from None
+    out_dir = make_folder(tc.out_dir, "train.out_dir")  # before any work: a run that cannot write should not start
     torch.manual_seed(tc.seed + rank)
     random.seed(tc.seed + rank)
     if tc.precision == "bf16" and device.type == "cpu" and cpu_bf16_matmul_is_slow():

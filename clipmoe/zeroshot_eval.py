@@ -13,7 +13,7 @@ import zeroshot
 
 from .device import check_model_device, resolve_device
 from .encode import resolve_model
-from .errors import ClipmoeError
+from .errors import ClipmoeError, make_folder
 from .factory import create_model, create_transforms, get_tokenizer
 from .model import CLIP
 from .plots import plot_zeroshot
@@ -46,6 +46,8 @@ def zeroshot_eval(model: Union[str, Path, CLIP], datasets: Sequence[str], data_r
             except (OSError, ValueError) as e:
                 why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 raise ClipmoeError(f"{flag}: {why if str(path) in why else f'{path}: {why}'}") from None
+    if out:  # before the evaluation, which its results would otherwise be lost with
+        make_folder(Path(out).parent, "out")
     clip = _model(model, pretrained, device).eval()
     model_device = next(clip.parameters()).device
     _, transform = create_transforms(clip.config)
@@ -68,7 +70,6 @@ def zeroshot_eval(model: Union[str, Path, CLIP], datasets: Sequence[str], data_r
         res.update(model=name, pretrained=pretrained, split=split, seconds=round(time.perf_counter() - start, 2))
         results.append(res)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=2))
         if any("metrics" in r for r in results):
             plot_zeroshot(results, Path(out).with_suffix(".png"))

@@ -398,3 +398,30 @@ def test_train_reports_on_rank_0_only(monkeypatch, tmp_path):
         monkeypatch.setattr(dist, "get_rank", lambda group=None, rank=rank: rank)
         r = _run("train", str(tmp_path / "run.yaml"))
         assert (r.returncode, r.stdout) == (0, printed), r.stderr
+
+
+def test_outputs_that_cannot_be_written_are_one_line_before_the_work(tmp_path, tiny_shards):
+    """An output path under a file (or without permission): one line naming it, exit 2, before the work that
+    would be lost with it (training, an evaluation)."""
+    moe = clipmoe.create_model("clipmoe-micro", vision={"moe": {"num_experts": 2, "every": 1}})
+    model = clipmoe.save(moe, tmp_path / "moe.safetensors")
+    dense = clipmoe.save(clipmoe.create_model("clipmoe-micro"), tmp_path / "dense.safetensors")
+    (tmp_path / "bench" / "red").mkdir(parents=True)
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(tmp_path / "bench" / "red" / "0.png")
+    (tmp_path / "caps").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "caps" / "a.png")
+    (tmp_path / "caps" / "a.txt").write_text("a black square")
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    for command in (["quickstart", "--out", f"{blocked}/q"],
+                    # no such model: the output is checked before the model is even read
+                    ["zeroshot", "--model", str(tmp_path / "none.safetensors"), "--datasets", "folder", "--data-root",
+                     str(tmp_path / "bench"), "--out", f"{blocked}/r.json"],
+                    ["analyze-routing", "--model", str(model), "--data", tiny_shards["eval"], "--out", f"{blocked}/rt"],
+                    ["upcycle", str(dense), f"{blocked}/u.safetensors"],
+                    ["shards", "--images", str(tmp_path / "caps"), "--out", f"{blocked}/sh"],
+                    ["encode", "--model", str(model), "--text", "hi", "--out", f"{blocked}/e.pt"]):
+        r = _run(*command)
+        assert r.returncode == 2 and r.stdout == "", (command, r.stdout)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"clipmoe {command[0]}: error: "), r.stderr
+        assert str(blocked) in r.stderr and ("Not a directory" in r.stderr or "File exists" in r.stderr), r.stderr
