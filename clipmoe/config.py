@@ -54,6 +54,7 @@ class MoEConfig:
     shared_expert: bool = False  # an always-on dense MLP beside the experts
 
     def __post_init__(self):
+        _check_ints(self, "num_experts", "top_k", "every", "min_capacity", *(() if self.last is None else ("last",)))
         _check(self.num_experts >= 1, "num_experts", self.num_experts, "must be >= 1")
         _check(1 <= self.top_k <= self.num_experts, "top_k", self.top_k, "must be in 1..num_experts")
         _check(self.every >= 1, "every", self.every, "must be >= 1")
@@ -131,7 +132,16 @@ class ModelConfig:
         _check(self.embed_dim >= 1, "embed_dim", self.embed_dim, "must be >= 1")
 
 
+def _check_ints(cfg, *names: str) -> None:
+    """Integer fields given as other types from Python (YAML goes through `from_dict`, which checks types): one
+    error naming the field, not a TypeError from deep inside torch."""
+    for name in names:
+        v = getattr(cfg, name)
+        _check(isinstance(v, int) and not isinstance(v, bool), name, v, "must be an integer")
+
+
 def _check_tower(cfg) -> None:
+    _check_ints(cfg, "width", "depth", "num_heads")
     for name in ("width", "depth", "num_heads"):
         _check(getattr(cfg, name) >= 1, name, getattr(cfg, name), "must be >= 1")
     _check(cfg.width % cfg.num_heads == 0, "width", cfg.width,

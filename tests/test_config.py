@@ -119,3 +119,19 @@ def test_moe_placement_options():
         clipmoe.create_model("clipmoe-micro", text={"moe": {"last": 3}})
     with pytest.raises(clipmoe.ClipmoeError, match="more than the tower's 2 blocks"):
         clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), last=3)
+
+
+def test_python_arguments_of_the_wrong_type_name_the_field():
+    """From Python (no YAML type check on the way), an integer field given a float or a bool is one error naming
+    it, not a TypeError from inside torch."""
+    from clipmoe.config import MoEConfig, VisionConfig
+
+    dense = clipmoe.create_model("clipmoe-micro")
+    for kwargs, key in [({"num_experts": 4.5}, "num_experts"), ({"top_k": 1.0}, "top_k"), ({"last": 1.5}, "last"),
+                        ({"num_experts": True}, "num_experts")]:
+        with pytest.raises(clipmoe.ClipmoeError, match=rf"^{key}: .* must be an integer$"):
+            clipmoe.upcycle(dense, **{"num_experts": 4, **kwargs})
+    with pytest.raises(clipmoe.ConfigError, match=r"^min_capacity: 2.0 must be an integer$"):
+        MoEConfig(min_capacity=2.0)
+    with pytest.raises(clipmoe.ConfigError, match=r"^depth: 2.0 must be an integer$"):
+        VisionConfig(width=64, depth=2.0, num_heads=2)
