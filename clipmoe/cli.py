@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import ClipmoeError
+from .errors import ClipmoeError, make_folder
 
 
 def _quickstart(args) -> None:
@@ -89,7 +89,7 @@ def _encode(args) -> None:
         raise ClipmoeError("give --text or --image (one or more values)")
     features = encode_text(args.text, model=args.model) if args.text else encode_image(args.image, model=args.model)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        make_folder(Path(args.out).parent, "--out")
         torch.save(features, args.out)  # a plain tensor; read back with torch.load(weights_only=True)
         print(f"wrote {tuple(features.shape)} embeddings to {args.out}")
     else:

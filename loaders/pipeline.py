@@ -25,13 +25,11 @@ from .transforms import TrainTransform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _MEMBERS = set(IMAGE_EXTS) | {"txt", "json"}
+MAX_CAPTION_CHARS = 10_000
 
 
 def _wanted(name: str) -> bool:  # the tar members read; others (e.g. .pyd, which webdataset would unpickle) are not
     return name.rsplit(".", 1)[-1].lower() in _MEMBERS
-
-
-MAX_CAPTION_CHARS = 10_000
 
 
 def _end_quietly_on_sigterm(worker_id: int) -> None:

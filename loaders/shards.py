@@ -125,11 +125,12 @@ def records_from_table(table: str | Path, image_col: str = "image",
     return [(str(table.parent / r[image_col]), str(r[caption_col])) for r in rows]
 
 
-def _write_one(job) -> tuple[dict, list[str]]:
-    """One shard: its manifest entry, and "path: reason" for each image that could not be read."""
+def _write_one(job) -> tuple[dict, int, str | None]:
+    """One shard: its manifest entry, how many of its images could not be read, and "path: reason" of the
+    first."""
     index, records, out, resize = job
     name = f"{index:05d}.tar"
-    written, failed = 0, []
+    written, failed, first = 0, 0, None
     with wds.TarWriter(str(Path(out) / name)) as sink:
         for i, (path, caption) in enumerate(records):
             try:
@@ -139,15 +140,15 @@ def _write_one(job) -> tuple[dict, list[str]]:
                         img.thumbnail((resize, resize), Image.BICUBIC)
                     data = encode_image(img)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
-                failed.append(f"{path}: {e}")
+                failed, first = failed + 1, first or f"{path}: {e}"
                 continue
             key = f"{index:05d}{i:05d}"
             sink.write({"__key__": key, "jpg": data, "txt": caption,
                         "json": {"key": key, "status": "success", "caption": caption, "source": path}})
             written += 1
-    stats = {"count": len(records), "successes": written, "failed_to_download": len(failed)}
+    stats = {"count": len(records), "successes": written, "failed_to_download": failed}
     (Path(out) / f"{index:05d}_stats.json").write_text(json.dumps(stats))
-    return {"name": name, "count": written, "sha256": _sha256(Path(out) / name)}, failed
+    return {"name": name, "count": written, "sha256": _sha256(Path(out) / name)}, failed, first
 
 
 def write_shards_from_records(records: list[tuple[str, str]], out_dir: str | Path, *, samples_per_shard: int = 1000,
@@ -164,16 +165,16 @@ def write_shards_from_records(records: list[tuple[str, str]], out_dir: str | Pat
     jobs = [(i, records[s:s + samples_per_shard], str(out), resize)
             for i, s in enumerate(range(0, len(records), samples_per_shard))]
     bar = tqdm(total=len(jobs), desc="shards", disable=not progress)
-    shards, failed = [], []
+    shards, failed, first = [], 0, None
     with contextlib.ExitStack() as stack:
         run = stack.enter_context(get_context("spawn").Pool(processes)).imap if processes > 1 else map
-        for rec, bad in run(_write_one, jobs):
+        for rec, bad, example in run(_write_one, jobs):
             shards.append(rec)
-            failed += bad
+            failed, first = failed + bad, first or example
             bar.update(1)
     bar.close()
     if failed:
-        warnings.warn(f"{len(failed)} of {len(records)} images could not be read and are left out (e.g. {failed[0]})",
+        warnings.warn(f"{failed} of {len(records)} images could not be read and are left out (e.g. {first})",
                       stacklevel=2)
     manifest = {"num_samples": sum(s["count"] for s in shards), "shards": shards}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
