@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -46,14 +47,21 @@ def _expand_one(spec: str) -> list[str]:
         if not path.is_file():
             raise SpecError(f"shard list file not found: {path}")
         lines = [ln.strip() for ln in path.read_text().splitlines()]
-        return [u for ln in lines if ln and not ln.startswith("#") for u in expand_urls(ln)]
-    return list(expand_urls(spec))
+        return [u for ln in lines if ln and not ln.startswith("#") for u in _expand(ln)]
+    return _expand(spec)
+
+
+def _expand(spec: str) -> list[str]:
+    try:
+        return list(expand_urls(spec))
+    except Exception as e:  # braceexpand's UnbalancedBracesError, and whatever else a malformed pattern raises
+        raise SpecError(f"shard pattern {spec!r}: {e}") from None
 
 
 def parse_sources(urls: Union[str, list, tuple]) -> list[Source]:
     """Sources with their weights; a source without `:weight` weighs 1."""
     specs = _split_top_level(urls) if isinstance(urls, str) else [str(u) for u in urls]
-    sources = []
+    sources, absent = [], []  # absent: the specs of local sources none of whose shards exists
     for spec in specs:
         m = _WEIGHT.match(spec)
         weight = 1.0
@@ -64,10 +72,21 @@ def parse_sources(urls: Union[str, list, tuple]) -> list[Source]:
         shards = _expand_one(spec)
         if not shards:
             raise SpecError(f"source {spec!r} names no shards")
+        if all(_is_local(u) for u in shards) and not any(Path(u).exists() for u in shards):  # stops at the first
+            absent.append((spec, len(shards)))
         sources.append(Source(tuple(shards), weight))
     if not sources:
         raise SpecError(f"no shards in {urls!r}")
+    if len(absent) == len(sources):
+        raise SpecError(f"none of the shards of {urls!r} exists (e.g. {sources[0].shards[0]})")
+    for spec, n in absent:  # a typo in one source of a mixture: said now, not only counted draw after draw
+        warnings.warn(f"source {spec!r}: none of its {n} shards exists; reading it will only count them as "
+                      "missing_shard", stacklevel=4)
     return sources
+
+
+def _is_local(url: str) -> bool:  # a file path, not a URL or a `pipe:` command
+    return "://" not in url and not url.startswith("pipe:")
 
 
 @lru_cache(maxsize=256)

@@ -1,4 +1,5 @@
 """The WebDataset loader on shards written by webdataset's own TarWriter, bad samples planted."""
+import functools
 import io
 import json
 import threading
@@ -100,12 +101,14 @@ def test_missing_shard_counted_by_its_own_reason(tmp_path):
         for i in range(5):
             w.write({"__key__": f"k{i}", "jpg": _jpeg(), "txt": "c"})
     urls = [str(good), str(tmp_path / "typo.tar")]
-    loader = loaders.image_text_loader(urls, batch_size=5, transform=_tf, tokenize=lambda t: torch.zeros(len(t), 2),
-                                       shuffle=False)
+    with pytest.warns(UserWarning, match="typo.tar': none of its 1 shards exists"):
+        loader = loaders.image_text_loader(urls, batch_size=5, transform=_tf,
+                                           tokenize=lambda t: torch.zeros(len(t), 2), shuffle=False)
     assert sum(len(b["key"]) for b in loader) == 5
     assert loader.stats()["skipped"] == {"missing_shard": 1}
-    strict = loaders.image_text_loader(urls, batch_size=5, transform=_tf, tokenize=lambda t: torch.zeros(len(t), 2),
-                                       shuffle=False, strict=True)
+    with pytest.warns(UserWarning, match="typo.tar"):
+        strict = loaders.image_text_loader(urls, batch_size=5, transform=_tf,
+                                           tokenize=lambda t: torch.zeros(len(t), 2), shuffle=False, strict=True)
     with pytest.raises(loaders.DataError, match="missing_shard: .*typo.tar"):
         list(strict)
 
@@ -194,6 +197,25 @@ def test_weighted_sources_in_resampled_mode(tmp_path):
     share_a = sum(int(k[1:]) < 100 for k in keys) / len(keys)
     assert 0.7 < share_a < 0.9
     assert loaders.expand_shards(f"{tmp_path}/a.tar,@{tmp_path}/list.txt") == [f"{tmp_path}/a.tar", f"{tmp_path}/b.tar"]
+
+
+def test_a_source_of_missing_shards_warns_and_a_broken_pattern_is_one_error(tmp_path):
+    """A source none of whose shards exists (a typo in a mixture's path) is said when the loader is made, not
+    only counted as missing_shard draw after draw; a pattern braceexpand cannot read is a DataError."""
+    import warnings
+
+    _write(tmp_path / "a.tar", 20, 0)
+    make = functools.partial(loaders.image_text_loader, batch_size=20, transform=_tf, tokenize=len, resampled=True,
+                             samples_per_epoch=20)
+    with pytest.warns(UserWarning, match=r"source '.*/nowhere/\{0\.\.3\}\.tar': none of its 4 shards exists"):
+        make(f"{tmp_path}/a.tar:0.8,{tmp_path}/nowhere/{{0..3}}.tar:0.2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one shard there is enough (the others are counted as they are met)
+        make(f"{tmp_path}/{{a,b}}.tar,http://example.invalid/{{0..3}}.tar")
+    with pytest.raises(loaders.DataError, match=r"^shard pattern '.*\{0\.\.3\.tar': Unbalanced braces"):
+        make(f"{tmp_path}/{{0..3.tar")
+    with pytest.raises(loaders.DataError, match=r"^none of the shards of '.*/nowhere/\{0\.\.3\}\.tar' exists"):
+        make(f"{tmp_path}/nowhere/{{0..3}}.tar")  # nothing to read at all: an error, not a warning
 
 
 def test_shard_shorter_than_its_manifest_is_truncated(tmp_path):
