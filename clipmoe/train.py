@@ -68,12 +68,17 @@ class TrainingInterrupted(KeyboardInterrupt):
     log, plots; rank 0): `result` is that shorter run, `signum` the signal that stopped it."""
 
     def __init__(self, result: TrainResult, total: int, signum: int = signal.SIGINT):
-        where = f"; its model: {result.files['model']}" if "model" in result.files else ""
-        if result.files.get("checkpoint"):
-            where += f"; to continue: --resume {result.files['checkpoint']}"
         how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
-        super().__init__(f"{how} after {result.steps} of {total} steps{where}")
+        super().__init__(f"{how} {_kept(result, total)}")
         self.result, self.signum = result, signum
+
+
+def _kept(result: TrainResult, total: int) -> str:
+    """What a run stopped early wrote out: "after 40 of 500 steps; its model: ...; to continue: --resume ..."."""
+    where = f"; its model: {result.files['model']}" if "model" in result.files else ""
+    if result.files.get("checkpoint"):
+        where += f"; to continue: --resume {result.files['checkpoint']}"
+    return f"after {result.steps} of {total} steps{where}"
 
 
 def _raise_terminated(signum, frame):
@@ -381,13 +386,14 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
             logged = _write_log_rows(log, history, logged)  # after the evaluation, which adds to its row
             if tc.save_every and (done % tc.save_every == 0 or done == tc.steps):
                 checkpoint(snap)
-    except KeyboardInterrupt as e:
-        # Ctrl-C or SIGTERM: the steps done are a shorter run, written out like a finished one (never lost work); a
-        # second signal stops the writing, as it would without clipmoe
+    except (KeyboardInterrupt, loaders.DataError) as e:
+        # Ctrl-C, SIGTERM, or data the loader cannot go on with (strict mode, too many bad samples): the steps done
+        # are a shorter run, written out like a finished one (never lost work); a second signal stops the writing,
+        # as it would without clipmoe
         restore_sigterm()
         if done == start:
             raise
-        stopped_by = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        stopped_by = e
         logged = _write_log_rows(log, history, logged)
         # resumable (not under DDP, where a rank may be gone); unless this step's checkpoint is already written
         if tc.save_every and world == 1 and snap.step == done and not (saved and saved[-1].name.endswith(
@@ -395,7 +401,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
             checkpoint(snap)
         interrupted = True
     else:
-        interrupted = False
+        interrupted, stopped_by = False, None
     finally:
         restore_sigterm()
         scope.close()
@@ -417,8 +423,11 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         result.files = write_run_outputs(result, save_model=not ep.is_sharded(model))
         if saved:
             result.files["checkpoint"] = saved[-1]
+    if isinstance(stopped_by, loaders.DataError):
+        raise loaders.DataError(f"{stopped_by} (training stopped {_kept(result, tc.steps)})") from stopped_by
     if interrupted:
-        raise TrainingInterrupted(result, tc.steps, stopped_by)
+        raise TrainingInterrupted(result, tc.steps, signal.SIGTERM if isinstance(stopped_by, Terminated) else
+                                  signal.SIGINT)
     return result
 
 

@@ -44,6 +44,18 @@ class DataError(Exception):
     """A bad sample or shard in strict mode, or a loader set-up that cannot work. One-line message."""
 
 
+def _one_line_errors(batches: Iterator[dict]) -> Iterator[dict]:
+    """A worker's DataError as its own one line: torch re-raises a worker's exception with the worker's whole
+    traceback as its message ("Caught DataError in DataLoader worker process 1. Original Traceback ...")."""
+    try:
+        yield from batches
+    except DataError as e:
+        text = str(e).strip()
+        if not text.startswith("Caught DataError"):
+            raise
+        raise DataError(text.rsplit("DataError: ", 1)[-1]) from None
+
+
 def expand_shards(urls) -> list[str]:
     """Every shard URL of a spec (see loaders.sources), all sources together."""
     return [u for src in parse_sources(urls) for u in src.shards]
@@ -234,9 +246,9 @@ class ImageTextLoader:
             # the workers' base seed from a generator of our own: drawing it from torch's global RNG would shift
             # the training process's random stream (router jitter) by one draw per pass
             seeds = torch.Generator().manual_seed(self._rng(-1, "workers").getrandbits(63))
-            source = iter(torch.utils.data.DataLoader(
+            source = _one_line_errors(iter(torch.utils.data.DataLoader(
                 _Stream(self, resume), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                generator=seeds, worker_init_fn=_end_quietly_on_sigterm))
+                generator=seeds, worker_init_fn=_end_quietly_on_sigterm)))
         for batch in source:
             worker, counts, position = batch.pop("__stats__")
             if batch.pop("__replayed__", False):

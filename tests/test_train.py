@@ -584,3 +584,29 @@ def test_an_out_dir_that_cannot_be_made_is_one_error(tiny_shards, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ClipmoeError, match=r"^train.out_dir: cannot create .*file/run: Not a directory$"):
         train(_cfg(tiny_shards, tmp_path, steps=1, out_dir=str(tmp_path / "file" / "run")), progress=False)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_data_error_mid_run_keeps_the_steps_done(tmp_path, workers):
+    """Data the loader cannot go on with (here a corrupt image in strict mode) after 3 steps: the 3 steps are
+    written out as a run, with a checkpoint, and the error says where, as at Ctrl-C; not lost with the error. From
+    a loader worker too, whose error torch wraps in the worker's traceback: still one line."""
+    import webdataset as wds
+
+    import loaders
+    from loaders import DataError, synthetic
+
+    shards = tmp_path / "shards"
+    loaders.write_shards(synthetic.scenes(96, 0, "train", image_size=16), shards, samples_per_shard=32)
+    with wds.TarWriter(str(shards / "00003.tar")) as sink:  # after the 3 good shards: a corrupt image
+        sink.write({"__key__": "bad", "jpg": b"<html>not an image</html>", "txt": "a red circle"})
+    cfg = _cfg_dict({"train": f"{shards}/{{00000..00003}}.tar"}, tmp_path, steps=10, log_every=1, save_every=100)
+    cfg["data"].update(strict=True, shuffle=False, num_workers=workers)
+    with pytest.raises(DataError) as caught:
+        train(from_dict(RunConfig, cfg), progress=False)
+    run = tmp_path / "run"
+    assert str(caught.value).endswith(f"(training stopped after 3 of 10 steps; its model: {run / 'model.safetensors'}; "
+                                      f"to continue: --resume {run / 'checkpoints' / 'step_00000003'})")
+    assert str(caught.value).startswith("corrupt_image in ") and "\n" not in str(caught.value), caught.value
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert clipmoe.load(run / "model.safetensors").config.vision.moe.num_experts == 4
