@@ -183,6 +183,8 @@ def test_held_interrupt_raises_when_the_block_ends():
     assert ran == ["after"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     restore = _terminate_as_interrupt()  # SIGTERM as training has it: held too, then raised as Terminated
     try:
+        # else the signal below would end the test run itself
+        assert signal.getsignal(signal.SIGTERM) is _raise_terminated
         with pytest.raises(Terminated):
             with _held_interrupt():
                 os.kill(os.getpid(), signal.SIGTERM)
