@@ -90,6 +90,15 @@ def is_clipmoe_file(path: str | Path) -> bool:
     return Path(path).suffix == ".safetensors" and read_metadata(path).get("format") in (FORMAT, _FORMAT_1)
 
 
+def not_a_model_file(path: Path) -> ClipmoeError:
+    """The error for a folder given where a model file belongs; for a training checkpoint (what --resume takes),
+    the model file its run writes."""
+    if (path / "state.pt").is_file():
+        return ClipmoeError(f"{path} is a training checkpoint (for --resume), not a model file; its run writes the "
+                            f"model to {path.parent.parent / 'model.safetensors'} when it ends or stops")
+    return ClipmoeError(f"{path} is a folder; give the model file in it (e.g. {path / 'model.safetensors'})")
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> CLIP:
     """Reads a model written by `clipmoe.save`; never unpickles anything."""
     tensors, meta = read_safetensors(path)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoint import load
+from .checkpoint import load, not_a_model_file
 from .device import check_model_device, resolve_device
 from .errors import ClipmoeError, first_line
 from .factory import create_transforms, get_tokenizer
@@ -34,6 +34,8 @@ def resolve_model(model: ModelRef, device: Optional[Union[str, torch.device]] = 
         check_model_device(model, device)
         return model
     path = Path(model).expanduser()
+    if path.is_dir():
+        raise not_a_model_file(path)
     if not path.is_file():
         raise ClipmoeError(f"model not found: {path}")
     dev = str(resolve_device(device)) if device is not None else "cpu"

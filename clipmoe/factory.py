@@ -13,7 +13,7 @@ from typing import Optional, Union
 from open_clip.transform import image_transform
 
 from .architectures import config_from_weights, get_model_config, list_architectures
-from .checkpoint import is_clipmoe_file, load, load_weights, read_checkpoint, read_config
+from .checkpoint import is_clipmoe_file, load, load_weights, not_a_model_file, read_checkpoint, read_config
 from .config import ModelConfig, ModelSection, UpcycleConfig, deep_merge, from_dict, to_dict
 from .errors import ClipmoeError, first_line
 from .model import CLIP
@@ -121,7 +121,7 @@ def _not_an_architecture(path: Path) -> None:
         raise ClipmoeError(f"{path} holds open_clip weights, which do not name their architecture: "
                            f"clipmoe.create_model({arch!r}, pretrained={str(path)!r})")
     if path.is_dir():
-        raise ClipmoeError(f"{path} is a folder; give the model file in it (e.g. {path / 'model.safetensors'})")
+        raise not_a_model_file(path)
     if path.suffix or len(path.parts) > 1:
         raise ClipmoeError(f"checkpoint not found: {path}")
 
