@@ -91,11 +91,11 @@ def is_clipmoe_file(path: str | Path) -> bool:
 
 
 def not_a_model_file(path: Path) -> ClipmoeError:
-    """The error for a folder given where a model file belongs; for a training checkpoint (what --resume takes),
-    the model file its run writes."""
+    """The error for a folder given where a model file belongs; for a training checkpoint, the call that reads its
+    model (the CLI's commands read them themselves)."""
     if (path / "state.pt").is_file():
-        return ClipmoeError(f"{path} is a training checkpoint (for --resume), not a model file; its run writes the "
-                            f"model to {path.parent.parent / 'model.safetensors'} when it ends or stops")
+        return ClipmoeError(f"{path} is a training checkpoint, not a model file: its model is "
+                            f"clipmoe.resume.load_model({str(path)!r})")
     return ClipmoeError(f"{path} is a folder; give the model file in it (e.g. {path / 'model.safetensors'})")
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import resume
 from .checkpoint import load, not_a_model_file
 from .device import check_model_device, resolve_device
 from .errors import ClipmoeError, first_line
@@ -34,11 +35,13 @@ def resolve_model(model: ModelRef, device: Optional[Union[str, torch.device]] = 
         check_model_device(model, device)
         return model
     path = Path(model).expanduser()
+    dev = str(resolve_device(device)) if device is not None else "cpu"
+    if resume.is_checkpoint(path):  # a training checkpoint: its model, as of that step
+        return resume.load_model(path).to(dev)
     if path.is_dir():
         raise not_a_model_file(path)
     if not path.is_file():
         raise ClipmoeError(f"model not found: {path}")
-    dev = str(resolve_device(device)) if device is not None else "cpu"
     return _cached_model(str(path.resolve()), path.stat().st_mtime_ns, dev)
 
 

@@ -109,25 +109,60 @@ def resolve(spec: str, out_dir: str | Path) -> Optional[Path]:
     return found[-1]
 
 
-def _read(path: Path) -> dict:
+def _read(path: Path, what: str = "train.resume") -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ClipmoeError(f"train.resume: {path} is missing") from None
+        raise ClipmoeError(f"{what}: {path} is missing") from None
     except Exception as e:  # torch raises many types for a torn or foreign file; all mean "unreadable"
         why = first_line(e)
-        raise ClipmoeError(f"train.resume: {path} is not readable ({why})") from None
+        raise ClipmoeError(f"{what}: {path} is not readable ({why})") from None
     if not isinstance(obj, dict):
-        raise ClipmoeError(f"train.resume: {path} is not a clipmoe training checkpoint")
+        raise ClipmoeError(f"{what}: {path} is not a clipmoe training checkpoint")
     return obj
+
+
+def _read_shared(folder: Path, what: str = "train.resume") -> dict:
+    shared = _read(folder / "state.pt", what)
+    if shared.get("format") != FORMAT:
+        raise ClipmoeError(f"{what}: {folder / 'state.pt'} is not a clipmoe training checkpoint "
+                           f"(format {shared.get('format')!r})")
+    return shared
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a training checkpoint folder or its state.pt."""
+    path = Path(path)
+    return (path / "state.pt").is_file() or (path.name == "state.pt" and path.is_file())
+
+
+def load_model(path: str | Path) -> torch.nn.Module:
+    """The model of a training checkpoint (a `checkpoints/step_N` folder or its state.pt), in eval mode on the CPU:
+    to evaluate or embed with a run's intermediate weights. Read with `torch.load(weights_only=True)`."""
+    from .architectures import get_model_config, list_architectures, model_config_from_dict
+    from .config import RunConfig, from_dict
+    from .model import CLIP
+
+    path = Path(path)
+    folder = path.parent if path.name == "state.pt" else path
+    shared = _read_shared(folder, "training checkpoint")
+    if "model_config" in shared:
+        cfg = model_config_from_dict(shared["model_config"])
+    else:  # written before checkpoints held the model's config: the run config's model section
+        section = from_dict(RunConfig, shared["config"]).model
+        if section.arch not in list_architectures():
+            raise ClipmoeError(f"{folder}: this checkpoint does not record its model's architecture; use the "
+                               "model its run writes (model.safetensors)")
+        cfg = get_model_config(section.arch, section.overrides or None)
+    model = CLIP(cfg)
+    check_compatible(model, shared["model"], str(folder))
+    model.load_state_dict(shared["model"])
+    return model.eval()
 
 
 def load_checkpoint(folder: Path, rank: int, world: int) -> tuple[dict, dict]:
     """(shared state, this rank's state) of a checkpoint folder, checked against this run's world size."""
-    shared = _read(folder / "state.pt")
-    if shared.get("format") != FORMAT:
-        raise ClipmoeError(f"train.resume: {folder / 'state.pt'} is not a clipmoe training checkpoint "
-                           f"(format {shared.get('format')!r})")
+    shared = _read_shared(folder)
     if shared["world_size"] != world:
         raise ClipmoeError(f"train.resume: {folder} was written by {shared['world_size']} ranks and this run has "
                            f"{world}; the data positions are per rank, so resume with {shared['world_size']}")

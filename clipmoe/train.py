@@ -308,7 +308,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         saved.append(resume.save_checkpoint(out_dir, snap, {
             "model": weights, "optimizer": opt_state, "expert_optimizer": expert_state,
             "scheduler": sched.state_dict(), "history": history, "load_sums": load_sums, "zeroshot": zeroshot_runs,
-            "config": to_dict(cfg),
+            "config": to_dict(cfg), "model_config": to_dict(model.config),  # the latter for resume.load_model
         } if rank == 0 else {}, rank, world, tc.keep_checkpoints, extra))
 
     # the log is written as the run goes: a run that stops early (a NaN, a data error, Ctrl-C) keeps it; a

@@ -24,7 +24,8 @@ def _model(model: Union[str, Path, CLIP], pretrained: Optional[str], device: Opt
         check_model_device(model, device)
         return model
     device = str(resolve_device(device))
-    if Path(str(model)).suffix == ".safetensors" or Path(str(model)).is_file():
+    path = Path(str(model))
+    if path.suffix == ".safetensors" or path.is_file() or path.is_dir():  # a dir: a training checkpoint
         return resolve_model(model, device)
     return create_model(str(model), pretrained=pretrained).to(device)
 

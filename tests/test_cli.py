@@ -428,16 +428,20 @@ def test_outputs_that_cannot_be_written_are_one_line_before_the_work(tmp_path, t
 
 
 def test_a_folder_given_for_a_model_says_which_file(tmp_path):
-    """A run folder or a training checkpoint where a model file belongs: one line naming the model file."""
+    """A run folder where a model file belongs: one line naming the model file in it. A training checkpoint is read
+    as its model (tests/test_train.py); a torn one is one line too."""
     step = tmp_path / "run" / "checkpoints" / "step_00000002"
     step.mkdir(parents=True)
     (step / "state.pt").write_bytes(b"")
     for command in ("encode", "zeroshot"):
         extra = ["--text", "x"] if command == "encode" else ["--datasets", "folder", "--data-root", str(tmp_path)]
         r = _run(command, "--model", str(step), *extra)
-        assert r.returncode == 2 and r.stderr == (
-            f"clipmoe {command}: error: {step} is a training checkpoint (for --resume), not a model file; its run "
-            f"writes the model to {tmp_path / 'run' / 'model.safetensors'} when it ends or stops\n"), r.stderr
+        assert r.returncode == 2 and r.stderr.startswith(
+            f"clipmoe {command}: error: training checkpoint: {step / 'state.pt'} is not readable"), r.stderr
+        assert r.stderr.count("\n") == 1
         r = _run(command, "--model", str(tmp_path / "run"), *extra)
         assert r.returncode == 2 and r.stderr == (f"clipmoe {command}: error: {tmp_path / 'run'} is a folder; give the "
                                                   f"model file in it (e.g. {tmp_path / 'run' / 'model.safetensors'})\n")
+    with pytest.raises(clipmoe.ClipmoeError, match=r"is a training checkpoint, not a model file: its model is "
+                                                   r"clipmoe\.resume\.load_model\("):
+        clipmoe.create_model(str(step))

@@ -612,3 +612,25 @@ def test_a_data_error_mid_run_keeps_the_steps_done(tmp_path, workers):
     assert str(caught.value).startswith("corrupt_image in ") and "\n" not in str(caught.value), caught.value
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
     assert clipmoe.load(run / "model.safetensors").config.vision.moe.num_experts == 4
+
+
+def test_a_training_checkpoint_is_a_model_to_evaluate(tiny_shards, tmp_path):
+    """`resume.load_model` (and every command that takes --model) reads a checkpoint's model as of its step: its
+    folder or its state.pt, also one written before checkpoints held the model's config."""
+    from clipmoe import resume
+
+    result = train(_cfg(tiny_shards, tmp_path, steps=4, save_every=2, keep_checkpoints=2), progress=False)
+    steps = tmp_path / "run" / "checkpoints"
+    final = result.model.state_dict()
+    for ref in (steps / "step_00000004", steps / "step_00000004" / "state.pt"):
+        loaded = resume.load_model(ref).state_dict()
+        assert loaded.keys() == final.keys() and all(torch.equal(loaded[k], v) for k, v in final.items())
+    earlier = resume.load_model(steps / "step_00000002").state_dict()
+    assert not torch.equal(earlier["image.proj"], final["image.proj"])  # the weights of step 2, not the last
+    texts = ["a red circle", "two blue squares"]
+    assert torch.allclose(clipmoe.encode_text(texts, model=steps / "step_00000004"),
+                          clipmoe.encode_text(texts, model=result.model), atol=1e-6)
+    shared = torch.load(steps / "step_00000004" / "state.pt", weights_only=True)
+    del shared["model_config"]  # as checkpoints were written before
+    torch.save(shared, steps / "step_00000004" / "state.pt")
+    assert torch.equal(resume.load_model(steps / "step_00000004").state_dict()["image.proj"], final["image.proj"])
