@@ -25,6 +25,8 @@ ModelRef = Union[str, Path, CLIP]
 
 @lru_cache(maxsize=4)
 def _cached_model(path: str, mtime_ns: int, device: str) -> CLIP:
+    if Path(path).name == "state.pt":  # a training checkpoint's
+        return resume.load_model(path).to(device)
     return load(path, device=device)
 
 
@@ -36,8 +38,8 @@ def resolve_model(model: ModelRef, device: Optional[Union[str, torch.device]] = 
         return model
     path = Path(model).expanduser()
     dev = str(resolve_device(device)) if device is not None else "cpu"
-    if resume.is_checkpoint(path):  # a training checkpoint: its model, as of that step
-        return resume.load_model(path).to(dev)
+    if path.is_dir() and resume.is_checkpoint(path):  # a training checkpoint: its model, as of that step
+        path = path / "state.pt"
     if path.is_dir():
         raise not_a_model_file(path)
     if not path.is_file():

@@ -17,7 +17,10 @@ import torch
 import torch.distributed as dist
 
 from .adapter import check_compatible
+from .architectures import get_model_config, list_architectures, model_config_from_dict
+from .config import RunConfig, from_dict
 from .errors import ClipmoeError, first_line
+from .model import CLIP
 
 FORMAT = "clipmoe-train/1"
 _PREFIX = "step_"
@@ -136,13 +139,9 @@ def is_checkpoint(path: str | Path) -> bool:
     return (path / "state.pt").is_file() or (path.name == "state.pt" and path.is_file())
 
 
-def load_model(path: str | Path) -> torch.nn.Module:
+def load_model(path: str | Path) -> CLIP:
     """The model of a training checkpoint (a `checkpoints/step_N` folder or its state.pt), in eval mode on the CPU:
     to evaluate or embed with a run's intermediate weights. Read with `torch.load(weights_only=True)`."""
-    from .architectures import get_model_config, list_architectures, model_config_from_dict
-    from .config import RunConfig, from_dict
-    from .model import CLIP
-
     path = Path(path)
     folder = path.parent if path.name == "state.pt" else path
     shared = _read_shared(folder, "training checkpoint")
