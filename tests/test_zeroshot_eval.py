@@ -127,6 +127,10 @@ def test_missing_dataset_is_one_message_and_others_still_run(model_path, folder_
         zeroshot.open_dataset("cifar100", tmp_path)
     res = clipmoe.zeroshot_eval(model_path, ["cifar100", "folder"], folder_root, progress=False, device="cpu")
     assert "error" in res[0] and "cifar100" in res[0]["error"] and "metrics" in res[1]
+    with pytest.raises(zeroshot.DatasetNotFound) as caught:  # torchvision's own "use download=True" is left out
+        zeroshot.open_dataset("cifar10", folder_root)
+    assert "torchvision's layout: Dataset not found or corrupted)" in str(caught.value)
+    assert "download=True" not in str(caught.value) and str(caught.value).endswith("Nothing is downloaded.")
     code = main(["zeroshot", "--model", str(model_path), "--datasets", "cifar100", "--data-root", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "1 of 1 datasets failed: cifar100" in err and "Traceback" not in err

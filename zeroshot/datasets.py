@@ -261,8 +261,9 @@ def _open(key: str, root: Path, transform, split: str) -> EvalDataset:
         raise _not_found(key, root, "no torchvision loader exists for it: use the WebDataset export")
     try:
         data = build(str(base), transform, split)
-    except (RuntimeError, FileNotFoundError) as e:
-        raise _not_found(key, root, f"torchvision's layout: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, FileNotFoundError) as e:  # without torchvision's advice to pass download=True
+        why = ". ".join(part for part in str(e).splitlines()[0].split(". ") if "download=True" not in part)
+        raise _not_found(key, root, f"torchvision's layout: {why.rstrip('.')}") from None
     return EvalDataset(key, "classification", data, classnames(key), templates(key), source=f"torchvision {base}")
 
 
