@@ -38,7 +38,7 @@ def resolve_model(model: ModelRef, device: Optional[Union[str, torch.device]] = 
         return model
     path = Path(model).expanduser()
     dev = str(resolve_device(device)) if device is not None else "cpu"
-    if path.is_dir() and resume.is_checkpoint(path):  # a training checkpoint: its model, as of that step
+    if (path / "state.pt").is_file():  # a training checkpoint's folder: its model, as of that step
         path = path / "state.pt"
     if path.is_dir():
         raise not_a_model_file(path)

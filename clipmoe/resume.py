@@ -133,12 +133,6 @@ def _read_shared(folder: Path, what: str = "train.resume") -> dict:
     return shared
 
 
-def is_checkpoint(path: str | Path) -> bool:
-    """Whether `path` is a training checkpoint folder or its state.pt."""
-    path = Path(path)
-    return (path / "state.pt").is_file() or (path.name == "state.pt" and path.is_file())
-
-
 def load_model(path: str | Path) -> CLIP:
     """The model of a training checkpoint (a `checkpoints/step_N` folder or its state.pt), in eval mode on the CPU:
     to evaluate or embed with a run's intermediate weights. Read with `torch.load(weights_only=True)`."""

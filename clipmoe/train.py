@@ -399,9 +399,8 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         if tc.save_every and world == 1 and snap.step == done and not (saved and saved[-1].name.endswith(
                 f"_{done:08d}")):
             checkpoint(snap)
-        interrupted = True
     else:
-        interrupted, stopped_by = False, None
+        stopped_by = None
     finally:
         restore_sigterm()
         scope.close()
@@ -414,7 +413,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
 
     # the trained model with all its experts; not after Ctrl-C under expert parallelism, where a rank may be gone
     # (its periodic checkpoints hold the whole model)
-    if groups is not None and not interrupted:
+    if groups is not None and stopped_by is None:
         model = ep.gathered(model)
     expert_load = {k: (v / v.sum()).tolist() for k, v in load_sums.items()}
     result = TrainResult(model.eval(), history, expert_load, loader.stats(), out_dir, zeroshot=zeroshot_runs,
@@ -425,7 +424,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
             result.files["checkpoint"] = saved[-1]
     if isinstance(stopped_by, loaders.DataError):
         raise loaders.DataError(f"{stopped_by} (training stopped {_kept(result, tc.steps)})") from stopped_by
-    if interrupted:
+    if stopped_by is not None:
         raise TrainingInterrupted(result, tc.steps, signal.SIGTERM if isinstance(stopped_by, Terminated) else
                                   signal.SIGINT)
     return result
