@@ -157,7 +157,10 @@ def _zeroshot(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="clipmoe", description="CLIP pretraining with sparse Mixture-of-Experts")
+    p.add_argument("--version", action="version", version=f"clipmoe {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quickstart", help="make shards, pretrain a small MoE CLIP, zero-shot evaluate")

@@ -76,6 +76,13 @@ print(os.environ["OMP_WAIT_POLICY"])
         assert r.returncode == 0 and r.stdout.strip() == expected, r.stderr
 
 
+def test_version_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    r = _run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"clipmoe {version('clipmoe')}" == f"clipmoe {clipmoe.__version__}"
+
+
 def test_set_takes_several_overrides_at_once_or_one_per_flag():
     from clipmoe.cli import build_parser
 
