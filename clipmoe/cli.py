@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from .errors import ClipmoeError, make_folder
+from .progress import log_file_defaults
 
 
 def _quickstart(args) -> None:
@@ -264,7 +265,7 @@ CPU_RUNTIME_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    for key, value in CPU_RUNTIME_DEFAULTS.items():
+    for key, value in {**CPU_RUNTIME_DEFAULTS, **log_file_defaults(sys.stderr)}.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     from loaders import DataError  # here, not at the top: `clipmoe --help` needs no torch

@@ -37,6 +37,7 @@ from .loss import SIGMOID_NEEDS_BIAS, total_loss
 from .model import CLIP
 from .moe import MoE, moe_report
 from .plots import plot_expert_load, plot_losses, plot_moe_history, plot_zeroshot
+from .progress import bar_interval
 from .zeroshot_eval import check_datasets, zeroshot_eval
 
 
@@ -118,13 +119,6 @@ def _held_interrupt():
             signal.signal(s, _STOPPING[s])
     if pending:
         raise Terminated if pending[0] == signal.SIGTERM else KeyboardInterrupt
-
-
-def bar_interval(stream) -> float:
-    """Seconds between redraws of the progress bar: tqdm's 0.1 on a terminal; in a log file (SLURM's, nohup's),
-    where each redraw is kept as another line of the file, 30."""
-    isatty = getattr(stream, "isatty", None)
-    return 0.1 if isatty is not None and isatty() else 30.0
 
 
 def cpu_bf16_matmul_is_slow() -> bool:

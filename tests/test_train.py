@@ -3,6 +3,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 import warnings
 
@@ -528,13 +530,18 @@ def test_progress_bar_redraws_rarely_in_a_log_file(tiny_shards, tmp_path, capsys
     it redraws every 30 s."""
     import io
 
-    from clipmoe.train import bar_interval
+    from clipmoe.progress import bar_interval, log_file_defaults
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
     assert bar_interval(Terminal()) == 0.1 and bar_interval(io.StringIO()) == 30.0
+    # the command line's other bars (zero-shot, shard writing) through the environment tqdm reads when it loads
+    assert log_file_defaults(Terminal()) == {}
+    check = ("import io, os; from clipmoe.progress import log_file_defaults; os.environ.update(log_file_defaults("
+             "io.StringIO())); from tqdm.auto import tqdm; print(tqdm(file=io.StringIO()).mininterval)")
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout.strip() == "30.0"
     train(_cfg(tiny_shards, tmp_path, steps=40), progress=True)  # pytest's stderr is not a terminal
     redraws = capsys.readouterr().err.count("\r")
     assert 1 <= redraws <= 4, redraws  # the start, the end (tqdm redraws at close), not every step

@@ -231,3 +231,14 @@ def test_objectnet_keeps_the_imagenet_overlap(tmp_path):
     ds = zeroshot.open_dataset("objectnet", tmp_path)
     assert ds.classnames == ["alarm clock", "banana"]  # air freshener has no ImageNet class: left out
     assert sorted(label for _, label in ds.data.samples) == [0, 1] and len(ds.templates) == 80
+
+
+def test_progress_bar_counts_images_not_batches(model_path, folder_root, tmp_path, capsys):
+    export = tmp_path / "export"
+    _write_wds(export / "flickr30k", [{"png": _image(rgb, 0), "txt": f"a {c} square"} for c, rgb in COLOURS.items()],
+               kind="retrieval")
+    for name, root in (("folder", folder_root), ("flickr30k", export)):
+        clipmoe.zeroshot_eval(model_path, [name], root, device="cpu", batch_size=5)
+        err = capsys.readouterr().err
+        done = r"100%.*\b12/12\b" if name == "folder" else r"3img \["  # an export's size is unknown: a count
+        assert re.search(rf"{name}: {done}", err), err[-300:]

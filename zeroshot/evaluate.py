@@ -19,11 +19,10 @@ def _loader(ds: EvalDataset, batch_size: int, num_workers: int) -> DataLoader:
                       shuffle=False, pin_memory=torch.cuda.is_available())
 
 
-def _bar(it, enabled: bool, desc: str, total: Optional[int]):
-    if not enabled:
-        return it
+def _bar(enabled: bool, desc: str, total: Optional[int]):
+    """A bar counted in images (a loader yields batches; `total` is the dataset's size, None if unknown)."""
     from tqdm.auto import tqdm
-    return tqdm(it, desc=desc, unit="img", total=total, unit_scale=True)
+    return tqdm(desc=desc, unit="img", total=total, disable=not enabled)
 
 
 @torch.no_grad()
@@ -39,12 +38,14 @@ def evaluate(ds: EvalDataset, encode_image: Callable[[torch.Tensor], torch.Tenso
     if ds.task == "retrieval":
         image_feats, text_feats, text_to_image = [], [], []
         seen = 0
-        for images, captions in _bar(loader, progress, ds.name, ds.size):
-            image_feats.append(F.normalize(encode_image(to(images)).float(), dim=-1).cpu())
-            flat = [c for caps in captions for c in caps]
-            text_to_image += [seen + i for i, caps in enumerate(captions) for _ in caps]
-            text_feats.append(F.normalize(encode_text(to(tokenizer(flat))).float(), dim=-1).cpu())
-            seen += len(images)
+        with _bar(progress, ds.name, ds.size) as bar:
+            for images, captions in loader:
+                image_feats.append(F.normalize(encode_image(to(images)).float(), dim=-1).cpu())
+                flat = [c for caps in captions for c in caps]
+                text_to_image += [seen + i for i, caps in enumerate(captions) for _ in caps]
+                text_feats.append(F.normalize(encode_text(to(tokenizer(flat))).float(), dim=-1).cpu())
+                seen += len(images)
+                bar.update(len(images))
         if not seen:
             raise ValueError(f"{ds.name}: no samples")
         result["metrics"] = retrieval_metrics(torch.cat(image_feats), torch.cat(text_feats), text_to_image)
@@ -55,10 +56,12 @@ def evaluate(ds: EvalDataset, encode_image: Callable[[torch.Tensor], torch.Tenso
                                cache_dir=cache_dir, model_key=model_key, progress=progress)
     w = to(weights)
     logits, targets = [], []
-    for images, target in _bar(loader, progress, ds.name, ds.size):
-        feats = F.normalize(encode_image(to(images)).float(), dim=-1)
-        logits.append((100.0 * feats @ w).cpu())
-        targets.append(target)
+    with _bar(progress, ds.name, ds.size) as bar:
+        for images, target in loader:
+            feats = F.normalize(encode_image(to(images)).float(), dim=-1)
+            logits.append((100.0 * feats @ w).cpu())
+            targets.append(target)
+            bar.update(len(images))
     if not logits:
         raise ValueError(f"{ds.name}: no samples")
     logits_t, targets_t = torch.cat(logits), torch.cat(targets)
