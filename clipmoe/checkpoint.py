@@ -90,13 +90,24 @@ def is_clipmoe_file(path: str | Path) -> bool:
     return Path(path).suffix == ".safetensors" and read_metadata(path).get("format") in (FORMAT, _FORMAT_1)
 
 
+MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
 def not_a_model_file(path: Path) -> ClipmoeError:
     """The error for a folder given where a model file belongs; for a training checkpoint, the call that reads its
     model (the CLI's commands read them themselves)."""
     if (path / "state.pt").is_file():
         return ClipmoeError(f"{path} is a training checkpoint, not a model file: its model is "
                             f"clipmoe.resume.load_model({str(path)!r})")
-    return ClipmoeError(f"{path} is a folder; give the model file in it (e.g. {path / 'model.safetensors'})")
+    files = sorted(str(f) for f in path.iterdir() if f.suffix in MODEL_SUFFIXES and f.is_file())
+    if files:
+        return ClipmoeError(f"{path} is a folder; give the model file in it: {', '.join(files[:4])}")
+    # a run folder mid-run (no model.safetensors yet), or its checkpoints/ folder
+    steps = sorted(path.glob("step_*/state.pt")) or sorted(path.glob("checkpoints/step_*/state.pt"))
+    if steps:
+        return ClipmoeError(f"{path} is a folder of training checkpoints; give one of them (the newest: "
+                            f"{steps[-1].parent})")
+    return ClipmoeError(f"{path} is a folder with no model file in it")
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> CLIP:

@@ -446,9 +446,10 @@ def test_a_folder_given_for_a_model_says_which_file(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith(
             f"clipmoe {command}: error: training checkpoint: {step / 'state.pt'} is not readable"), r.stderr
         assert r.stderr.count("\n") == 1
-        r = _run(command, "--model", str(tmp_path / "run"), *extra)
-        assert r.returncode == 2 and r.stderr == (f"clipmoe {command}: error: {tmp_path / 'run'} is a folder; give the "
-                                                  f"model file in it (e.g. {tmp_path / 'run' / 'model.safetensors'})\n")
+        for given in (tmp_path / "run", tmp_path / "run" / "checkpoints"):  # mid-run: checkpoints, no model yet
+            r = _run(command, "--model", str(given), *extra)
+            assert r.returncode == 2 and r.stderr == (f"clipmoe {command}: error: {given} is a folder of training "
+                                                      f"checkpoints; give one of them (the newest: {step})\n")
     with pytest.raises(clipmoe.ClipmoeError, match=r"is a training checkpoint, not a model file: its model is "
                                                    r"clipmoe\.resume\.load_model\("):
         clipmoe.create_model(str(step))
