@@ -107,7 +107,8 @@ def _analyze_routing(args) -> None:
         load = " ".join(f"{x:.2f}" for x in entry["load"])
         print(f"{name:<9} load {load}")
         for e, top in enumerate(entry.get("top_words", [])):
-            print(f"    expert {e}: " + ", ".join(f"{w} {share:.0%}" for w, _, share in top[:8]))
+            words = ", ".join(f"{w} {share:.0%}" for w, _, share in top[:8])
+            print(f"    expert {e}: {words or 'took no words'}")
     print(f"wrote {Path(args.out) / 'routing.png'} and {Path(args.out) / 'routing.json'}")
 
 

@@ -213,6 +213,20 @@ def test_analyze_routing_writes_heatmap_and_words(tmp_path, tiny_shards):
     assert sum(sum(count for _, count, _ in top) for top in cli["text.0"]["top_words"]) > 0
 
 
+def test_analyze_routing_names_an_expert_that_took_no_words(tmp_path, tiny_shards):
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=3, top_k=1, every=1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MoE):  # logits w.x, -w.x, 0: expert 2 never has the largest
+                w = torch.randn_like(m.router.weight[0])
+                m.router.weight.copy_(torch.stack([w, -w, torch.zeros_like(w)]))
+    path = clipmoe.save(model, tmp_path / "m.safetensors")
+    r = _run("analyze-routing", "--model", str(path), "--data", tiny_shards["eval"], "--out", str(tmp_path / "out"),
+             "--batches", "1", "--batch-size", "8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("expert 2: took no words") == 2 and "expert 0: took no words" not in r.stdout, r.stdout
+
+
 def test_analyze_routing_counts_what_each_expert_computed(tmp_path, tiny_shards):
     """Expert choice: an expert takes its picks, not the tokens whose most probable expert it is. A fresh upcycle
     with dropless expert choice (C = N) has every expert compute every token: all of each word."""
