@@ -222,7 +222,7 @@ class EntropyLossConfig:
 
 @dataclass
 class LossConfig:
-    balance_coef: float = 0.01  # Switch load-balancing loss
+    balance_coef: float = 0.01  # Switch load-balancing loss, on token-choice layers (expert choice needs none)
     z_coef: float = 1e-3  # ST-MoE router z-loss
     image_entropy: EntropyLossConfig = field(default_factory=EntropyLossConfig)
     text_entropy: EntropyLossConfig = field(default_factory=EntropyLossConfig)

@@ -53,7 +53,7 @@ class GraphedMoE:
         self.training = layer.training
         self.autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         self._params = [p.data_ptr() for p in layer.parameters()]
-        self.tower, self.block = layer.tower, layer.block
+        self.tower, self.block, self.routing = layer.tower, layer.block, layer.routing  # fixed by the mode
         self.replays = 0
         self._graphed = torch.cuda.make_graphed_callables(_Flat(layer).train(layer.training), (sample,),
                                                           num_warmup_iters=warmup)
@@ -73,8 +73,8 @@ class GraphedMoE:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         self.replays += 1
         y, balance, z, entropy, marginal, counts, top1, dropped = self._graphed(x)
-        return y, MoEAux(self.tower, self.block, counts, top1, dropped, balance_loss=balance, z_loss=z,
-                         entropy=entropy, marginal_entropy=marginal)
+        return y, MoEAux(self.tower, self.block, counts, top1, dropped, routing=self.routing, balance_loss=balance,
+                         z_loss=z, entropy=entropy, marginal_entropy=marginal)
 
 
 def capture(layer: MoE, sample: torch.Tensor, warmup: int = 3) -> MoE:

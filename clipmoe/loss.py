@@ -184,9 +184,14 @@ def total_loss(output: CLIPOutput, cfg: LossConfig) -> dict[str, torch.Tensor]:
         terms = {"contrastive": clip_loss(image, text, scale, cfg.local_loss, cfg.gather_with_grad)}
     loss = terms["contrastive"]
     if output.aux:
-        terms["balance"] = torch.stack([a.balance_loss for a in output.aux]).sum()
+        # expert choice is balanced by construction (Zhou et al. 2022: no auxiliary loss); its layers' balance
+        # terms stay in moe_report, out of the loss
+        token_choice = [a.balance_loss for a in output.aux if a.routing == "topk"]
+        if token_choice:
+            terms["balance"] = torch.stack(token_choice).sum()
+            loss = loss + cfg.balance_coef * terms["balance"]
         terms["z"] = torch.stack([a.z_loss for a in output.aux]).sum()
-        loss = loss + cfg.balance_coef * terms["balance"] + cfg.z_coef * terms["z"]
+        loss = loss + cfg.z_coef * terms["z"]
         for tower, ecfg in (("image", cfg.image_entropy), ("text", cfg.text_entropy)):
             if ecfg.local_coef or ecfg.global_coef:
                 e = entropy_terms(output.aux, tower, ecfg.global_threshold)

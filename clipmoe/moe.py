@@ -54,13 +54,16 @@ class MoEAux:
     z_loss: mean(logsumexp(logits)^2) (ST-MoE).
     entropy: LIMoE's local term, the mean over tokens of H(p(.|x)) in nats.
     marginal_entropy: H(mean over tokens of p(.|x)); LIMoE's global term is -this.
+    routing: "topk" or "expert_choice", the routing of this call. Expert choice is balanced by construction
+        (Zhou et al. 2022): its balance_loss is reported but not trained on (loss.total_loss).
     """
 
     def __init__(self, tower: str, block: int, tokens_per_expert: torch.Tensor, top1: torch.Tensor,
                  dropped_fraction: torch.Tensor, logits: Optional[torch.Tensor] = None,
                  probs: Optional[torch.Tensor] = None, top1_counts: Optional[torch.Tensor] = None,
-                 assign: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = None, **terms):
-        self.tower, self.block = tower, block
+                 assign: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = None, routing: str = "topk",
+                 **terms):
+        self.tower, self.block, self.routing = tower, block, routing
         self.tokens_per_expert, self.top1, self.dropped_fraction = tokens_per_expert, top1, dropped_fraction
         self._logits, self._probs = logits, probs
         self._top1_counts = top1_counts  # the top-1 choices' counts where the layer has them; else from top1
@@ -72,7 +75,7 @@ class MoEAux:
         terms = {k: v.detach() for k, v in self.__dict__.items() if k in _TERMS and torch.is_tensor(v)}
         logits, probs = (None if t is None else t.detach() for t in (self._logits, self._probs))
         return MoEAux(self.tower, self.block, self.tokens_per_expert, self.top1, self.dropped_fraction.detach(),
-                      logits, probs, self._top1_counts, self._assign, **terms)
+                      logits, probs, self._top1_counts, self._assign, self.routing, **terms)
 
     def __repr__(self):
         return f"MoEAux(tower={self.tower!r}, block={self.block}, tokens_per_expert={self.tokens_per_expert.tolist()})"
@@ -315,11 +318,11 @@ class MoE(nn.Module):
         if probs_NE.shape[0] == 0:  # nothing routed: every term 0 (still in the graph), nothing dropped
             zero = probs_NE.sum()
             return MoEAux(self.tower, self.block, counts_E.detach(), top1_N.detach(), zero.detach(), assign=assign,
-                          balance_loss=zero, z_loss=zero, entropy=zero, marginal_entropy=zero)
+                          routing=self.routing, balance_loss=zero, z_loss=zero, entropy=zero, marginal_entropy=zero)
         if not torch.is_tensor(dropped):  # new_full: no host-to-device copy, which would wait for the GPU
             dropped = probs_NE.new_full((), dropped)
         return MoEAux(self.tower, self.block, counts_E.detach(), top1_N.detach(), dropped, logits_NE, probs_NE,
-                      top1_E, assign)
+                      top1_E, assign, self.routing)
 
 
 def _counts(ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -242,6 +242,30 @@ def test_aux_terms_weighted_by_config():
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_expert_choice_layers_train_without_the_balance_loss():
+    """Expert choice is balanced by construction (Zhou et al. 2022): its layers report a balance term but the loss
+    leaves it out, its router gets no gradient from it; token-choice layers keep theirs."""
+    model = clipmoe.create_model("clipmoe-micro", vision={"moe": {"num_experts": 4, "router": "expert_choice"}},
+                                 text={"moe": {"num_experts": 4, "top_k": 1}}).train()
+    images, texts = torch.randn(4, 3, 16, 16), clipmoe.get_tokenizer(model)(["a b", "c", "d e f", "g"])
+    cfg = from_dict(RunConfig, {"loss": {"balance_coef": 1.0, "z_coef": 0.0}}).loss
+    out = model(images, texts)
+    assert {a.routing for a in out.aux} == {"expert_choice", "topk"}
+    terms = total_loss(out, cfg)
+    text_balance = sum(a.balance_loss for a in out.aux if a.tower == "text")
+    assert terms["balance"].item() == pytest.approx(text_balance.item(), rel=1e-6)
+    assert all(r["balance_loss"] > 0 for r in clipmoe.moe_report(out))  # still reported for every layer
+    # the balance term alone: no gradient for an expert-choice router, some for a token-choice one
+    model.zero_grad()
+    terms["balance"].backward()
+    routers = {m.tower: m.router.weight.grad for m in model.modules() if isinstance(m, MoE)}
+    assert routers["image"] is None and routers["text"].abs().sum() > 0
+    # a model of expert-choice layers only has no balance term
+    ec = clipmoe.create_model("clipmoe-micro", vision={"moe": {"num_experts": 4, "router": "expert_choice"}}).train()
+    terms = total_loss(ec(images, texts), cfg)
+    assert "balance" not in terms and "z" in terms
+
+
 def test_train_cli_bad_config_is_one_line(tmp_path, capsys):
     from clipmoe.cli import main
 
