@@ -182,7 +182,9 @@ def _batches(loader: loaders.ImageTextLoader, resuming: bool = False):
             empty = False
             yield batch
         if empty and not resuming:
-            raise ClipmoeError(f"the training data yielded no samples in epoch {epoch}: {loader.stats()}")
+            stats = loader.stats()
+            hint = "; data.strict: true stops at the first one and says what it was" if stats["skipped"] else ""
+            raise ClipmoeError(f"the training data yielded no samples in epoch {epoch}: {stats}{hint}")
         resuming = False
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import signal
 import tarfile
 import warnings
@@ -25,6 +26,7 @@ from .transforms import TrainTransform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _MEMBERS = set(IMAGE_EXTS) | {"txt", "json"}
+_PIPE_EXIT = re.compile(r": exit (-?\d+) \(read\)")
 MAX_CAPTION_CHARS = 10_000
 
 
@@ -281,6 +283,7 @@ class ImageTextLoader:
         its manifest promises (a tar cut on a header boundary reads as a clean end), counts once as
         truncated_shard; one that does not exist as missing_shard."""
         truncated: set[str] = set()
+        failed: set[str] = set()  # shards already counted for an error: a failed pipe raises at close again
 
         def handler(exn: Exception) -> bool:
             if isinstance(exn, FileNotFoundError):  # a typo in a path: say so, not "read_error"
@@ -290,9 +293,14 @@ class ImageTextLoader:
             else:
                 reason = "truncated_shard" if isinstance(exn, (tarfile.TarError, EOFError)) else "read_error"
             if self.strict:
-                raise DataError(f"{reason}: {str(exn).splitlines()[0][:300]}") from exn
+                message = str(exn).splitlines()[0][:300]
+                status = _PIPE_EXIT.search(message)  # webdataset's Pipe says ((args,), {kwargs}): exit N (read)
+                if status:
+                    message = f"{url}: its command exited with status {status.group(1)}"
+                raise DataError(f"{reason}: {message}") from exn
             if reason == "truncated_shard":
                 truncated.add(url)
+            failed.add(url)
             counts[reason] += 1
             return True
 
@@ -311,7 +319,11 @@ class ImageTextLoader:
                     yield sample
             finally:  # also when training ends mid-shard (this generator is closed)
                 for stream in opened:
-                    stream.close()
+                    try:
+                        stream.close()
+                    except OSError as exn:  # a `pipe:` or http(s) shard whose command failed: webdataset's Pipe
+                        if url not in failed:  # raises its exit status when reading and again when closing
+                            handler(exn)
             expected = expected_count(url)
             if expected is not None and n < expected and url not in truncated:
                 if self.strict:

@@ -113,6 +113,26 @@ def test_missing_shard_counted_by_its_own_reason(tmp_path):
         list(strict)
 
 
+def test_failing_pipe_shard_counted_once_and_named_in_strict_mode(tmp_path):
+    """A `pipe:` (or http, through curl) shard whose command fails: webdataset raises its exit status on reading
+    and again on closing; the shard counts once and the others still load."""
+    good = tmp_path / "good.tar"
+    with wds.TarWriter(str(good)) as w:
+        for i in range(40):
+            w.write({"__key__": f"k{i}", "jpg": _jpeg(size=(64, 64)), "txt": "c"})
+    half = good.stat().st_size // 2
+    failing = ["pipe:exit 3", f"pipe:head -c {half} {good}; exit 1"]  # nothing; half a shard, then a failure
+    loader = loaders.image_text_loader([str(good), *failing], batch_size=5, transform=_tf,
+                                       tokenize=lambda t: torch.zeros(len(t), 2), shuffle=False)
+    n = sum(len(b["key"]) for b in loader)
+    skipped = loader.stats()["skipped"]
+    assert 40 < n < 80 and skipped["read_error"] == 2, skipped  # (the sample cut in half: missing_caption)
+    strict = loaders.image_text_loader(failing[0], batch_size=5, transform=_tf,
+                                       tokenize=lambda t: torch.zeros(len(t), 2), strict=True)
+    with pytest.raises(loaders.DataError, match=r"^read_error: pipe:exit 3: its command exited with status 3$"):
+        list(strict)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_epoch_covers_every_sample_once_across_ranks_and_workers(tiny_shards, workers, shuffle):

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import clipmoe
+import loaders
 from clipmoe.config import RunConfig, from_dict
 from clipmoe.errors import ClipmoeError
 from clipmoe.loss import clip_loss, total_loss
@@ -665,3 +666,13 @@ def test_a_training_checkpoint_is_a_model_to_evaluate(tiny_shards, tmp_path):
     del shared["model_config"]  # as checkpoints were written before
     torch.save(shared, steps / "step_00000004" / "state.pt")
     assert torch.equal(resume.load_model(steps / "step_00000004").state_dict()["image.proj"], final["image.proj"])
+
+
+def test_data_that_yields_nothing_is_one_error_that_says_how_to_see_why(tiny_shards, tmp_path):
+    cfg = _cfg_dict(tiny_shards, tmp_path, steps=2)
+    cfg["data"]["train"] = "pipe:exit 3"  # a shard command that fails (a URL that does not answer, through curl)
+    with pytest.raises(ClipmoeError, match=r"yielded no samples in epoch 0: .*'read_error': 1.*data\.strict: true"):
+        train(from_dict(RunConfig, cfg), progress=False)
+    cfg["data"]["strict"] = True
+    with pytest.raises(loaders.DataError, match="read_error: pipe:exit 3: its command exited with status 3"):
+        train(from_dict(RunConfig, cfg), progress=False)
