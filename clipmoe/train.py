@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import sys
-import threading
 import warnings
 from dataclasses import dataclass, field
 from itertools import chain, count
@@ -38,6 +37,7 @@ from .model import CLIP
 from .moe import MoE, moe_report
 from .plots import plot_expert_load, plot_losses, plot_moe_history, plot_zeroshot
 from .progress import bar_interval
+from .stopping import StopVote, Terminated, held_interrupt, terminate_as_interrupt
 from .zeroshot_eval import check_datasets, zeroshot_eval
 
 
@@ -52,16 +52,6 @@ class TrainResult:
     zeroshot: list[dict] = field(default_factory=list)  # {"step", "results"} per evaluation (rank 0)
     cuda_graphs: dict = field(default_factory=dict)  # "image.3" -> steps that layer ran as CUDA graphs
     steps: int = 0  # optimizer steps taken: train.steps, or fewer after Ctrl-C
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM during `train`: what `kill`, `timeout`, SLURM (before it kills a job at its time limit or to
-    preempt it) and torchrun's shutdown send first. Training stops as at Ctrl-C."""
-
-    signum = signal.SIGTERM
-
-    def __init__(self, message: str = "terminated (SIGTERM)"):
-        super().__init__(message)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -80,45 +70,6 @@ def _kept(result: TrainResult, total: int) -> str:
     if result.files.get("checkpoint"):
         where += f"; to continue: --resume {result.files['checkpoint']}"
     return f"after {result.steps} of {total} steps{where}"
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated
-
-
-def _terminate_as_interrupt() -> Callable[[], None]:
-    """Makes SIGTERM raise `Terminated` until the returned function is called; only where the signal's default
-    action (to die at once, writing nothing) is installed, in the main thread: a handler someone else set stays
-    theirs."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return lambda: None
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-_STOPPING = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_terminated}
-
-
-@contextlib.contextmanager
-def _held_interrupt():
-    """Holds Ctrl-C (SIGINT) and SIGTERM until the block ends, so that they never leave the parameters half-updated
-    (the optimizer updates them one tensor at a time). Only signals that Python's or clipmoe's own handler turns
-    into an exception, in the main thread: a handler someone else set stays theirs."""
-    held = [s for s, handler in _STOPPING.items() if signal.getsignal(s) is handler]
-    if threading.current_thread() is not threading.main_thread() or not held:
-        yield
-        return
-    pending = []
-    for s in held:
-        signal.signal(s, lambda signum, frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        for s in held:
-            signal.signal(s, _STOPPING[s])
-    if pending:
-        raise Terminated if pending[0] == signal.SIGTERM else KeyboardInterrupt
 
 
 def cpu_bf16_matmul_is_slow() -> bool:
@@ -191,8 +142,9 @@ def _batches(loader: loaders.ImageTextLoader, resuming: bool = False):
 def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -> TrainResult:
     """Trains `model` (or the one `cfg.model` names) on `cfg.data.train` for `cfg.train.steps` steps.
 
-    Ctrl-C or SIGTERM writes out the steps done as a shorter run (with a checkpoint where `train.save_every` is set,
-    on one process) and raises `TrainingInterrupted` (a KeyboardInterrupt) holding it."""
+    Ctrl-C or SIGTERM writes out the steps done as a shorter run (with a checkpoint where `train.save_every` is set)
+    and raises `TrainingInterrupted` (a KeyboardInterrupt) holding it. On several processes the ranks stop together
+    at the next step's start (`stopping.StopVote`), also when one rank's data fails."""
     tc = cfg.train
     device = resolve_device(tc.device)
     if device.type == "cuda":
@@ -315,13 +267,25 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                mininterval=bar_interval(sys.stderr))
     done = start  # steps taken
     snap = resume.snapshot(start, loader) if tc.save_every else None  # as of the last finished step
-    restore_sigterm = _terminate_as_interrupt()
+    vote = StopVote.for_world() if world > 1 else None  # several processes stop together (see StopVote)
+    restore_signals = vote.install() if vote is not None else terminate_as_interrupt()
+    agreed = False  # whether every rank stopped at this same step (one process: always)
     scope = contextlib.ExitStack()  # what holds only while the loop runs (closed in the finally below)
     if engine is not None:
         deepspeed_engine.quiet_step_warnings(scope)
     try:
         for step in range(start, tc.steps):
-            batch = next(batches)
+            if vote is None:
+                batch = next(batches)
+            else:
+                try:
+                    batch, data_error = next(batches), None
+                except loaders.DataError as e:
+                    batch, data_error = None, e
+                stop = vote.agree(rank, data_error)
+                if stop is not None:
+                    agreed = True
+                    raise stop
             images = normalize_batch(batch["image"].to(device, non_blocking=True), MEAN, STD)
             tokens = batch["text"].to(device, non_blocking=True)
             # CUDA graphs cannot use autocast's cache of cast weights
@@ -344,7 +308,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                 ep.clip_grad_norm_(model, cfg.optim.grad_clip)
             elif cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            with _held_interrupt():
+            with held_interrupt():
                 if engine is not None:
                     engine.step()  # clips, steps the optimizer and the schedule, zeroes the gradients
                     if expert_opt is not None and engine.was_step_applied():
@@ -386,19 +350,22 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         # Ctrl-C, SIGTERM, or data the loader cannot go on with (strict mode, too many bad samples): the steps done
         # are a shorter run, written out like a finished one (never lost work); a second signal stops the writing,
         # as it would without clipmoe
-        restore_sigterm()
+        restore_signals()
         if done == start:
             raise
         stopped_by = e
         logged = _write_log_rows(log, history, logged)
-        # resumable (not under DDP, where a rank may be gone); unless this step's checkpoint is already written
-        if tc.save_every and world == 1 and snap.step == done and not (saved and saved[-1].name.endswith(
-                f"_{done:08d}")):
+        # resumable where every rank stopped at this step (one process, or agreed: a rank that stopped alone may
+        # have left the others mid-step); unless this step's checkpoint is already written
+        if tc.save_every and (world == 1 or agreed) and snap.step == done and not (
+                saved and saved[-1].name.endswith(f"_{done:08d}")):
             checkpoint(snap)
     else:
         stopped_by = None
     finally:
-        restore_sigterm()
+        restore_signals()
+        if vote is not None:
+            vote.close()
         scope.close()
         bar.close()
         if log is not None:
@@ -407,9 +374,9 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     for layer in graphed:  # the graphs hold memory, and a model with them cannot be copied
         cuda_graphs.release(layer)
 
-    # the trained model with all its experts; not after Ctrl-C under expert parallelism, where a rank may be gone
-    # (its periodic checkpoints hold the whole model)
-    if groups is not None and stopped_by is None:
+    # the trained model with all its experts; not after a stop the ranks did not agree on, under expert
+    # parallelism, where a rank may be gone (its periodic checkpoints hold the whole model)
+    if groups is not None and (stopped_by is None or agreed):
         model = ep.gathered(model)
     expert_load = {k: (v / v.sum()).tolist() for k, v in load_sums.items()}
     result = TrainResult(model.eval(), history, expert_load, loader.stats(), out_dir, zeroshot=zeroshot_runs,

@@ -2,7 +2,9 @@
 train` under DDP on 2 ranks."""
 import math
 import os
+import signal
 import socket
+import time
 import warnings
 
 import pytest
@@ -73,10 +75,11 @@ def test_gathered_loss_equals_full_batch(tmp_path, kind, world):
         torch.testing.assert_close(ranks[r]["txt_grad"] / world, txt.grad[rows], atol=1e-6, rtol=1e-5)
 
 
-def _train_rank(rank: int, port: int, cfg: dict, out_dir: str, world: int = WORLD):
+def _train_rank(rank: int, port: int, cfg: dict, out_dir: str, world: int = WORLD, stop=None):
     """One rank of `clipmoe train` as torchrun starts it (the process group from the environment), or for one
     process as a plain `clipmoe train` runs (no launcher's environment); what it ends with goes to
-    OUT_DIR/rank{rank}.pt."""
+    OUT_DIR/rank{rank}.pt. `stop` = (what, rank, n): that rank sends itself signal `what` in its n-th forward, or
+    with what = "data" its loader fails at its n-th batch; the result then also holds what it stopped with."""
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(world))
@@ -87,22 +90,65 @@ def _train_rank(rank: int, port: int, cfg: dict, out_dir: str, world: int = WORL
     from clipmoe.config import RunConfig, from_dict
     from clipmoe.train import train
 
+    if stop is not None and stop[1] == rank:
+        _stop_at(*stop)
+    import loaders
+    from clipmoe.train import TrainingInterrupted
+
+    stopped = None
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = train(from_dict(RunConfig, cfg), progress=False)
-        torch.save({"state": result.model.state_dict(), "stats": result.data_stats, "files": sorted(result.files),
-                    "losses": [row["loss"] for row in result.history],
+            try:
+                result = train(from_dict(RunConfig, cfg), progress=False)
+            except TrainingInterrupted as e:
+                result, stopped = e.result, f"signal {e.signum}: {e}"
+            except loaders.DataError as e:
+                result, stopped = None, f"DataError: {e}"
+        torch.save({"state": result and result.model.state_dict(), "stats": result and result.data_stats,
+                    "files": sorted(result.files) if result else [], "steps": result and result.steps,
+                    "losses": [row["loss"] for row in result.history] if result else [], "stopped": stopped,
                     "warnings": [f"{w.category.__name__}: {w.message}" for w in caught]}, f"{out_dir}/rank{rank}.pt")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_training(cfg: dict, out_dir, world: int = WORLD) -> list[dict]:
-    """`clipmoe train` with `cfg` on `world` gloo ranks; what each rank ended with (see `_train_rank`)."""
+def _stop_at(what, rank: int, n: int) -> None:
+    import clipmoe.train as train_module
+
+    if what == "data":
+        batches = train_module._batches
+
+        def failing(*args, **kwargs):
+            for i, batch in enumerate(batches(*args, **kwargs), 1):
+                if i == n:
+                    raise train_module.loaders.DataError(f"corrupt_image in shard of rank {rank} (a test's)")
+                yield batch
+        train_module._batches = failing
+    else:
+        loss, calls = train_module.total_loss, []
+
+        def signalling(*args, **kwargs):
+            calls.append(None)
+            if len(calls) == n:
+                os.kill(os.getpid(), what)
+            return loss(*args, **kwargs)
+        train_module.total_loss = signalling
+
+
+def run_training(cfg: dict, out_dir, world: int = WORLD, stop=None, timeout: float = 300) -> list[dict]:
+    """`clipmoe train` with `cfg` on `world` gloo ranks; what each rank ended with (see `_train_rank`). Ranks that
+    are still running after `timeout` seconds (waiting for each other) are killed and fail the test."""
     out_dir.mkdir()
-    mp.start_processes(_train_rank, args=(_free_port(), cfg, str(out_dir), world), nprocs=world, start_method="spawn")
+    ctx = mp.start_processes(_train_rank, args=(_free_port(), cfg, str(out_dir), world, stop), nprocs=world,
+                             start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"ranks still running after {timeout} s (a collective that some rank never joined?)")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
@@ -187,3 +233,35 @@ def test_ddp_training_on_two_ranks(tiny_shards, tmp_path):
         # the log before the resume is rank 0's (the checkpoint's), after it each rank's own
         assert again[r]["losses"] == ranks[0]["losses"][:2] + ranks[r]["losses"][2:]
         assert again[r]["stats"] == ranks[r]["stats"]
+
+
+@pytest.mark.parametrize("what, extra", [(signal.SIGTERM, {}), ("data", {}),
+                                         (signal.SIGINT, {"expert_parallel_size": 2})],
+                         ids=["SIGTERM", "data_error", "SIGINT_expert_parallel"])
+def test_ranks_stop_together_and_the_checkpoint_resumes_exactly(tiny_shards, tmp_path, what, extra):
+    """One rank alone gets SIGTERM (or Ctrl-C, here under expert parallelism) in its 3rd step, or its data fails at
+    its 4th batch: both ranks stop at the 4th step's start (none waits in a collective for the other), write the 3
+    steps and a checkpoint of step 3 together, and say why; resumed from it, the run ends with the weights of the
+    run never stopped, bit for bit."""
+    cfg = baseline_config(tiny_shards, tmp_path, save_every=2, keep_checkpoints=3, **extra)
+    cfg["eval"] = {}
+    full = run_training(variant(cfg, tmp_path / "full"), tmp_path / "full_ranks")
+    n = 4 if what == "data" else 3
+    stopped = run_training(cfg, tmp_path / "stopped_ranks", stop=(what, 1, n), timeout=120)
+    assert [r["steps"] for r in stopped] == [3, 3] or what == "data"
+    import clipmoe
+    assert clipmoe.load(tmp_path / "run" / "model.safetensors").state_dict().keys() == full[0]["state"].keys()
+    if what == "data":  # the failing rank's own error; the other names it
+        assert "corrupt_image in shard of rank 1" in stopped[1]["stopped"]
+        assert "the training data of rank 1 stopped the run" in stopped[0]["stopped"]
+        assert all("training stopped after 3 of 4 steps" in r["stopped"] for r in stopped)
+    else:
+        how = "terminated (SIGTERM)" if what == signal.SIGTERM else "interrupted"
+        assert [r["stopped"].split(" after")[0] for r in stopped] == [f"signal {int(what)}: {how}"] * 2
+        assert "model" in stopped[0]["files"] and "checkpoint" in stopped[0]["files"]
+    step3 = tmp_path / "run" / "checkpoints" / "step_00000003"
+    assert sorted(p.name for p in step3.iterdir()) == ["rank0.pt", "rank1.pt", "state.pt"]
+    again = run_training(variant(cfg, tmp_path / "again", resume=str(step3)), tmp_path / "again_ranks")
+    for r in range(WORLD):
+        for name, weight in full[r]["state"].items():
+            assert torch.equal(weight, again[r]["state"][name]), (r, name)

@@ -174,34 +174,34 @@ def test_ctrl_c_before_the_first_step_is_a_plain_interrupt(tiny_shards, tmp_path
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
-def test_held_interrupt_raises_when_the_block_ends():
-    from clipmoe.train import Terminated, _held_interrupt, _raise_terminated, _terminate_as_interrupt
+def testheld_interrupt_raises_when_the_block_ends():
+    from clipmoe.stopping import Terminated, held_interrupt, raise_terminated, terminate_as_interrupt
 
     ran = []
     with pytest.raises(KeyboardInterrupt):
-        with _held_interrupt():
+        with held_interrupt():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)  # the signal would have been delivered here
             ran.append("after")
     assert ran == ["after"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    restore = _terminate_as_interrupt()  # SIGTERM as training has it: held too, then raised as Terminated
+    restore = terminate_as_interrupt()  # SIGTERM as training has it: held too, then raised as Terminated
     try:
         # else the signal below would end the test run itself
-        assert signal.getsignal(signal.SIGTERM) is _raise_terminated
+        assert signal.getsignal(signal.SIGTERM) is raise_terminated
         with pytest.raises(Terminated):
-            with _held_interrupt():
+            with held_interrupt():
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.05)
                 ran.append("after SIGTERM")
-        assert ran[-1] == "after SIGTERM" and signal.getsignal(signal.SIGTERM) is _raise_terminated
+        assert ran[-1] == "after SIGTERM" and signal.getsignal(signal.SIGTERM) is raise_terminated
     finally:
         restore()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    with _held_interrupt():  # no Ctrl-C: nothing raised
+    with held_interrupt():  # no Ctrl-C: nothing raised
         pass
     mine = signal.signal(signal.SIGINT, lambda *a: ran.append("mine"))  # someone else's handler stays theirs
     try:
-        with _held_interrupt():
+        with held_interrupt():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
         assert ran == ["after", "after SIGTERM", "mine"]
