@@ -238,8 +238,12 @@ class CLIP(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> CLIPOutput:
         image_features, image_aux = self.image(images)
         text_features, text_aux = self.text(tokens)
+        # the bias as a view, not the parameter itself: DDP (find_unused_parameters) walks the graph from the
+        # outputs' grad_fns, and a bare parameter has none, so it would be taken as unused and then its gradient
+        # would arrive "a second time" in backward
+        bias = None if self.logit_bias is None else self.logit_bias.view(())
         return CLIPOutput(F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1),
-                          self.logit_scale.exp(), image_aux + text_aux, self.logit_bias)
+                          self.logit_scale.exp(), image_aux + text_aux, bias)
 
 
 def _init_linear(m: nn.Module) -> None:

@@ -265,3 +265,15 @@ def test_ranks_stop_together_and_the_checkpoint_resumes_exactly(tiny_shards, tmp
     for r in range(WORLD):
         for name, weight in full[r]["state"].items():
             assert torch.equal(weight, again[r]["state"][name]), (r, name)
+
+
+def test_ddp_with_the_sigmoid_loss_and_moe_layers(tiny_shards, tmp_path):
+    """SigLIP's loss under DDP with MoE layers (find_unused_parameters): the learned logit bias trains like every
+    other parameter (it once was taken for unused, and its gradient then failed the backward)."""
+    cfg = baseline_config(tiny_shards, tmp_path, steps=2)
+    cfg["model"]["overrides"].update(init_logit_bias=-10.0, init_logit_scale=math.log(10))
+    cfg["loss"]["kind"], cfg["eval"] = "sigmoid", {}
+    ranks = run_training(cfg, tmp_path / "ranks")
+    bias = [r["state"]["logit_bias"] for r in ranks]
+    assert torch.equal(bias[0], bias[1]) and bias[0].item() != -10.0
+    assert all(math.isfinite(x) for r in ranks for x in r["losses"])
