@@ -207,9 +207,11 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         first = next(batches)
         graphed = _capture_cuda_graphs(model, first, device, torch.bfloat16 if tc.precision == "bf16" else None)
         batches = chain([first], batches)
-    # idle experts get no gradient, nor does a logit bias under the softmax loss
-    unused = any(isinstance(m, MoE) for m in model.modules()) or (
-        model.logit_bias is not None and cfg.loss.kind != "sigmoid")
+    if model.logit_bias is not None and cfg.loss.kind != "sigmoid":
+        # the softmax loss does not read SigLIP's bias: it stays as it is, out of the optimizer and of DDP (which
+        # would wait for its gradient)
+        model.logit_bias.requires_grad_(False)
+    unused = any(isinstance(m, MoE) for m in model.modules())  # idle experts get no gradient
     if groups is not None:  # the experts' gradients are reduced by ep.reduce_expert_grads
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ep.expert_parameter_names(model))
     engine = expert_opt = expert_sched = None
@@ -282,6 +284,10 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                     batch, data_error = next(batches), None
                 except loaders.DataError as e:
                     batch, data_error = None, e
+                except Exception:  # the loader's workers got the job's signal too and ended (see the loader's
+                    if not vote.signals:  # _end_quietly_on_sigterm): this rank stops for the signal
+                        raise
+                    batch, data_error = None, None
                 stop = vote.agree(rank, data_error)
                 if stop is not None:
                     agreed = True

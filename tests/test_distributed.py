@@ -267,13 +267,53 @@ def test_ranks_stop_together_and_the_checkpoint_resumes_exactly(tiny_shards, tmp
             assert torch.equal(weight, again[r]["state"][name]), (r, name)
 
 
-def test_ddp_with_the_sigmoid_loss_and_moe_layers(tiny_shards, tmp_path):
-    """SigLIP's loss under DDP with MoE layers (find_unused_parameters): the learned logit bias trains like every
-    other parameter (it once was taken for unused, and its gradient then failed the backward)."""
-    cfg = baseline_config(tiny_shards, tmp_path, steps=2)
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+def test_ddp_with_a_logit_bias_and_moe_layers(tiny_shards, tmp_path, kind):
+    """A model with SigLIP's logit bias under DDP with MoE layers (find_unused_parameters): the sigmoid loss trains
+    the bias like every other parameter (it once was taken for unused, and its gradient then failed the backward);
+    the softmax loss, which does not read it, leaves it as it was (DDP once waited for its gradient)."""
+    cfg = baseline_config(tiny_shards, tmp_path, steps=3)
     cfg["model"]["overrides"].update(init_logit_bias=-10.0, init_logit_scale=math.log(10))
-    cfg["loss"]["kind"], cfg["eval"] = "sigmoid", {}
-    ranks = run_training(cfg, tmp_path / "ranks")
+    cfg["loss"]["kind"], cfg["eval"] = kind, {}
+    ranks = run_training(cfg, tmp_path / "ranks", timeout=120)
     bias = [r["state"]["logit_bias"] for r in ranks]
-    assert torch.equal(bias[0], bias[1]) and bias[0].item() != -10.0
-    assert all(math.isfinite(x) for r in ranks for x in r["losses"])
+    assert torch.equal(bias[0], bias[1]) and (bias[0].item() != -10.0) == (kind == "sigmoid")
+    assert all(math.isfinite(x) for r in ranks for x in r["losses"]) and len(ranks[0]["losses"]) == 3
+
+
+def test_torchrun_shutdown_stops_every_rank_with_a_checkpoint(tiny_shards, tmp_path):
+    """SIGTERM to torchrun (as SLURM or a scheduler stops a job): torchrun sends it on to each rank's process group,
+    loader workers included (they end at once); the ranks stop together at the next step and write the steps done
+    and a checkpoint of them (resumed exactly: test_ranks_stop_together_and_the_checkpoint_resumes_exactly), and
+    end on their own, before torchrun's 30 s grace runs out."""
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = baseline_config(tiny_shards, tmp_path, steps=100_000, save_every=100_000)
+    cfg["data"].update(num_workers=1, resampled=True, samples_per_epoch=10_000)
+    cfg["eval"] = {}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_free_port()), "-m", "clipmoe.cli", "train", str(tmp_path / "c.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(torchrun, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True, env=env)
+    try:
+        log, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 240
+        while not (log.exists() and log.read_text().count("\n") >= 3) and job.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        job.send_signal(signal.SIGTERM)  # torchrun itself; it signals the ranks
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    said = re.search(r"clipmoe train: terminated \(SIGTERM\) after (\d+) of 100000 steps; its model: \S+; "
+                     r"to continue: --resume (\S+)", err)
+    assert said and "Unable to shutdown" not in err, err[-3000:]  # the ranks ended on their own (no SIGKILL)
+    assert err.count("Traceback") == err.count("SignalException: Process"), err[-3000:]  # torchrun's own only
+    step = tmp_path / said[2]
+    assert step.name == f"step_{int(said[1]):08d}"
+    assert sorted(p.name for p in step.iterdir()) == ["rank0.pt", "rank1.pt", "state.pt"]
