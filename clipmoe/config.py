@@ -56,7 +56,8 @@ class MoEConfig:
     def __post_init__(self):
         _check_ints(self, "num_experts", "top_k", "every", "min_capacity", *(() if self.last is None else ("last",)))
         _check(self.num_experts >= 1, "num_experts", self.num_experts, "must be >= 1")
-        _check(1 <= self.top_k <= self.num_experts, "top_k", self.top_k, f"must be in 1..num_experts ({self.num_experts})")
+        _check(1 <= self.top_k <= self.num_experts, "top_k", self.top_k,
+               f"must be in 1..num_experts ({self.num_experts})")
         _check(self.every >= 1, "every", self.every, "must be >= 1")
         _check(self.last is None or self.last >= 1, "last", self.last, "must be >= 1")
         for name in ("capacity_factor", "eval_capacity_factor"):
