@@ -113,7 +113,16 @@ def records_from_table(table: str | Path, image_col: str = "image",
             raise ValueError("reading .parquet needs pyarrow (pip install pyarrow)") from None
         rows = pq.read_table(table, columns=[image_col, caption_col]).to_pylist()
     elif table.suffix == ".jsonl":
-        rows = [json.loads(line) for line in table.read_text().splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(table.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{table}, line {n}: not JSON ({e.msg})") from None
+                if not isinstance(rows[-1], dict):
+                    raise ValueError(f"{table}, line {n}: expected a JSON object with {image_col!r} and "
+                                     f"{caption_col!r}")
     elif table.suffix in (".csv", ".tsv"):
         with open(table, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter="\t" if table.suffix == ".tsv" else ","))
@@ -122,7 +131,20 @@ def records_from_table(table: str | Path, image_col: str = "image",
     missing = [c for c in (image_col, caption_col) if rows and c not in rows[0]]
     if missing:
         raise ValueError(f"{table}: no column {missing[0]!r} (columns: {', '.join(rows[0])})")
-    return [(str(table.parent / r[image_col]), str(r[caption_col])) for r in rows]
+    # a row without an image or a caption (an empty cell; null in JSON or parquet, which str() would turn into the
+    # caption "None") is left out, with a warning
+    out, incomplete = [], []
+    for n, r in enumerate(rows, 1):
+        image, caption = r.get(image_col), r.get(caption_col)
+        caption = "" if caption is None else str(caption).strip()
+        if image is None or not str(image).strip() or not caption:
+            incomplete.append(n)
+        else:
+            out.append((str(table.parent / str(image).strip()), caption))
+    if incomplete:
+        warnings.warn(f"{len(incomplete)} rows of {table} have no image or no caption and are left out (e.g. data "
+                      f"row {incomplete[0]})", stacklevel=2)
+    return out
 
 
 def _write_one(job) -> tuple[dict, int, str | None]:

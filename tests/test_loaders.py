@@ -277,3 +277,22 @@ def test_draft_decoding_keeps_the_image_content():
     img = loaders.pipeline.decode_image({"jpg": big.getvalue()}, draft_size=64)
     assert min(img.size) >= 64 and img.size[0] < 512
     assert abs(img.getpixel((5, 5))[1] - 200) < 8
+
+
+def test_caption_table_rows_without_image_or_caption_are_left_out_and_bad_json_names_its_line(tmp_path):
+    from loaders.shards import records_from_table
+
+    (tmp_path / "t.jsonl").write_text('{"image": "a.jpg", "caption": " a cat "}\n\n{"image": "b.jpg", "caption": null}\n'
+                                      '{"image": null, "caption": "x"}\n{"image": "c.jpg", "caption": 7}\n')
+    with pytest.warns(UserWarning, match=r"2 rows of .*t.jsonl have no image or no caption .*data row 2\)"):
+        rows = records_from_table(tmp_path / "t.jsonl")
+    assert rows == [(str(tmp_path / "a.jpg"), "a cat"), (str(tmp_path / "c.jpg"), "7")]  # never the caption "None"
+    (tmp_path / "t.csv").write_text('image,caption\na.jpg,"with, a comma"\nb.jpg,\n')
+    with pytest.warns(UserWarning, match="1 rows"):
+        assert records_from_table(tmp_path / "t.csv") == [(str(tmp_path / "a.jpg"), "with, a comma")]
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.jpg", "caption": "x"}\n{"image": "b.jpg", caption}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: not JSON"):
+        records_from_table(tmp_path / "bad.jsonl")
+    (tmp_path / "list.jsonl").write_text('["a.jpg", "x"]\n')
+    with pytest.raises(ValueError, match=r"list.jsonl, line 1: expected a JSON object"):
+        records_from_table(tmp_path / "list.jsonl")
