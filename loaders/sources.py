@@ -1,8 +1,9 @@
-"""Shard specs: brace patterns, lists, `@file` lists, local paths, `pipe:` commands and http(s) URLs,
-several sources mixed by weight (`/a/{000..099}.tar:0.7,/b/{000..009}.tar:0.3`), and the per-shard
+"""Shard specs: brace patterns, lists, `@file` lists, local paths, folders and glob patterns, `pipe:` commands and
+http(s) URLs, several sources mixed by weight (`/a/{000..099}.tar:0.7,/b/{000..009}.tar:0.3`), and the per-shard
 sample counts that manifests (ours, or img2dataset's `NNNNN_stats.json`) promise."""
 from __future__ import annotations
 
+import glob
 import json
 import re
 import warnings
@@ -53,9 +54,25 @@ def _expand_one(spec: str) -> list[str]:
 
 def _expand(spec: str) -> list[str]:
     try:
-        return list(expand_urls(spec))
+        urls = list(expand_urls(spec))
     except Exception as e:  # braceexpand's UnbalancedBracesError, and whatever else a malformed pattern raises
         raise SpecError(f"shard pattern {spec!r}: {e}") from None
+    return [u for url in urls for u in _local_files(url)]
+
+
+def _local_files(url: str) -> list[str]:
+    """A local folder as its .tar shards (img2dataset's output folder), a glob pattern (`/data/*.tar`, which
+    webdataset takes literally) as its matches, in sorted order; anything else as it is."""
+    if not _is_local(url) or Path(url).is_file():
+        return [url]
+    if Path(url).is_dir():
+        shards = sorted(str(p) for p in Path(url).glob("*.tar"))
+        if not shards:
+            raise SpecError(f"{url} is a folder without .tar shards")
+        return shards
+    if any(c in url for c in "*?["):
+        return sorted(glob.glob(url)) or [url]  # no match: the missing-shard messages name the pattern
+    return [url]
 
 
 def parse_sources(urls: Union[str, list, tuple]) -> list[Source]:

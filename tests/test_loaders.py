@@ -219,6 +219,26 @@ def test_weighted_sources_in_resampled_mode(tmp_path):
     assert loaders.expand_shards(f"{tmp_path}/a.tar,@{tmp_path}/list.txt") == [f"{tmp_path}/a.tar", f"{tmp_path}/b.tar"]
 
 
+def test_a_folder_or_a_glob_pattern_names_its_shards_in_order(tmp_path):
+    """img2dataset's output folder, or `/data/*.tar` (which webdataset would take literally), as its sorted .tar
+    files; a folder without shards is one error."""
+    (tmp_path / "out").mkdir()
+    for name in ("00001.tar", "00000.tar", "00002.tar"):
+        _write(tmp_path / "out" / name, 2)
+    (tmp_path / "out" / "00000_stats.json").write_text("{}")
+    shards = [f"{tmp_path}/out/0000{i}.tar" for i in range(3)]
+    for spec in (f"{tmp_path}/out", f"{tmp_path}/out/", f"{tmp_path}/out/*.tar", f"{tmp_path}/out/0000?.tar"):
+        assert loaders.expand_shards(spec) == shards, spec
+    assert loaders.expand_shards(f"{tmp_path}/out:0.5,{tmp_path}/out/00000.tar") == shards + shards[:1]
+    loader = loaders.image_text_loader(f"{tmp_path}/out", batch_size=2, transform=_tf, tokenize=len, shuffle=False)
+    assert sum(len(b["key"]) for b in loader) == 6
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(loaders.DataError, match=r"empty is a folder without \.tar shards"):
+        loaders.image_text_loader(str(tmp_path / "empty"), batch_size=2, transform=_tf, tokenize=len)
+    with pytest.raises(loaders.DataError, match=r"none of the shards of '.*/out/\*\.tgz' exists"):
+        loaders.image_text_loader(f"{tmp_path}/out/*.tgz", batch_size=2, transform=_tf, tokenize=len)
+
+
 def test_a_source_of_missing_shards_warns_and_a_broken_pattern_is_one_error(tmp_path):
     """A source none of whose shards exists (a typo in a mixture's path) is said when the loader is made, not
     only counted as missing_shard draw after draw; a pattern braceexpand cannot read is a DataError."""
