@@ -209,6 +209,28 @@ def testheld_interrupt_raises_when_the_block_ends():
         signal.signal(signal.SIGINT, mine)
 
 
+def test_stop_vote_notes_the_first_signal_and_exits_at_the_second():
+    """Several processes (StopVote, tested across 2 real ranks in test_distributed): the first Ctrl-C or SIGTERM is
+    noted for the next step's vote; a second one ends the process at once, with the shell's status for it."""
+    from clipmoe.stopping import StopVote
+
+    vote = StopVote()
+    restore = vote.install()
+    try:
+        assert signal.getsignal(signal.SIGINT) == vote._note and signal.getsignal(signal.SIGTERM) == vote._note
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # delivered here: noted, nothing raised
+        assert vote.signals == [signal.SIGTERM]
+        with pytest.raises(SystemExit) as caught:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert caught.value.code == 128 + signal.SIGINT
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back by the second signal
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_bf16_autocast_keeps_losses_finite(tiny_shards, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
