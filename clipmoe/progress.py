@@ -8,8 +8,16 @@ def bar_interval(stream) -> float:
     return 0.1 if isatty is not None and isatty() else 30.0
 
 
-def log_file_defaults(stream) -> dict:
-    """The environment that gives every tqdm bar of a process `bar_interval(stream)`, zero-shot and shard
-    writing included (tqdm reads TQDM_MININTERVAL when it loads, so set it before)."""
+def bar_intervals(stream) -> dict:
+    """tqdm's arguments for `bar_interval(stream)`: its monitor thread also redraws a bar every `maxinterval`
+    (10 s by default) whatever `mininterval` says, so both are set."""
     interval = bar_interval(stream)
-    return {} if interval == 0.1 else {"TQDM_MININTERVAL": str(interval)}
+    return {"mininterval": interval, "maxinterval": max(10.0, interval)}
+
+
+def log_file_defaults(stream) -> dict:
+    """The environment that gives every tqdm bar of a process `bar_intervals(stream)`, zero-shot and shard
+    writing included (tqdm reads TQDM_* variables when it loads, so set them before)."""
+    if bar_interval(stream) == 0.1:
+        return {}
+    return {f"TQDM_{key.upper()}": str(value) for key, value in bar_intervals(stream).items()}

@@ -36,7 +36,7 @@ from .loss import SIGMOID_NEEDS_BIAS, total_loss
 from .model import CLIP
 from .moe import MoE, moe_report
 from .plots import plot_expert_load, plot_losses, plot_moe_history, plot_zeroshot
-from .progress import bar_interval
+from .progress import bar_intervals
 from .stopping import StopVote, Terminated, held_interrupt, terminate_as_interrupt
 from .zeroshot_eval import check_datasets, zeroshot_eval
 
@@ -266,7 +266,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     log = (out_dir / "metrics.jsonl").open("w") if rank == 0 else None
     logged = _write_log_rows(log, history, 0)
     bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not progress or rank != 0, dynamic_ncols=True,
-               mininterval=bar_interval(sys.stderr))
+               **bar_intervals(sys.stderr))
     done = start  # steps taken
     snap = resume.snapshot(start, loader) if tc.save_every else None  # as of the last finished step
     vote = StopVote.for_world() if world > 1 else None  # several processes stop together (see StopVote)

@@ -577,18 +577,22 @@ def test_progress_bar_redraws_rarely_in_a_log_file(tiny_shards, tmp_path, capsys
     it redraws every 30 s."""
     import io
 
-    from clipmoe.progress import bar_interval, log_file_defaults
+    from clipmoe.progress import bar_interval, bar_intervals, log_file_defaults
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
     assert bar_interval(Terminal()) == 0.1 and bar_interval(io.StringIO()) == 30.0
+    # tqdm's monitor thread redraws every maxinterval (10 s) whatever mininterval says: both are set
+    assert bar_intervals(io.StringIO()) == {"mininterval": 30.0, "maxinterval": 30.0}
+    assert bar_intervals(Terminal()) == {"mininterval": 0.1, "maxinterval": 10.0}
     # the command line's other bars (zero-shot, shard writing) through the environment tqdm reads when it loads
     assert log_file_defaults(Terminal()) == {}
     check = ("import io, os; from clipmoe.progress import log_file_defaults; os.environ.update(log_file_defaults("
-             "io.StringIO())); from tqdm.auto import tqdm; print(tqdm(file=io.StringIO()).mininterval)")
-    assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout.strip() == "30.0"
+             "io.StringIO())); from tqdm.auto import tqdm; t = tqdm(file=io.StringIO()); "
+             "print(t.mininterval, t.maxinterval)")
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout.strip() == "30.0 30.0"
     train(_cfg(tiny_shards, tmp_path, steps=40), progress=True)  # pytest's stderr is not a terminal
     redraws = capsys.readouterr().err.count("\r")
     assert 1 <= redraws <= 4, redraws  # the start, the end (tqdm redraws at close), not every step
