@@ -75,6 +75,7 @@ class StopVote:
 
     def __init__(self, group=None):
         self.group, self.signals, self._replaced = group, [], {}
+        self.agreed = False  # whether the ranks agreed to stop (so every rank stopped at the same step)
 
     @classmethod
     def for_world(cls) -> "StopVote":
@@ -101,6 +102,22 @@ class StopVote:
             self.restore()
             raise SystemExit(128 + signum)
         self.signals.append(signum)
+
+    def next_batch(self, batches, rank: int):
+        """The step's batch once every rank can go on; else raises, on every rank alike, what they stop with."""
+        try:
+            batch, data_error = next(batches), None
+        except loaders.DataError as e:
+            batch, data_error = None, e
+        except Exception:  # the loader's workers got the job's signal too and ended (the loader's
+            if not self.signals:  # _end_quietly_on_sigterm): this rank stops for the signal
+                raise
+            batch, data_error = None, None
+        stop = self.agree(rank, data_error)
+        if stop is not None:
+            self.agreed = True
+            raise stop
+        return batch
 
     def agree(self, rank: int, data_error: Optional[Exception]) -> Optional[BaseException]:
         """What every rank stops with at this step's start, the same on all (None: go on): this rank's data error,

@@ -271,27 +271,12 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     snap = resume.snapshot(start, loader) if tc.save_every else None  # as of the last finished step
     vote = StopVote.for_world() if world > 1 else None  # several processes stop together (see StopVote)
     restore_signals = vote.install() if vote is not None else terminate_as_interrupt()
-    agreed = False  # whether every rank stopped at this same step (one process: always)
     scope = contextlib.ExitStack()  # what holds only while the loop runs (closed in the finally below)
     if engine is not None:
         deepspeed_engine.quiet_step_warnings(scope)
     try:
         for step in range(start, tc.steps):
-            if vote is None:
-                batch = next(batches)
-            else:
-                try:
-                    batch, data_error = next(batches), None
-                except loaders.DataError as e:
-                    batch, data_error = None, e
-                except Exception:  # the loader's workers got the job's signal too and ended (see the loader's
-                    if not vote.signals:  # _end_quietly_on_sigterm): this rank stops for the signal
-                        raise
-                    batch, data_error = None, None
-                stop = vote.agree(rank, data_error)
-                if stop is not None:
-                    agreed = True
-                    raise stop
+            batch = next(batches) if vote is None else vote.next_batch(batches, rank)
             images = normalize_batch(batch["image"].to(device, non_blocking=True), MEAN, STD)
             tokens = batch["text"].to(device, non_blocking=True)
             # CUDA graphs cannot use autocast's cache of cast weights
@@ -360,14 +345,15 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         if done == start:
             raise
         stopped_by = e
+        together = vote is None or vote.agreed  # every rank stopped at this same step
         logged = _write_log_rows(log, history, logged)
         # resumable where every rank stopped at this step (one process, or agreed: a rank that stopped alone may
         # have left the others mid-step); unless this step's checkpoint is already written
-        if tc.save_every and (world == 1 or agreed) and snap.step == done and not (
+        if tc.save_every and together and snap.step == done and not (
                 saved and saved[-1].name.endswith(f"_{done:08d}")):
             checkpoint(snap)
     else:
-        stopped_by = None
+        stopped_by, together = None, True
     finally:
         restore_signals()
         if vote is not None:
@@ -382,7 +368,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
 
     # the trained model with all its experts; not after a stop the ranks did not agree on, under expert
     # parallelism, where a rank may be gone (its periodic checkpoints hold the whole model)
-    if groups is not None and (stopped_by is None or agreed):
+    if groups is not None and together:
         model = ep.gathered(model)
     expert_load = {k: (v / v.sum()).tolist() for k, v in load_sums.items()}
     result = TrainResult(model.eval(), history, expert_load, loader.stats(), out_dir, zeroshot=zeroshot_runs,
