@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -420,7 +421,7 @@ def _coerce(tp, value: Any, path: str):
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {value!r}{_brace_range_hint(value)}")
         return value
     raise TypeError(f"unsupported config type {tp} at {path}")  # a bug in this module, not user input
 
@@ -441,6 +442,17 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+# a shard range, which YAML reads as a mapping ({00000..00007} -> {'00000..00007': None}) or a syntax error
+_BRACE_RANGE = re.compile(r"\{\d+\.\.\d+\}")
+_QUOTE_RANGE = "; quote a value holding a shard range: train: 'shards/{00000..00007}.tar'"
+
+
+def _brace_range_hint(value: Any) -> str:
+    """The quoting hint, for a value that is a shard range YAML took apart."""
+    found = isinstance(value, dict) and any(isinstance(k, str) and re.fullmatch(r"\d+\.\.\d+", k) for k in value)
+    return _QUOTE_RANGE if found or (isinstance(value, str) and _BRACE_RANGE.search(value)) else ""
+
+
 def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     """Reads a YAML config, resolving `base:` (a path relative to the file) recursively."""
     path = Path(path)
@@ -448,12 +460,15 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: `base:` chain loops back to itself")
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        lines = text.splitlines()
+        hint = _brace_range_hint(lines[mark.line]) if mark and mark.line < len(lines) else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}{hint}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = data.pop("base", None)
@@ -470,8 +485,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected key=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+        try:  # a shard range stays the string it is: YAML would read a mapping into it
+            value = raw if _BRACE_RANGE.search(raw) else yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         parts = key.strip().split(".")

@@ -97,6 +97,15 @@ def test_broken_yaml_and_missing_file(tmp_path):
         load_run_config(tmp_path / "loop.yaml")
 
 
+@pytest.mark.parametrize("text", ["data: {train: s/{00000..00007}.tar}", "data:\n  train: {00000..00007}\n"])
+def test_an_unquoted_shard_range_is_named(tmp_path, text):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(clipmoe.ConfigError, match="quote a value holding a shard range"):
+        load_run_config(tmp_path / "c.yaml")
+    (tmp_path / "ok.yaml").write_text("data: {train: 'quoted/{0..1}.tar'}\n")
+    assert load_run_config(tmp_path / "ok.yaml", ["data.eval={00000..00003}"]).data.eval == "{00000..00003}"
+
+
 def test_moe_placement_options():
     from clipmoe.config import MoEConfig
 
