@@ -65,10 +65,17 @@ def create_model(spec: Union[str, ModelConfig, ModelSection], pretrained: Option
         path = _resolve_pretrained(cfg.name, pretrained)
         state = read_checkpoint(path)
         upcycled = bool(cfg.vision.moe or cfg.text.moe) and is_dense_state_dict(state)
-        if upcycled:  # sparse upcycling
-            load_upcycled(model, state, str(path), upcycling.noise_std, upcycling.reinit_fraction, upcycling.seed)
-        else:
-            load_weights(model, state, str(path))
+        try:
+            if upcycled:  # sparse upcycling
+                load_upcycled(model, state, str(path), upcycling.noise_std, upcycling.reinit_fraction, upcycling.seed)
+            else:
+                load_weights(model, state, str(path))
+        except ClipmoeError as e:
+            if not is_clipmoe_file(path):
+                raise
+            raise ClipmoeError(f"{e}; {path} is a clipmoe model, which carries its architecture: to start from it "
+                               f"as saved, give it in the architecture's place (model.arch, "
+                               f"clipmoe.create_model(path))") from None
     if not upcycled and (upcycling.noise_std or upcycling.reinit_fraction):
         warnings.warn("model.upcycle settings have no effect: they apply when a dense `pretrained` checkpoint "
                       "fills MoE layers", stacklevel=2)

@@ -176,6 +176,16 @@ def test_mismatched_checkpoint_is_one_line_error(tmp_path):
     with pytest.raises(clipmoe.ClipmoeError) as e:
         clipmoe.create_model("ViT-B-16", pretrained=str(path))
     assert "does not match ViT-B-16" in str(e.value) and "\n" not in str(e.value)
+    assert "clipmoe model" not in str(e.value)  # the architecture's place is for clipmoe files
+
+
+def test_a_clipmoe_model_as_pretrained_weights(tmp_path):
+    moe = clipmoe.create_model("clipmoe-micro", vision={"moe": {"num_experts": 2}})
+    path = clipmoe.save(moe, tmp_path / "moe.safetensors")
+    same = clipmoe.create_model("clipmoe-micro", pretrained=str(path), vision={"moe": {"num_experts": 2}})
+    assert all(torch.equal(v, moe.state_dict()[k]) for k, v in same.state_dict().items())
+    with pytest.raises(clipmoe.ClipmoeError, match="does not match clipmoe-micro.*is a clipmoe model.*model.arch"):
+        clipmoe.create_model("clipmoe-micro", pretrained=str(path))
 
 
 def test_corrupt_checkpoint_is_one_line_error(tmp_path):
