@@ -100,7 +100,8 @@ def format_results(results: list[dict]) -> str:
         for i, (k, v) in enumerate(r["metrics"].items()):
             shown = "    n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:7.2f}"
             head = (r["dataset"], r["task"]) if i == 0 else ("", "")
-            tail = f"  {r['num_samples']}" if i == 0 else ""
+            skipped = f" (+{r['num_unreadable']} unreadable, left out)" if r.get("num_unreadable") else ""
+            tail = f"  {r['num_samples']}{skipped}" if i == 0 else ""
             lines.append(f"{head[0]:<28} {head[1]:<14} {k:<26} {shown}{tail}")
     return "\n".join(lines)
 

@@ -160,15 +160,53 @@ def test_cli_folder_with_user_files(model_path, folder_root, tmp_path, capsys):
         assert code == 2 and captured.out == "" and re.fullmatch(f"clipmoe zeroshot: error: {said}.*\n", captured.err)
 
 
-def test_corrupt_image_fails_its_dataset_only(model_path, folder_root, tmp_path):
+def test_unreadable_images_are_left_out_and_counted(model_path, folder_root, tmp_path):
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(folder_root, broken)
     (broken / "red" / "9.png").write_bytes(b"<html>not an image</html>")
-    res = clipmoe.zeroshot_eval(model_path, ["folder"], broken, progress=False, device="cpu")
-    assert "9.png" in res[0]["error"]
-    assert "metrics" in clipmoe.zeroshot_eval(model_path, ["folder"], folder_root, progress=False, device="cpu")[0]
+    (broken / "red" / "3.png").write_bytes((folder_root / "red" / "3.png").read_bytes()[:60])  # truncated
+    with pytest.warns(UserWarning, match=r"folder: left out 2 unreadable image\(s\) of 13 .*3.png"):
+        (res,) = clipmoe.zeroshot_eval(model_path, ["folder"], broken, progress=False, device="cpu", batch_size=2)
+    assert res["num_samples"] == 11 and res["num_unreadable"] == 2
+    assert [u.split(": ")[0] for u in res["unreadable"]] == [str(broken / "red" / f) for f in ("3.png", "9.png")]
+    # the metrics are those of the folder without the two files
+    (broken / "red" / "9.png").unlink()
+    (broken / "red" / "3.png").unlink()
+    (clean,) = clipmoe.zeroshot_eval(model_path, ["folder"], broken, progress=False, device="cpu")
+    assert clean["metrics"] == res["metrics"] and clean["num_unreadable"] == 0
+    for f in (broken / "red").iterdir():
+        f.write_bytes(b"")
+    for d in ("green", "blue"):
+        shutil.rmtree(broken / d)
+    (broken / "classnames.txt").write_text("red\n")
+    (res,) = clipmoe.zeroshot_eval(model_path, ["folder"], broken, progress=False, device="cpu")
+    assert res["error"].startswith("ValueError: folder: no readable images (3 unreadable, e.g. ")
+
+
+def test_unreadable_images_in_a_webdataset_export(model_path, tmp_path):
+    pairs = [(c, i) for c in COLOURS for i in range(2)]
+    samples = [{"png": _image(COLOURS[c], i), "txt": f"a {c} square\nsomething {c}"} for c, i in pairs]
+    samples[1]["png"] = b"\x89PNG broken"
+    _write_wds(tmp_path / "flickr30k", samples, kind="retrieval")
+    with pytest.warns(UserWarning, match=r"left out 1 unreadable image\(s\) of 6 \(e.g. .*0.tar:s0_0001.png: "):
+        (res,) = clipmoe.zeroshot_eval(model_path, ["flickr30k"], tmp_path, progress=False, device="cpu")
+    assert res["num_samples"] == 5 and res["num_texts"] == 10 and res["num_unreadable"] == 1  # its captions too
+    labelled = [{"png": s["png"], "cls": list(COLOURS).index(c)} for s, (c, _) in zip(samples, pairs)]
+    _write_wds(tmp_path / "wds_vtab-cifar10", labelled, list(COLOURS), ["a {c} photo."])
+    with pytest.warns(UserWarning, match="left out 1 unreadable"):
+        (res,) = clipmoe.zeroshot_eval(model_path, ["cifar10"], tmp_path, progress=False, device="cpu")
+    assert res["num_samples"] == 5 and res["num_unreadable"] == 1 and 0 <= res["metrics"]["top1"] <= 1
+    # a torchvision dataset (Country211 is an ImageFolder)
+    for code, rgb in (("AD", COLOURS["red"]), ("AE", COLOURS["blue"])):
+        (tmp_path / "country211" / "country211" / "test" / code).mkdir(parents=True)
+        for i in range(2):
+            _image(rgb, i).save(tmp_path / "country211" / "country211" / "test" / code / f"{i}.jpg")
+    (tmp_path / "country211" / "country211" / "test" / "AE" / "1.jpg").write_bytes(b"GIF89a")
+    with pytest.warns(UserWarning, match=r"left out 1 unreadable image\(s\) of 4 \(e.g. .*AE/1.jpg: "):
+        (res,) = clipmoe.zeroshot_eval(model_path, ["country211"], tmp_path, progress=False, device="cpu")
+    assert res["num_samples"] == 3 and res["num_unreadable"] == 1
 
 
 def test_webdataset_export_multilabel_gives_map(model_path, tmp_path):

@@ -1,5 +1,8 @@
 """Opening benchmarks from local copies: torchvision's datasets, ImageFolder trees (the ImageNet family,
-ObjectNet, any class-per-folder tree) and CLIP_benchmark's WebDataset export. Nothing is downloaded."""
+ObjectNet, any class-per-folder tree) and CLIP_benchmark's WebDataset export. Nothing is downloaded.
+
+An image that cannot be read comes out as an `Unreadable` in its tensor's place: evaluation leaves it out and
+counts it, so that one broken file does not cost the rest of a benchmark."""
 from __future__ import annotations
 
 import json
@@ -10,6 +13,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from .metadata import RETRIEVAL, canonical_name, classnames, imagenet_wnids, read_classnames, read_templates, templates
@@ -20,6 +24,35 @@ IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 class DatasetNotFound(FileNotFoundError):
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """An image that could not be read or decoded, in place of its tensor."""
+    where: str  # a file path, or a shard and sample key
+    why: str
+
+
+# what PIL and the loaders raise for a broken, truncated or oversized image file
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _read_image(path: str):
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except _IMAGE_ERRORS as e:
+        return Unreadable(path, _why(e))
+
+
+def _transformed(transform: Optional[Callable]) -> Callable:
+    """`transform` for images; an Unreadable passes through."""
+    return lambda x: x if isinstance(x, Unreadable) or transform is None else transform(x)
 
 
 @dataclass
@@ -68,8 +101,8 @@ class _LabelledFolder(Dataset):
     """Images in class folders, each folder mapped to a label by `label_of(folder_name)` (None = skip)."""
 
     def __init__(self, root: Path, label_of: Callable[[str], Optional[int]], transform: Optional[Callable]):
-        from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
-        self.loader, self.transform = default_loader, transform
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+        self.transform = _transformed(transform)
         self.samples: list[tuple[str, int]] = []
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
             label = label_of(folder.name)
@@ -86,11 +119,7 @@ class _LabelledFolder(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        try:
-            image = self.loader(path)
-        except Exception as e:  # name the file: a deep PIL trace says nothing about which one
-            raise ValueError(f"unreadable image {path}: {e}") from None
-        return (self.transform(image) if self.transform else image), label
+        return self.transform(_read_image(path)), label
 
 
 def _wnid_labels(names: list[str], wnids_in_order: list[str]) -> Callable[[str], Optional[int]]:
@@ -130,6 +159,23 @@ def _is_wds(path: Path, split: str) -> bool:
     return d.is_dir() and ((d / "nshards.txt").is_file() or any(d.glob("*.tar")))
 
 
+def _image_or_unreadable(decode: Callable) -> Callable:
+    """webdataset's image decoder, returning an Unreadable for a broken image instead of ending the pipeline."""
+    def decoder(field: str, data: bytes):
+        try:
+            return decode(field, data)
+        except _IMAGE_ERRORS as e:
+            return Unreadable(field, _why(e))
+    return decoder
+
+
+def _name_unreadable(sample: dict) -> dict:
+    for field, value in sample.items():
+        if isinstance(value, Unreadable):  # the decoder sees the field only: name the shard and key
+            sample[field] = Unreadable(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}.{field}", value.why)
+    return sample
+
+
 def _wds_dir(root: Path, key: str, split: str) -> Optional[Path]:
     """Where CLIP_benchmark's export of `key` lies: root/<key>, or root/wds_<key> as its Hugging Face
     repositories are named (wds_vtab-cifar10, wds_wilds-fmow, ...)."""
@@ -155,8 +201,9 @@ def _open_wds(path: Path, key: str, transform, split: str) -> EvalDataset:
     task = kind_file.read_text().strip().lower() if kind_file.is_file() else (
         "retrieval" if key in RETRIEVAL else "classification")
     pipe = wds.WebDataset([str(t) for t in tars], shardshuffle=False, nodesplitter=None, empty_check=False)
-    pipe = pipe.decode(wds.autodecode.ImageHandler("pil", extensions=list(IMAGE_EXTS)))
-    tf = transform or (lambda x: x)
+    pipe = pipe.decode(_image_or_unreadable(wds.autodecode.ImageHandler("pil", extensions=list(IMAGE_EXTS))))
+    pipe = pipe.map(_name_unreadable)
+    tf = _transformed(transform)
     names = tmpl = None
     if task == "retrieval":
         pipe = pipe.to_tuple(";".join(IMAGE_EXTS), "txt").map_tuple(tf, str.splitlines)
@@ -260,11 +307,35 @@ def _open(key: str, root: Path, transform, split: str) -> EvalDataset:
     if build is None:
         raise _not_found(key, root, "no torchvision loader exists for it: use the WebDataset export")
     try:
-        data = build(str(base), transform, split)
+        data = _SkipUnreadable(build(str(base), transform, split))
     except (RuntimeError, FileNotFoundError) as e:  # without torchvision's advice to pass download=True
         why = ". ".join(part for part in str(e).splitlines()[0].split(". ") if "download=True" not in part)
         raise _not_found(key, root, f"torchvision's layout: {why.rstrip('.')}") from None
     return EvalDataset(key, "classification", data, classnames(key), templates(key), source=f"torchvision {base}")
+
+
+class _SkipUnreadable(Dataset):
+    """A torchvision dataset whose broken image files come out as Unreadable items."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.data[i]
+        except _IMAGE_ERRORS as e:
+            return Unreadable(self._where(i), _why(e)), None
+
+    def _where(self, i: int) -> str:
+        for name in ("samples", "_samples", "_image_files"):  # ImageFolder's, and the others' file lists
+            files = getattr(self.data, name, None)
+            if isinstance(files, list) and i < len(files):
+                item = files[i]
+                return str(item[0] if isinstance(item, tuple) else item)
+        return f"{type(self.data).__name__} item {i}"
 
 
 def _open_objectnet(base: Path, root: Path, transform) -> EvalDataset:
@@ -287,20 +358,14 @@ def _open_objectnet(base: Path, root: Path, transform) -> EvalDataset:
 
 class _Captions(Dataset):
     def __init__(self, items: list[tuple[str, list[str]]], transform):
-        self.items, self.transform = items, transform
+        self.items, self.transform = items, _transformed(transform)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
-        from PIL import Image
         path, caps = self.items[i]
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except Exception as e:
-            raise ValueError(f"unreadable image {path}: {e}") from None
-        return (self.transform(image) if self.transform else image), list(caps)
+        return self.transform(_read_image(path)), list(caps)
 
 
 def _open_coco(key: str, base: Path, root: Path, transform, split: str) -> EvalDataset:
@@ -333,12 +398,17 @@ def _open_flickr(key: str, base: Path, root: Path, transform, split: str) -> Eva
                        source=f"flickr {base}")
 
 
-def collate(batch: list) -> tuple[torch.Tensor, Any]:
-    """Stacks images; class targets become a tensor, multilabel vectors a stacked tensor, captions a list."""
+def collate(batch: list) -> tuple[Optional[torch.Tensor], Any, list[Unreadable]]:
+    """(images, targets, unreadable): images stacked; class targets a tensor, multilabel vectors a stacked
+    tensor, captions a list; the batch's Unreadable items left out of both (None, None if all are)."""
+    unreadable = [x for x, _ in batch if isinstance(x, Unreadable)]
+    batch = [item for item in batch if not isinstance(item[0], Unreadable)]
+    if not batch:
+        return None, None, unreadable
     images, targets = zip(*batch)
     first = targets[0]
     if isinstance(first, list):
-        return torch.stack(images), list(targets)
+        return torch.stack(images), list(targets), unreadable
     if hasattr(first, "shape"):
-        return torch.stack(images), torch.as_tensor(np.stack(targets))
-    return torch.stack(images), torch.as_tensor(list(targets))
+        return torch.stack(images), torch.as_tensor(np.stack(targets)), unreadable
+    return torch.stack(images), torch.as_tensor(list(targets)), unreadable

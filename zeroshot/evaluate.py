@@ -2,6 +2,7 @@
 recall, or mAP for multi-label sets) and image-text retrieval (recall@k both ways)."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .classifier import build_classifier
-from .datasets import EvalDataset, collate
+from .datasets import EvalDataset, Unreadable, collate
 from .metrics import classification_metrics, multilabel_metrics, retrieval_metrics
 
 
@@ -30,24 +31,29 @@ def evaluate(ds: EvalDataset, encode_image: Callable[[torch.Tensor], torch.Tenso
              encode_text: Callable[[torch.Tensor], torch.Tensor], tokenizer: Callable, *, batch_size: int = 64,
              num_workers: int = 0, device: Union[str, torch.device, None] = None,
              cache_dir=None, model_key: Optional[str] = None, progress: bool = True) -> dict:
-    """Metrics of one benchmark. Returns a dict with `dataset`, `task`, `metrics`, `num_samples` and, for
-    classification, `num_classes` and the `templates` used."""
+    """Metrics of one benchmark. Returns a dict with `dataset`, `task`, `metrics`, `num_samples`,
+    `num_unreadable` (images that could not be read: left out, with their captions, and named in a warning;
+    `unreadable` lists the first of them) and, for classification, `num_classes` and the `templates` used."""
     loader = _loader(ds, batch_size, num_workers)
     to = (lambda x: x.to(device, non_blocking=True)) if device is not None else (lambda x: x)
     result = {"dataset": ds.name, "task": ds.task, "source": ds.source}
+    unreadable: list[Unreadable] = []
     if ds.task == "retrieval":
         image_feats, text_feats, text_to_image = [], [], []
         seen = 0
         with _bar(progress, ds.name, ds.size) as bar:
-            for images, captions in loader:
+            for images, captions, broken in loader:
+                unreadable += broken
+                bar.update(len(broken))
+                if images is None:
+                    continue
                 image_feats.append(F.normalize(encode_image(to(images)).float(), dim=-1).cpu())
                 flat = [c for caps in captions for c in caps]
                 text_to_image += [seen + i for i, caps in enumerate(captions) for _ in caps]
                 text_feats.append(F.normalize(encode_text(to(tokenizer(flat))).float(), dim=-1).cpu())
                 seen += len(images)
                 bar.update(len(images))
-        if not seen:
-            raise ValueError(f"{ds.name}: no samples")
+        _check_samples(ds, seen, unreadable, result)
         result["metrics"] = retrieval_metrics(torch.cat(image_feats), torch.cat(text_feats), text_to_image)
         result["num_samples"], result["num_texts"] = seen, len(text_to_image)
         return result
@@ -57,13 +63,16 @@ def evaluate(ds: EvalDataset, encode_image: Callable[[torch.Tensor], torch.Tenso
     w = to(weights)
     logits, targets = [], []
     with _bar(progress, ds.name, ds.size) as bar:
-        for images, target in loader:
+        for images, target, broken in loader:
+            unreadable += broken
+            bar.update(len(broken))
+            if images is None:
+                continue
             feats = F.normalize(encode_image(to(images)).float(), dim=-1)
             logits.append((100.0 * feats @ w).cpu())
             targets.append(target)
             bar.update(len(images))
-    if not logits:
-        raise ValueError(f"{ds.name}: no samples")
+    _check_samples(ds, sum(len(t) for t in targets), unreadable, result)
     logits_t, targets_t = torch.cat(logits), torch.cat(targets)
     if ds.task == "multilabel":
         result["metrics"] = multilabel_metrics(logits_t, targets_t)
@@ -72,3 +81,16 @@ def evaluate(ds: EvalDataset, encode_image: Callable[[torch.Tensor], torch.Tenso
     result["num_samples"], result["num_classes"] = len(logits_t), len(ds.classnames)
     result["templates"] = ds.templates if isinstance(ds.templates, list) else "per-class prompts"
     return result
+
+
+def _check_samples(ds: EvalDataset, seen: int, unreadable: list[Unreadable], result: dict) -> None:
+    """Records the unreadable images in `result` and warns of them; no readable image at all is an error."""
+    first = f"{unreadable[0].where}: {unreadable[0].why}" if unreadable else ""
+    if not seen:
+        raise ValueError(f"{ds.name}: no readable images ({len(unreadable)} unreadable, e.g. {first})" if unreadable
+                         else f"{ds.name}: no samples")
+    result["num_unreadable"] = len(unreadable)
+    if unreadable:
+        result["unreadable"] = [f"{u.where}: {u.why}" for u in unreadable[:20]]
+        warnings.warn(f"{ds.name}: left out {len(unreadable)} unreadable image(s) of {seen + len(unreadable)} "
+                      f"(e.g. {first}); the metrics are over the other {seen}", stacklevel=3)
