@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import adapter
-from .architectures import model_config_from_dict
+from .architectures import config_from_weights, model_config_from_dict
 from .config import ModelConfig, to_dict
 from .errors import ClipmoeError
 from .model import CLIP
@@ -93,6 +93,18 @@ def is_clipmoe_file(path: str | Path) -> bool:
 MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
+def open_clip_weights_error(path: Path) -> ClipmoeError:
+    """The error for a checkpoint other than a clipmoe model file where one belongs: for open_clip weights, the
+    call that loads them, with the architecture their shapes give."""
+    try:
+        arch = config_from_weights(read_checkpoint(path)).name or "ARCH"
+    except ClipmoeError as e:
+        return ClipmoeError(e if str(e).startswith(str(path)) else f"{path}: {e}")
+    return ClipmoeError(f"{path} holds open_clip weights, which do not name their architecture: "
+                        f"clipmoe.create_model({arch!r}, pretrained={str(path)!r}), "
+                        f"or --model {arch} --pretrained {path}")
+
+
 def not_a_model_file(path: Path) -> ClipmoeError:
     """The error for a folder given where a model file belongs; for a training checkpoint, the call that reads its
     model (the CLI's commands read them themselves)."""
@@ -112,7 +124,12 @@ def not_a_model_file(path: Path) -> ClipmoeError:
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> CLIP:
     """Reads a model written by `clipmoe.save`; never unpickles anything."""
+    path = Path(path)
+    if path.is_file() and path.suffix != ".safetensors":
+        raise open_clip_weights_error(path)
     tensors, meta = read_safetensors(path)
+    if meta.get("format") not in (FORMAT, _FORMAT_1) and adapter.is_open_clip_state_dict(tensors):
+        raise open_clip_weights_error(path)
     model = CLIP(_config_from_metadata(path, meta))
     if meta["format"] == _FORMAT_1:
         tensors = {k: v.transpose(-2, -1) if k.endswith(".experts.w1") else v

@@ -81,6 +81,14 @@ def _upcycle(args) -> None:
     print(f"wrote {save(model, args.output)}")
 
 
+def _model(args):
+    """--model: a clipmoe model file (or training checkpoint), or an architecture with --pretrained weights."""
+    from .encode import resolve_model
+    from .factory import create_model
+
+    return create_model(args.model, pretrained=args.pretrained) if args.pretrained else resolve_model(args.model)
+
+
 def _encode(args) -> None:
     import torch
 
@@ -88,7 +96,8 @@ def _encode(args) -> None:
 
     if bool(args.text) == bool(args.image):
         raise ClipmoeError("give --text or --image (one or more values)")
-    features = encode_text(args.text, model=args.model) if args.text else encode_image(args.image, model=args.model)
+    model = _model(args)
+    features = encode_text(args.text, model=model) if args.text else encode_image(args.image, model=model)
     if args.out:
         make_folder(Path(args.out).parent, "--out")
         torch.save(features, args.out)  # a plain tensor; read back with torch.load(weights_only=True)
@@ -99,9 +108,8 @@ def _encode(args) -> None:
 
 def _analyze_routing(args) -> None:
     from .analysis import analyze_routing
-    from .encode import resolve_model
 
-    report = analyze_routing(resolve_model(args.model), args.data, args.out, num_batches=args.batches,
+    report = analyze_routing(_model(args), args.data, args.out, num_batches=args.batches,
                              batch_size=args.batch_size, top_words=args.top_words, top_patches=args.top_patches)
     for name, entry in report.items():
         load = " ".join(f"{x:.2f}" for x in entry["load"])
@@ -211,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=_upcycle)
 
     e = sub.add_parser("encode", help="print or save L2-normalised embeddings")
-    e.add_argument("--model", required=True, help="a clipmoe .safetensors file")
+    e.add_argument("--model", required=True, help="a clipmoe .safetensors file, or an architecture with --pretrained")
+    e.add_argument("--pretrained", help="open_clip checkpoint (file or tag) for an architecture name")
     e.add_argument("--text", nargs="+", help="texts to embed")
     e.add_argument("--image", nargs="+", help="image files to embed")
     e.add_argument("--out", help="write a .pt tensor instead of printing JSON")
@@ -228,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_shards)
 
     a = sub.add_parser("analyze-routing", help="expert load per layer, and which words / patches each expert takes")
-    a.add_argument("--model", required=True, help="a clipmoe .safetensors file")
+    a.add_argument("--model", required=True, help="a clipmoe .safetensors file, or an architecture with --pretrained")
+    a.add_argument("--pretrained", help="open_clip checkpoint (file or tag) for an architecture name")
     a.add_argument("--data", required=True, help="shards, e.g. 'DIR/{00000..00009}.tar'")
     a.add_argument("--out", default="routing", help="output folder (default: routing)")
     a.add_argument("--batches", type=int, default=4, help="batches to route (default: 4)")

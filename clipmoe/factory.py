@@ -12,8 +12,16 @@ from typing import Optional, Union
 
 from open_clip.transform import image_transform
 
-from .architectures import config_from_weights, get_model_config, list_architectures
-from .checkpoint import is_clipmoe_file, load, load_weights, not_a_model_file, read_checkpoint, read_config
+from .architectures import get_model_config, list_architectures
+from .checkpoint import (
+    is_clipmoe_file,
+    load,
+    load_weights,
+    not_a_model_file,
+    open_clip_weights_error,
+    read_checkpoint,
+    read_config,
+)
 from .config import ModelConfig, ModelSection, UpcycleConfig, deep_merge, from_dict, to_dict
 from .errors import ClipmoeError, first_line
 from .model import CLIP
@@ -121,12 +129,7 @@ def _unreachable_host(cfg: dict, timeout: float = 5.0) -> Optional[str]:
 def _not_an_architecture(path: Path) -> None:
     """Says what to call for a checkpoint file given where an architecture name belongs."""
     if path.is_file():  # open_clip weights: name the architecture of their shapes
-        try:
-            arch = config_from_weights(read_checkpoint(path)).name or "ARCH"
-        except ClipmoeError as e:
-            raise ClipmoeError(f"{path}: {e}") from None
-        raise ClipmoeError(f"{path} holds open_clip weights, which do not name their architecture: "
-                           f"clipmoe.create_model({arch!r}, pretrained={str(path)!r})")
+        raise open_clip_weights_error(path)
     if path.is_dir():
         raise not_a_model_file(path)
     if path.suffix or len(path.parts) > 1:

@@ -141,6 +141,12 @@ def test_upcycle_open_clip_weights_without_arch(tmp_path):
     assert r.stderr.startswith(f"clipmoe upcycle: warning: {path}: weights do not record their activation")
     assert r.stderr.count("\n") == 1
     assert clipmoe.load(out).config.name == "clipmoe-micro"
+    # the same weights embed through --pretrained; given as a model file, the error names those flags
+    r = _run("encode", "--model", "clipmoe-micro", "--pretrained", str(path), "--text", "a red square")
+    assert r.returncode == 0, r.stderr
+    assert max(abs(a - b) for a, b in zip(json.loads(r.stdout)[0], clipmoe.encode_text("a red square", dense)[0])) < 1e-5
+    r = _run("encode", "--model", str(path), "--text", "a red square")
+    assert r.returncode == 2 and r.stderr.endswith(f"or --model clipmoe-micro --pretrained {path}\n")
 
 
 def test_upcycle_placement_and_capacity_flags(tmp_path):

@@ -154,9 +154,11 @@ def test_a_checkpoint_given_for_the_architecture_names_the_call_to_make(tmp_path
     monkeypatch.chdir(tmp_path)
     for name in ("micro.bin", "micro.safetensors"):
         clipmoe.save_open_clip(clipmoe.create_model("clipmoe-micro"), name)
-        with pytest.raises(clipmoe.ClipmoeError, match=rf"^{name} holds open_clip weights, .*: "
-                                                        rf"clipmoe.create_model\('clipmoe-micro', pretrained='{name}'\)$"):
-            clipmoe.create_model(name)
+        said = (rf"^{name} holds open_clip weights, .*: clipmoe.create_model\('clipmoe-micro', pretrained='{name}'\), "
+                rf"or --model clipmoe-micro --pretrained {name}$")
+        for read in (clipmoe.create_model, clipmoe.load):  # the architecture's place, a model file's
+            with pytest.raises(clipmoe.ClipmoeError, match=said):
+                read(name)
     torch.save({"w": torch.zeros(2)}, "other.pt")
     with pytest.raises(clipmoe.ClipmoeError, match=r"^other.pt: cannot tell the architecture.*not a ViT CLIP"):
         clipmoe.create_model("other.pt")
