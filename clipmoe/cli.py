@@ -45,6 +45,11 @@ def _train(args) -> None:
         print(f"  {layer['tower']}.{layer['block']:<3} tokens per expert {layer['tokens_per_expert']}, "
               f"dropped {layer['dropped_fraction']:.1%}")
     print(f"data: {result.data_stats}")
+    if result.validation:
+        v = result.validation[-1]
+        print(f"held out (data.eval, {v['num_samples']} pairs): loss {v['loss']:.4g}, recall@1/5/10 image "
+              + "/".join(f"{v[f'image_retrieval_recall@{k}']:.1%}" for k in (1, 5, 10)) + ", text "
+              + "/".join(f"{v[f'text_retrieval_recall@{k}']:.1%}" for k in (1, 5, 10)))
     for name, path in result.files.items():
         print(f"  {name:<17} {path}")
 

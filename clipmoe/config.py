@@ -192,7 +192,7 @@ class ModelSection:
 @dataclass
 class DataConfig:
     train: str = ""  # shard spec: brace pattern, comma-free path list or a single tar
-    eval: Optional[str] = None
+    eval: Optional[str] = None  # held-out shards, validated at eval.every steps and at the end (validation.py)
     batch_size: int = 256
     num_workers: int = 0
     resampled: bool = False  # shards drawn with replacement; an "epoch" is samples_per_epoch samples
@@ -315,7 +315,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Zero-shot evaluation during training, with the same functions as `clipmoe zeroshot`."""
+    """Zero-shot evaluation during training, with the same functions as `clipmoe zeroshot`; `every` and the end
+    of training are also when data.eval is validated."""
 
     zeroshot: list[str] = field(default_factory=list)  # dataset names (zeroshot.list_datasets()) or "folder"
     data_root: Optional[str] = None

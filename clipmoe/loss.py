@@ -74,11 +74,9 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     with `gather_with_grad` too, the rank-mean loss and DDP-averaged gradients equal the full batch's.
     """
     rank, world = _world()
-    scale = logit_scale.clamp(max=100.0)
     if world == 1:
-        logits = scale * image_features @ text_features.t()
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        return batch_loss(image_features, text_features, logit_scale)
+    scale = logit_scale.clamp(max=100.0)
     all_image = gather_features(image_features, gather_with_grad)
     all_text = gather_features(text_features, gather_with_grad)
     B = image_features.shape[0]
@@ -120,6 +118,17 @@ def _p2p(tensors: list[torch.Tensor], distances: tuple[int, ...]) -> tuple[torch
     for request in dist.batch_isend_irecv(ops):
         request.wait()
     return received
+
+
+def batch_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+               logit_bias: Optional[torch.Tensor] = None, kind: str = "softmax") -> torch.Tensor:
+    """The loss of this batch alone, whatever the process group (validation on one rank): the contrastive loss
+    (InfoNCE both ways) or, for `kind` "sigmoid", SigLIP's."""
+    if kind == "sigmoid":
+        return _pair_terms(image_features, text_features, logit_scale, logit_bias, 0) / image_features.shape[0]
+    logits = logit_scale.clamp(max=100.0) * image_features @ text_features.t()
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
 def _pair_terms(image_features: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor,

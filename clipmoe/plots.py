@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import matplotlib
 
@@ -11,14 +11,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_losses(history: list[dict], path: str | Path) -> Path:
-    """One panel per loss term over training steps."""
+def plot_losses(history: list[dict], path: str | Path, validation: Sequence[dict] = ()) -> Path:
+    """One panel per loss term over training steps; the held-out loss (`validation` runs) beside the
+    contrastive one."""
     terms = [k for k, v in history[0].items() if k not in ("step", "lr") and isinstance(v, (int, float))] \
         if history else []
     fig, axes = plt.subplots(1, max(1, len(terms)), figsize=(4 * max(1, len(terms)), 3.2), squeeze=False)
     steps = [r["step"] for r in history]
     for ax, term in zip(axes[0], terms):
-        ax.plot(steps, [r[term] for r in history])
+        ax.plot(steps, [r[term] for r in history], label="train")
+        if term == "contrastive" and validation:
+            ax.plot([v["step"] for v in validation], [v["loss"] for v in validation], "o-", label="held out")
+            ax.legend()
         ax.set_title(term)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

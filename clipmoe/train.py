@@ -38,6 +38,7 @@ from .moe import MoE, moe_report
 from .plots import plot_expert_load, plot_losses, plot_moe_history, plot_zeroshot
 from .progress import bar_intervals
 from .stopping import StopVote, Terminated, held_interrupt, terminate_as_interrupt
+from .validation import validate
 from .zeroshot_eval import check_datasets, zeroshot_eval
 
 
@@ -50,6 +51,7 @@ class TrainResult:
     out_dir: Path
     files: dict = field(default_factory=dict)
     zeroshot: list[dict] = field(default_factory=list)  # {"step", "results"} per evaluation (rank 0)
+    validation: list[dict] = field(default_factory=list)  # {"step", **validate's metrics} per run on data.eval
     cuda_graphs: dict = field(default_factory=dict)  # "image.3" -> steps that layer ran as CUDA graphs
     steps: int = 0  # optimizer steps taken: train.steps, or fewer after Ctrl-C
 
@@ -159,6 +161,11 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
             check_datasets(cfg.eval.zeroshot, cfg.eval.data_root)
         except ClipmoeError as e:
             raise ClipmoeError(f"eval.zeroshot: {e}") from None
+    if cfg.data.eval:  # held-out shards that do not exist: said now, not after the training
+        try:
+            loaders.expand_shards(cfg.data.eval)
+        except ValueError as e:
+            raise ClipmoeError(f"data.eval: {e}") from None
     out_dir = make_folder(tc.out_dir, "train.out_dir")  # before any work: a run that cannot write should not start
     torch.manual_seed(tc.seed + rank)
     random.seed(tc.seed + rank)
@@ -227,7 +234,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     else:
         net = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
 
-    start, history, load_sums, zeroshot_runs = 0, [], {}, []
+    start, history, load_sums, zeroshot_runs, validation_runs = 0, [], {}, [], []
     if resume_from is not None:
         if engine is not None:
             deepspeed_engine.load(engine, resume_from)
@@ -239,6 +246,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                                 ep.shard_optimizer_state(shared["optimizer"], opt, model))
         sched.load_state_dict(shared["scheduler"])
         start, history, zeroshot_runs = shared["step"], shared["history"], shared["zeroshot"]
+        validation_runs = shared.get("validation", [])  # checkpoints from before validation have none
         load_sums = {k: v.to(device) for k, v in shared["load_sums"].items()}
         resume.restore_rng(mine["rng"])
 
@@ -258,6 +266,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         saved.append(resume.save_checkpoint(out_dir, snap, {
             "model": weights, "optimizer": opt_state, "expert_optimizer": expert_state,
             "scheduler": sched.state_dict(), "history": history, "load_sums": load_sums, "zeroshot": zeroshot_runs,
+            "validation": validation_runs,
             "config": to_dict(cfg), "model_config": to_dict(model.config),  # the latter for resume.load_model
         } if rank == 0 else {}, rank, world, tc.keep_checkpoints, extra))
 
@@ -329,11 +338,13 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                 bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)  # shown at the next redraw
             bar.update(1)
             ev = cfg.eval
-            if ev.zeroshot and ((ev.every and (step + 1) % ev.every == 0) or step == tc.steps - 1):
+            if (ev.zeroshot or cfg.data.eval) and ((ev.every and (step + 1) % ev.every == 0) or step == tc.steps - 1):
                 whole = ep.gathered(model)  # under expert parallelism a copy with all experts (all ranks)
-                if rank == 0:
+                if rank == 0 and ev.zeroshot:
                     zeroshot_runs.append(_evaluate(whole, ev, step, history))
-                    model.train()
+                if rank == 0 and cfg.data.eval:
+                    validation_runs.append(_validate(whole, cfg, step, history))
+                model.train()
             logged = _write_log_rows(log, history, logged)  # after the evaluation, which adds to its row
             if tc.save_every and (done % tc.save_every == 0 or done == tc.steps):
                 checkpoint(snap)
@@ -372,7 +383,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         model = ep.gathered(model)
     expert_load = {k: (v / v.sum()).tolist() for k, v in load_sums.items()}
     result = TrainResult(model.eval(), history, expert_load, loader.stats(), out_dir, zeroshot=zeroshot_runs,
-                         cuda_graphs=replays, steps=done)
+                         validation=validation_runs, cuda_graphs=replays, steps=done)
     if rank == 0:
         result.files = write_run_outputs(result, save_model=not ep.is_sharded(model))
         if saved:
@@ -410,6 +421,15 @@ def _evaluate(model: CLIP, ev, step: int, history: list[dict]) -> dict:
     return {"step": step, "results": results}
 
 
+def _validate(model: CLIP, cfg: RunConfig, step: int, history: list[dict]) -> dict:
+    """Validation on data.eval now; its loss and recall@1 both ways also go in this step's log row."""
+    metrics = validate(model, cfg.data.eval, batch_size=cfg.data.batch_size, loss_kind=cfg.loss.kind,
+                       precision=cfg.train.precision)
+    if history and history[-1]["step"] == step:
+        history[-1]["val"] = {k: metrics[k] for k in ("loss", "image_retrieval_recall@1", "text_retrieval_recall@1")}
+    return {"step": step, **metrics}
+
+
 def _write_log_rows(log, history: list[dict], logged: int) -> int:
     """Writes the rows of `history` after the first `logged`; returns how many are written."""
     if log is not None and len(history) > logged:  # called every step; most steps add no row
@@ -425,8 +445,11 @@ def write_run_outputs(result: TrainResult, save_model: bool = True) -> dict:
     files = {"model": save(result.model, out / "model.safetensors")} if save_model else {}
     files.update({
         "metrics": out / "metrics.jsonl",
-        "loss_plot": plot_losses(result.history, out / "loss.png"),
+        "loss_plot": plot_losses(result.history, out / "loss.png", result.validation),
     })
+    if result.validation:
+        files["validation"] = out / "validation.json"
+        files["validation"].write_text(json.dumps(result.validation, indent=2))
     if result.zeroshot:
         files["zeroshot"] = out / "zeroshot.json"
         files["zeroshot"].write_text(json.dumps(result.zeroshot, indent=2))

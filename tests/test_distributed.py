@@ -168,7 +168,7 @@ def baseline_config(tiny_shards, tmp_path, **train) -> dict:
             "init_logit_scale": math.log(100),
             "vision": {"moe": {"num_experts": 4, "top_k": 2, "every": 1}},
             "text": {"moe": {"num_experts": 4, "top_k": 1, "every": 2, "capacity_factor": 1.0}}}},
-        "data": {"train": tiny_shards["train"], "batch_size": 16},
+        "data": {"train": tiny_shards["train"], "eval": tiny_shards["eval"], "batch_size": 16},
         "loss": {"balance_coef": 0.01, "z_coef": 0.001},
         "optim": {"lr": 1e-3, "warmup_steps": 1, "grad_clip": 0.5},
         "train": {"steps": 4, "log_every": 1, "out_dir": str(tmp_path / "run"), "device": "cpu", **train},

@@ -214,6 +214,10 @@ def test_training_with_expert_parallelism_equals_training_without(ddp_baseline, 
     assert [e["step"] for e in evals[1]] == [1, 3]
     for a, b in zip(*evals):  # evaluated on a copy holding all experts
         assert a["results"][0]["metrics"] == pytest.approx(b["results"][0]["metrics"])
+    validated = [json.loads((out / "validation.json").read_text()) for out in (ddp_out, tmp_path / "ep")]
+    assert [v["step"] for v in validated[1]] == [1, 3] and validated[1][-1]["num_samples"] == 64
+    for a, b in zip(*validated):  # held-out pairs too
+        assert a.pop("skipped") == b.pop("skipped") == {} and a == pytest.approx(b)
     import clipmoe
     saved = clipmoe.load(tmp_path / "ep" / "model.safetensors")
     assert saved.state_dict()["image.blocks.0.mlp.experts.w1"].shape[0] == 4

@@ -221,6 +221,19 @@ def test_retrieval_recall_by_hand():
     assert m["image_retrieval_recall@2"] == 1.0
     # image 0: best caption 0 (own); image 1: caption 2 (own); image 2: caption 3 (own, 0.5 beats 0)
     assert m["text_retrieval_recall@1"] == 1.0
+    # scored a chunk of rows at a time: the same recalls as a brute-force count over the full score matrix
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(50, 8, generator=g), torch.randn(120, 8, generator=g)
+    t2i = torch.randint(0, 50, (120,), generator=g)
+    chunked = zeroshot.retrieval_metrics(images, texts, t2i.tolist(), chunk=7)
+    scores = texts @ images.T
+    for k in (1, 5, 10):
+        rank_of_own = (scores > scores.gather(1, t2i[:, None])).sum(1)  # images closer than a caption's own
+        assert chunked[f"image_retrieval_recall@{k}"] == (rank_of_own < k).float().mean().item()
+        best_own = torch.stack([scores[t2i == i, i].max() if (t2i == i).any() else torch.tensor(-1e9)
+                                for i in range(50)])
+        closer = (scores.T > best_own[:, None]).sum(1)  # captions closer than an image's best own caption
+        assert chunked[f"text_retrieval_recall@{k}"] == (closer < k).float().mean().item()
 
 
 def test_text_tower_trims_padding_exactly():

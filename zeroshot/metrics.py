@@ -53,20 +53,23 @@ def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict:
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: Sequence[int],
-                      ks: Sequence[int] = (1, 5, 10)) -> dict:
+                      ks: Sequence[int] = (1, 5, 10), chunk: int = 4096) -> dict:
     """Recall@k both ways, as CLIP_benchmark defines them.
 
     `text_to_image[j]` is the image of caption j (images may have several captions).
     `image_retrieval_recall@k`: fraction of captions whose image is among the k images closest to them.
     `text_retrieval_recall@k`: fraction of images with at least one of their captions among the k closest
-    captions."""
+    captions. Scored `chunk` rows at a time: memory chunk x max(T, I), not T x I."""
     t2i = torch.as_tensor(list(text_to_image), dtype=torch.long)
-    scores = text_features.float() @ image_features.float().T  # (T, I)
-    own = torch.arange(scores.shape[1]).unsqueeze(1)
+    images, texts = image_features.float(), text_features.float()
+    top = max(ks)
+    top_images = torch.cat([(texts[i:i + chunk] @ images.T).topk(min(top, len(images)), dim=1).indices
+                            for i in range(0, len(texts), chunk)])  # (T, top), nearest first
+    top_texts = torch.cat([(images[i:i + chunk] @ texts.T).topk(min(top, len(texts)), dim=1).indices
+                           for i in range(0, len(images), chunk)])  # (I, top)
+    own = torch.arange(len(images)).unsqueeze(1)
     out = {}
     for k in ks:
-        top_images = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (T, k)
-        out[f"image_retrieval_recall@{k}"] = (top_images == t2i.unsqueeze(1)).any(1).float().mean().item()
-        top_texts = scores.T.topk(min(k, scores.shape[0]), dim=1).indices  # (I, k)
-        out[f"text_retrieval_recall@{k}"] = (t2i[top_texts] == own).any(1).float().mean().item()
+        out[f"image_retrieval_recall@{k}"] = (top_images[:, :k] == t2i.unsqueeze(1)).any(1).float().mean().item()
+        out[f"text_retrieval_recall@{k}"] = (t2i[top_texts[:, :k]] == own).any(1).float().mean().item()
     return out
