@@ -20,9 +20,19 @@ def _quickstart(args) -> None:
 
     summary = quickstart(args.out, overrides=args.set, seed=args.seed)
     print(format_table(summary["results"]))
+    if summary["validation"]:
+        print(_held_out(summary["validation"]))
     print(f"\nfinished in {summary['seconds']:.0f} s; data: {summary['data']}")
     for name, path in summary["files"].items():
         print(f"  {name:<17} {path}")
+
+
+def _held_out(v: dict) -> str:
+    """One line of a validation run's numbers."""
+    recall = {what: "/".join(f"{v[f'{what}_retrieval_recall@{k}']:.1%}" for k in (1, 5, 10))
+              for what in ("image", "text")}
+    return (f"held out (data.eval, {v['num_samples']} pairs): loss {v['loss']:.4g}, recall@1/5/10 "
+            f"image {recall['image']}, text {recall['text']}")
 
 
 def _train(args) -> None:
@@ -46,10 +56,7 @@ def _train(args) -> None:
               f"dropped {layer['dropped_fraction']:.1%}")
     print(f"data: {result.data_stats}")
     if result.validation:
-        v = result.validation[-1]
-        print(f"held out (data.eval, {v['num_samples']} pairs): loss {v['loss']:.4g}, recall@1/5/10 image "
-              + "/".join(f"{v[f'image_retrieval_recall@{k}']:.1%}" for k in (1, 5, 10)) + ", text "
-              + "/".join(f"{v[f'text_retrieval_recall@{k}']:.1%}" for k in (1, 5, 10)))
+        print(_held_out(result.validation[-1]))
     for name, path in result.files.items():
         print(f"  {name:<17} {path}")
 

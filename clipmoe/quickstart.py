@@ -29,10 +29,12 @@ QUICKSTART = {
             "text": {"moe": {"num_experts": 4, "top_k": 2, "every": 2, "expert_mlp_ratio": 2.0}},
         },
     },
-    "data": {"train": "quickstart_out/shards/train/{00000..00007}.tar", "batch_size": 128},
+    "data": {"train": "quickstart_out/shards/train/{00000..00007}.tar", "eval": "quickstart_out/shards/eval/00000.tar",
+             "batch_size": 128},
     "loss": {"balance_coef": 0.01, "z_coef": 0.001},
     "optim": {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 50},
     "train": {"steps": 600, "log_every": 10, "out_dir": "quickstart_out/run", "seed": 0},
+    "eval": {"every": 200},  # the held-out pairs (data.eval) at steps 200, 400 and 600
 }
 TRAIN_SAMPLES, EVAL_SAMPLES, SHARDS = 24_000, 1_000, 8
 
@@ -96,6 +98,7 @@ def quickstart_config(out_dir: str | Path = "quickstart_out", overrides: list[st
     out = Path(out_dir)
     data = json.loads(json.dumps(QUICKSTART))  # a deep copy
     data["data"]["train"] = f"{out}/shards/train/{{00000..{SHARDS - 1:05d}}}.tar"
+    data["data"]["eval"] = f"{out}/shards/eval/00000.tar"
     data["train"]["out_dir"] = str(out / "run")
     return from_dict(RunConfig, apply_overrides(data, list(overrides)))
 
@@ -112,6 +115,7 @@ def quickstart(out_dir: str | Path = "quickstart_out", overrides: list[str] = ()
     (out / "results.json").write_text(json.dumps(results, indent=1))
     summary = {
         "results": results, "seconds": round(time.time() - start, 1), "data": result.data_stats,
+        "validation": result.validation[-1] if result.validation else None,
         "files": {k: str(v) for k, v in result.files.items()} | {"results": str(out / "results.json")},
     }
     return summary
