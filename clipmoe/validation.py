@@ -31,8 +31,10 @@ def validate(model: CLIP, urls: Union[str, list], *, batch_size: int = 256, loss
     model.eval()
     device = next(model.parameters()).device
     _, transform = create_transforms(model.config)
+    # a reader per shard at most: epoch mode refuses workers that would have no shard
+    workers = min(num_workers, len(loaders.expand_shards(urls)))
     loader = loaders.image_text_loader(urls, batch_size=batch_size, transform=transform,
-                                       tokenize=get_tokenizer(model), num_workers=num_workers, shuffle=False,
+                                       tokenize=get_tokenizer(model), num_workers=workers, shuffle=False,
                                        drop_last=False)
     images, texts, loss_sum, n = [], [], 0.0, 0
     bar = tqdm(desc="validation", unit="img", disable=not progress)

@@ -65,6 +65,8 @@ def test_validate_equals_a_computation_by_hand(tiny_shards, kind):
     whole = validate(model, tiny_shards["eval"], batch_size=64, loss_kind=kind)
     assert whole["loss"] != res["loss"] and all(whole[k] == res[k] for k in recalls)
     assert validate(model, tiny_shards["eval"], batch_size=16, max_samples=20)["num_samples"] == 32
+    # more workers than the one shard: one reader, the same numbers
+    assert validate(model, tiny_shards["eval"], batch_size=24, loss_kind=kind, num_workers=2) == res
 
 
 def test_validation_during_training(tiny_shards, tmp_path):
