@@ -132,7 +132,7 @@ def plot_routing(report: dict, path: str | Path, grid: int, words_shown: int = 6
             ax.text(0.05, 0.95, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=8,
                     transform=ax.transAxes)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # the last column's titles reach past the figure
     plt.close(fig)
     return Path(path)
 
