@@ -29,6 +29,8 @@ def _quickstart(args) -> None:
 
 def _held_out(v: dict) -> str:
     """One line of a validation run's numbers."""
+    if "error" in v:
+        return f"held out (data.eval): could not be read at step {v['step']}: {v['error']}"
     recall = {what: "/".join(f"{v[f'{what}_retrieval_recall@{k}']:.1%}" for k in (1, 5, 10))
               for what in ("image", "text")}
     return (f"held out (data.eval, {v['num_samples']} pairs): loss {v['loss']:.4g}, recall@1/5/10 "

@@ -20,8 +20,9 @@ def plot_losses(history: list[dict], path: str | Path, validation: Sequence[dict
     steps = [r["step"] for r in history]
     for ax, term in zip(axes[0], terms):
         ax.plot(steps, [r[term] for r in history], label="train")
-        if term == "contrastive" and validation:
-            ax.plot([v["step"] for v in validation], [v["loss"] for v in validation], "o-", label="held out")
+        held_out = [v for v in validation if "loss" in v]  # not the runs that failed
+        if term == "contrastive" and held_out:
+            ax.plot([v["step"] for v in held_out], [v["loss"] for v in held_out], "o-", label="held out")
             ax.legend()
         ax.set_title(term)
         ax.set_xlabel("step")

@@ -422,9 +422,14 @@ def _evaluate(model: CLIP, ev, step: int, history: list[dict]) -> dict:
 
 
 def _validate(model: CLIP, cfg: RunConfig, step: int, history: list[dict]) -> dict:
-    """Validation on data.eval now; its loss and recall@1 both ways also go in this step's log row."""
-    metrics = validate(model, cfg.data.eval, batch_size=cfg.data.batch_size, loss_kind=cfg.loss.kind,
-                       precision=cfg.train.precision, num_workers=cfg.data.num_workers)
+    """Validation on data.eval now; its loss and recall@1 both ways also go in this step's log row. Held-out data
+    that cannot be read is an `error` entry and a warning: the training goes on."""
+    try:
+        metrics = validate(model, cfg.data.eval, batch_size=cfg.data.batch_size, loss_kind=cfg.loss.kind,
+                           precision=cfg.train.precision, num_workers=cfg.data.num_workers)
+    except (loaders.DataError, ValueError, OSError) as e:
+        warnings.warn(f"data.eval at step {step}: {e}; training goes on", stacklevel=2)
+        return {"step": step, "error": str(e)}
     if history and history[-1]["step"] == step:
         history[-1]["val"] = {k: metrics[k] for k in ("loss", "image_retrieval_recall@1", "text_retrieval_recall@1")}
     return {"step": step, **metrics}

@@ -87,6 +87,15 @@ def test_validation_during_training(tiny_shards, tmp_path):
     logged = [json.loads(line) for line in result.files["metrics"].read_text().splitlines()]
     assert [row["step"] for row in logged if "val" in row] == [7]  # step 3 has no log row (log_every 2)
 
+    # held-out data that breaks during the run: an error entry and a warning; the training goes on
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(b"not a tar at all" * 64)
+    cfg.data.eval = str(broken)
+    with pytest.warns(UserWarning, match="data.eval at step [37]: validation: no readable samples .*truncated_shard"):
+        result = train(cfg, progress=False)
+    assert result.steps == 8 and [set(v) for v in result.validation] == [{"step", "error"}] * 2
+    assert result.files["loss_plot"].stat().st_size > 0
+
     cfg.data.eval = str(tmp_path / "nowhere" / "{0..3}.tar")
     with pytest.raises(clipmoe.ClipmoeError, match="^data.eval: none of the shards"):
         train(cfg, progress=False)
