@@ -25,6 +25,7 @@ _LAZY = {
     ".model": ["CLIP", "CLIPOutput"],
     ".moe": ["MoEAux", "moe_report"],
     ".upcycle": ["upcycle"],
+    ".validation": ["validate"],
     ".zeroshot_eval": ["zeroshot_eval"],
 }
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}

@@ -12,7 +12,7 @@ from PIL import Image
 import clipmoe
 from clipmoe.config import RunConfig, from_dict
 from clipmoe.train import train
-from clipmoe.validation import validate
+validate = clipmoe.validate
 
 
 def _micro(**overrides):
