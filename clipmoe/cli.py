@@ -142,8 +142,9 @@ def _shards(args) -> None:
             rows = shards.check_shards(args.check)
             print(f"{'shard':<12} {'expected':>8} {'found':>8} {'checksum':>8}  status")
             for r in rows:
-                checksum = "ok" if r["checksum"] else "BAD"
-                print(f"{r['name']:<12} {r['expected']:>8} {r['found']:>8} {checksum:>8}  {r['status']}")
+                checksum = {True: "ok", False: "BAD", None: "-"}[r["checksum"]]  # "-": none recorded
+                expected = "-" if r["expected"] is None else r["expected"]
+                print(f"{r['name']:<12} {expected:>8} {r['found']:>8} {checksum:>8}  {r['status']}")
             bad = [r for r in rows if r["status"] != "ok"]
             if bad:
                 raise ClipmoeError(f"{len(bad)} of {len(rows)} shards failed the check")
@@ -247,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     s.add_argument("--resize", type=int, default=None, help="shrink images to at most this many pixels a side")
     s.add_argument("--processes", type=int, default=1)
-    s.add_argument("--check", metavar="DIR", help="verify DIR against its manifest.json and print a table")
+    s.add_argument("--check", metavar="DIR", help="verify DIR against its manifest.json (or img2dataset's "
+                   "_stats.json counts) and print a table")
     s.set_defaults(func=_shards)
 
     a = sub.add_parser("analyze-routing", help="expert load per layer, and which words / patches each expert takes")

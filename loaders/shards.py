@@ -8,7 +8,7 @@ import io
 import json
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import webdataset as wds
 from PIL import Image
@@ -204,28 +204,51 @@ def write_shards_from_records(records: list[tuple[str, str]], out_dir: str | Pat
 
 
 def check_shards(out_dir: str | Path) -> list[dict]:
-    """One row per manifest shard: `name`, `expected`, `found` samples, `checksum` ok, `status`."""
+    """One row per shard: `name`, `expected`, `found` samples, `checksum` ok (None: not recorded), `status`.
+
+    The shards are those of the folder's manifest.json (`clipmoe shards`: counts and checksums); without one,
+    img2dataset's (each NNNNN.tar with its NNNNN_stats.json: counts only), and .tar files without stats
+    (found counted, nothing expected)."""
     out = Path(out_dir)
     manifest_path = out / MANIFEST
-    if not manifest_path.is_file():
-        raise ValueError(f"{out}: no {MANIFEST} (written by `clipmoe shards`)")
+    if manifest_path.is_file():
+        expected = [(s["name"], s["count"], s["sha256"]) for s in json.loads(manifest_path.read_text())["shards"]]
+    else:
+        expected = _img2dataset_shards(out)
     rows = []
-    for shard in json.loads(manifest_path.read_text())["shards"]:
-        path = out / shard["name"]
-        row = {"name": shard["name"], "expected": shard["count"], "found": 0, "checksum": False}
+    for name, count, sha256 in expected:
+        path = out / name
+        row = {"name": name, "expected": count, "found": 0, "checksum": None}
         if not path.is_file():
             rows.append({**row, "status": "missing"})
             continue
-        row["checksum"] = _sha256(path) == shard["sha256"]
+        if sha256 is not None:
+            row["checksum"] = _sha256(path) == sha256
         try:
-            keys = {m.split(".", 1)[0] for m in _member_names(path)}
-            row["found"] = len(keys)
-            status = "ok" if row["checksum"] and row["found"] == row["expected"] else (
-                "checksum mismatch" if not row["checksum"] else "count mismatch")
+            row["found"] = len({m.split(".", 1)[0] for m in _member_names(path)})
+            status = ("checksum mismatch" if row["checksum"] is False else
+                      "count mismatch" if count is not None and row["found"] != count else "ok")
         except Exception as e:  # tarfile raises several types for a damaged archive
             status = f"unreadable ({type(e).__name__})"
         rows.append({**row, "status": status})
     return rows
+
+
+def _img2dataset_shards(out: Path) -> list[tuple[str, Optional[int], None]]:
+    """(name, expected count, no checksum) of an img2dataset output folder, from its NNNNN_stats.json files."""
+    if not out.is_dir():
+        raise ValueError(f"{out}: not a folder")
+    shards: dict[str, Optional[int]] = {p.name: None for p in out.glob("*.tar")}
+    for stats in out.glob("*_stats.json"):
+        try:
+            count = int(json.loads(stats.read_text())["successes"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{stats}: not img2dataset stats ({type(e).__name__}: {e})") from None
+        shards[stats.name[: -len("_stats.json")] + ".tar"] = count
+    if not shards:
+        raise ValueError(f"{out}: no {MANIFEST} (written by `clipmoe shards`), no img2dataset *_stats.json and "
+                         "no .tar shards")
+    return [(name, shards[name], None) for name in sorted(shards)]
 
 
 def _member_names(path: Path) -> list[str]:

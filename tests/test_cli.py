@@ -389,6 +389,17 @@ def test_shards_from_folder_and_table_then_check(tmp_path):
     (tmp_path / "out" / "00001.tar").write_bytes(b"x" * 100)
     r = _run("shards", "--check", str(tmp_path / "out"))
     assert r.returncode == 2 and "1 of 3 shards failed" in r.stderr and "BAD  unreadable" in r.stdout
+    # img2dataset's folders have no manifest: the counts of its _stats.json files, no checksums
+    (tmp_path / "out" / "manifest.json").unlink()
+    r = _run("shards", "--check", str(tmp_path / "out"))
+    assert r.returncode == 2 and "1 of 3 shards failed" in r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert rows[0][1] == rows[0][2] and rows[0][3:] == ["-", "ok"] and rows[1][4] == "unreadable" and rows[2][4] == "ok"
+    assert sum(int(rows[i][2]) for i in (0, 2)) == 15  # 25 samples, 10 of them in the damaged shard
+    (tmp_path / "out" / "00002_stats.json").write_text(f'{{"successes": {int(rows[2][2]) + 1}}}')  # one more
+    r = _run("shards", "--check", str(tmp_path / "out"))
+    assert r.stdout.splitlines()[3].split()[1:] == [str(int(rows[2][2]) + 1), rows[2][2], "-", "count", "mismatch"]
 
 
 def test_train_takes_a_deepspeed_config_file(tmp_path):
