@@ -53,6 +53,10 @@ def _train(args) -> None:
     last = result.history[-1]
     scalars = {k: v for k, v in last.items() if k != "step" and isinstance(v, (int, float))}
     print(f"step {last['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+    speed = last.get("speed") or {}
+    if speed.get("samples_per_s"):
+        print(f"  {speed['samples_per_s']:.0f} samples/s (all ranks) over the last logged steps, "
+              f"{speed['data_wait']:.0%} of the time waiting for data")
     for layer in last.get("moe", []):  # the moe_report of the last logged step
         print(f"  {layer['tower']}.{layer['block']:<3} tokens per expert {layer['tokens_per_expert']}, "
               f"dropped {layer['dropped_fraction']:.1%}")

@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from itertools import chain, count
@@ -283,9 +284,12 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     scope = contextlib.ExitStack()  # what holds only while the loop runs (closed in the finally below)
     if engine is not None:
         deepspeed_engine.quiet_step_warnings(scope)
+    pace = _Pace(cfg.data.batch_size * world)
     try:
         for step in range(start, tc.steps):
+            pace.start_step()
             batch = next(batches) if vote is None else vote.next_batch(batches, rank)
+            pace.got_batch()
             images = normalize_batch(batch["image"].to(device, non_blocking=True), MEAN, STD)
             tokens = batch["text"].to(device, non_blocking=True)
             # CUDA graphs cannot use autocast's cache of cast weights
@@ -328,6 +332,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                 load_sums[key] = load_sums.get(key, 0) + a.tokens_per_expert.float()
             if step % tc.log_every == 0 or step == tc.steps - 1:
                 row = {"step": step, "lr": sched.get_last_lr()[0], **{k: v.item() for k, v in terms.items()}}
+                row["speed"] = pace.since_last_row()
                 if out.aux:
                     row["moe"] = moe_report(out)
                 history.append(row)
@@ -337,6 +342,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
                                        + (f" (the log so far: {log.name})" if log else ""))
                 bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)  # shown at the next redraw
             bar.update(1)
+            pace.end_step()  # what follows (evaluation, checkpoints) is not training speed
             ev = cfg.eval
             if (ev.zeroshot or cfg.data.eval) and ((ev.every and (step + 1) % ev.every == 0) or step == tc.steps - 1):
                 whole = ep.gathered(model)  # under expert parallelism a copy with all experts (all ranks)
@@ -394,6 +400,34 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         raise TrainingInterrupted(result, tc.steps, signal.SIGTERM if isinstance(stopped_by, Terminated) else
                                   signal.SIGINT)
     return result
+
+
+class _Pace:
+    """Training speed for the log rows: samples per second (all ranks) and the share of the time spent waiting for
+    the loader, over the steps finished since the last row and over their own time (evaluations and checkpoints
+    left out). A step's time ends after its logging, whose .item() waits for the device's work."""
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step = samples_per_step
+        self.steps, self.busy, self.waiting, self.t0, self.t_batch = 0, 0.0, 0.0, 0.0, 0.0
+
+    def start_step(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def got_batch(self) -> None:
+        self.t_batch = time.perf_counter()
+
+    def end_step(self) -> None:
+        self.busy += time.perf_counter() - self.t0
+        self.waiting += self.t_batch - self.t0
+        self.steps += 1
+
+    def since_last_row(self) -> dict:
+        """The speed of the steps finished since the last call (None before any), and a new count."""
+        speed = {"samples_per_s": round(self.steps * self.samples_per_step / self.busy, 1) if self.steps else None,
+                 "data_wait": round(self.waiting / self.busy, 3) if self.steps else None}
+        self.steps, self.busy, self.waiting = 0, 0.0, 0.0
+        return speed
 
 
 def _capture_cuda_graphs(model: CLIP, first: dict, device: torch.device, autocast_dtype) -> list[MoE]:

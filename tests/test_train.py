@@ -37,6 +37,10 @@ def _cfg_dict(tiny_shards, tmp_path, **train):
     }
 
 
+def _no_speed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "speed"} for row in history]
+
+
 def test_loss_falls_and_outputs_written(tiny_shards, tmp_path):
     result = train(_cfg(tiny_shards, tmp_path), progress=False)
     losses = [r["contrastive"] for r in result.history]
@@ -78,6 +82,44 @@ def test_log_is_written_as_the_run_goes(tiny_shards, tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == [0, 2, 4, 6, 8]
     assert all(math.isfinite(r["loss"]) for r in rows[:-1]) and math.isnan(rows[-1]["loss"])
     assert rows[0]["moe"][0]["tower"] == "image"
+
+
+def test_log_rows_carry_the_training_speed(tiny_shards, tmp_path, monkeypatch):
+    """Samples/s and the share of time waiting for data, on a clock that only the loader (1 s a batch), the loss
+    (0.5 s a step) and evaluations (7 s, not training time) move."""
+    import types
+
+    import clipmoe.train as train_module
+
+    clock = [0.0]
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real_batches, real_loss, real_validate = train_module._batches, train_module.total_loss, train_module.validate
+
+    def slow_batches(*args, **kwargs):
+        for batch in real_batches(*args, **kwargs):
+            clock[0] += 1.0
+            yield batch
+
+    def slow_loss(out, cfg):
+        clock[0] += 0.5
+        return real_loss(out, cfg)
+
+    def slow_validate(*args, **kwargs):
+        clock[0] += 7.0
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_batches", slow_batches)
+    monkeypatch.setattr(train_module, "total_loss", slow_loss)
+    monkeypatch.setattr(train_module, "validate", slow_validate)
+    cfg = _cfg(tiny_shards, tmp_path, steps=9, log_every=4)
+    cfg.data.eval, cfg.eval.every = tiny_shards["eval"], 2
+    result = train(cfg, progress=False)
+    speeds = [(r["step"], r["speed"]) for r in result.history]
+    assert speeds[0] == (0, {"samples_per_s": None, "data_wait": None})  # no step finished before it
+    # the rows of steps 4 and 8: steps 0-3 and 4-7, 32 samples in 1.5 s each, 2/3 of it waiting for data
+    for step, speed in speeds[1:]:
+        assert speed == {"samples_per_s": round(32 / 1.5, 1), "data_wait": round(1 / 1.5, 3)}, step
+    assert [s for s, _ in speeds] == [0, 4, 8]
 
 
 def _interrupt_at(calls: int, signum: int = signal.SIGINT):
@@ -461,7 +503,7 @@ def test_resume_is_exact(tiny_shards, tmp_path, num_workers):
         resumed = train(cfg("b", resume=str(ckpt)), progress=False)
         for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
             assert torch.equal(a, b), (step, name)
-        assert resumed.history == straight.history and resumed.steps == 6
+        assert _no_speed(resumed.history) == _no_speed(straight.history) and resumed.steps == 6
         rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in rows] == list(range(6))
         assert resumed.data_stats == straight.data_stats
