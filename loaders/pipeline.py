@@ -282,8 +282,7 @@ class ImageTextLoader:
         """Undecoded samples shard after shard; a shard that breaks off, or yields fewer samples than
         its manifest promises (a tar cut on a header boundary reads as a clean end), counts once as
         truncated_shard; one that does not exist as missing_shard."""
-        truncated: set[str] = set()
-        failed: set[str] = set()  # shards already counted for an error: a failed pipe raises at close again
+        failed: set[str] = set()  # shards already counted for an error (each counts once)
 
         def handler(exn: Exception) -> bool:
             if isinstance(exn, FileNotFoundError):  # a typo in a path: say so, not "read_error"
@@ -292,15 +291,16 @@ class ImageTextLoader:
                 reason = "duplicate_key"
             else:
                 reason = "truncated_shard" if isinstance(exn, (tarfile.TarError, EOFError)) else "read_error"
+            if reason != "duplicate_key" and url in failed:  # one failure seen at two levels (a member's read,
+                return True  # then the archive's; or a pipe's exit status on reading and on closing): once
             if self.strict:
                 message = str(exn).splitlines()[0][:300]
                 status = _PIPE_EXIT.search(message)  # webdataset's Pipe says ((args,), {kwargs}): exit N (read)
                 if status:
                     message = f"{url}: its command exited with status {status.group(1)}"
                 raise DataError(f"{reason}: {message}") from exn
-            if reason == "truncated_shard":
-                truncated.add(url)
-            failed.add(url)
+            if reason != "duplicate_key":  # a sample's fault: the shard reads on, and may fail besides
+                failed.add(url)
             counts[reason] += 1
             return True
 
@@ -322,10 +322,9 @@ class ImageTextLoader:
                     try:
                         stream.close()
                     except OSError as exn:  # a `pipe:` or http(s) shard whose command failed: webdataset's Pipe
-                        if url not in failed:  # raises its exit status when reading and again when closing
-                            handler(exn)
+                        handler(exn)  # raises its exit status when reading and again when closing
             expected = expected_count(url)
-            if expected is not None and n < expected and url not in truncated:
+            if expected is not None and n < expected and url not in failed:  # a clean end, short of its count
                 if self.strict:
                     raise DataError(f"truncated_shard: {url} yielded {n} samples, its manifest says {expected}")
                 counts["truncated_shard"] += 1

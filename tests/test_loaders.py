@@ -111,6 +111,13 @@ def test_missing_shard_counted_by_its_own_reason(tmp_path):
                                            tokenize=lambda t: torch.zeros(len(t), 2), shuffle=False, strict=True)
     with pytest.raises(loaders.DataError, match="missing_shard: .*typo.tar"):
         list(strict)
+    # a shard its manifest lists, missing: missing only, not also short of its count
+    loaders.write_shards(({"key": f"k{i}", "image": Image.new("RGB", (8, 8)), "caption": "c"} for i in range(6)),
+                         tmp_path / "set", samples_per_shard=3)
+    (tmp_path / "set" / "00001.tar").unlink()
+    loader = loaders.image_text_loader(f"{tmp_path}/set/{{00000..00001}}.tar", batch_size=1, transform=_tf,
+                                       tokenize=lambda t: torch.zeros(len(t), 2), shuffle=False)
+    assert sum(len(b["key"]) for b in loader) == 3 and loader.stats()["skipped"] == {"missing_shard": 1}
 
 
 def test_failing_pipe_shard_counted_once_and_named_in_strict_mode(tmp_path):
@@ -122,11 +129,14 @@ def test_failing_pipe_shard_counted_once_and_named_in_strict_mode(tmp_path):
             w.write({"__key__": f"k{i}", "jpg": _jpeg(size=(64, 64)), "txt": "c"})
     half = good.stat().st_size // 2
     failing = ["pipe:exit 3", f"pipe:head -c {half} {good}; exit 1"]  # nothing; half a shard, then a failure
-    loader = loaders.image_text_loader([str(good), *failing], batch_size=5, transform=_tf,
-                                       tokenize=lambda t: torch.zeros(len(t), 2), shuffle=False)
-    n = sum(len(b["key"]) for b in loader)
-    skipped = loader.stats()["skipped"]
-    assert 40 < n < 80 and skipped["read_error"] == 2, skipped  # (the sample cut in half: missing_caption)
+    # how far into the cut shard the reader gets, and at which level (a member's read, the archive's) it meets the
+    # failure, depends on the pipe's timing: in about one run of eight it met it at both, and counted it twice
+    for _ in range(20):
+        loader = loaders.image_text_loader([str(good), *failing], batch_size=5, transform=_tf,
+                                           tokenize=lambda t: torch.zeros(len(t), 2), shuffle=False)
+        n = sum(len(b["key"]) for b in loader)
+        skipped = loader.stats()["skipped"]
+        assert 40 < n < 80 and skipped["read_error"] == 2, skipped  # (the sample cut in half: missing_caption)
     strict = loaders.image_text_loader(failing[0], batch_size=5, transform=_tf,
                                        tokenize=lambda t: torch.zeros(len(t), 2), strict=True)
     with pytest.raises(loaders.DataError, match=r"^read_error: pipe:exit 3: its command exited with status 3$"):
