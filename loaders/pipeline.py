@@ -282,7 +282,7 @@ class ImageTextLoader:
         """Undecoded samples shard after shard; a shard that breaks off, or yields fewer samples than
         its manifest promises (a tar cut on a header boundary reads as a clean end), counts once as
         truncated_shard; one that does not exist as missing_shard."""
-        failed: set[str] = set()  # shards already counted for an error (each counts once)
+        failed: set[str] = set()  # the shard being read, once counted for an error (each read counts once)
 
         def handler(exn: Exception) -> bool:
             if isinstance(exn, FileNotFoundError):  # a typo in a path: say so, not "read_error"
@@ -310,6 +310,7 @@ class ImageTextLoader:
                 yield source
 
         for url in self._my_shards(worker, workers):
+            failed.discard(url)  # a new read of it (resampled mode draws a shard again): its own count
             opened = []
             members = tariterators.tar_file_expander(kept(url, opened), handler=handler, select_files=_wanted)
             n = 0

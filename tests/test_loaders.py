@@ -118,6 +118,11 @@ def test_missing_shard_counted_by_its_own_reason(tmp_path):
     loader = loaders.image_text_loader(f"{tmp_path}/set/{{00000..00001}}.tar", batch_size=1, transform=_tf,
                                        tokenize=lambda t: torch.zeros(len(t), 2), shuffle=False)
     assert sum(len(b["key"]) for b in loader) == 3 and loader.stats()["skipped"] == {"missing_shard": 1}
+    # resampled, each draw of it is a read of its own, and counts
+    loader = loaders.image_text_loader(f"{tmp_path}/set/{{00000..00001}}.tar", batch_size=3, transform=_tf,
+                                       tokenize=lambda t: torch.zeros(len(t), 2), resampled=True,
+                                       samples_per_epoch=30, seed=0)
+    assert sum(len(b["key"]) for b in loader) == 30 and loader.stats()["skipped"]["missing_shard"] > 1
 
 
 def test_failing_pipe_shard_counted_once_and_named_in_strict_mode(tmp_path):
