@@ -381,7 +381,7 @@ def test_bf16_quickstart_model_300_steps_finite(tiny_shards, tmp_path):
     result = train(from_dict(RunConfig, data), progress=False)
     assert len(result.history) == 300
     for row in result.history:
-        assert all(math.isfinite(v) for k, v in row.items() if k != "moe"), row
+        assert all(math.isfinite(v) for k, v in row.items() if k not in ("moe", "speed")), row
     assert row["z"] > 0
     for m in result.model.modules():
         if isinstance(m, MoE):
