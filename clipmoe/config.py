@@ -444,13 +444,14 @@ def deep_merge(base: dict, update: dict) -> dict:
 
 
 # a shard range, which YAML reads as a mapping ({00000..00007} -> {'00000..00007': None}) or a syntax error
-_BRACE_RANGE = re.compile(r"\{\d+\.\.\d+\}")
+_RANGE = r"\d+\.\.\d+"
+_BRACE_RANGE = re.compile(r"\{" + _RANGE + r"\}")
 _QUOTE_RANGE = "; quote a value holding a shard range: train: 'shards/{00000..00007}.tar'"
 
 
 def _brace_range_hint(value: Any) -> str:
     """The quoting hint, for a value that is a shard range YAML took apart."""
-    found = isinstance(value, dict) and any(isinstance(k, str) and re.fullmatch(r"\d+\.\.\d+", k) for k in value)
+    found = isinstance(value, dict) and any(isinstance(k, str) and re.fullmatch(_RANGE, k) for k in value)
     return _QUOTE_RANGE if found or (isinstance(value, str) and _BRACE_RANGE.search(value)) else ""
 
 

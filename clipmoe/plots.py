@@ -18,9 +18,9 @@ def plot_losses(history: list[dict], path: str | Path, validation: Sequence[dict
         if history else []
     fig, axes = plt.subplots(1, max(1, len(terms)), figsize=(4 * max(1, len(terms)), 3.2), squeeze=False)
     steps = [r["step"] for r in history]
+    held_out = [v for v in validation if "loss" in v]  # not the runs that failed
     for ax, term in zip(axes[0], terms):
         ax.plot(steps, [r[term] for r in history], label="train")
-        held_out = [v for v in validation if "loss" in v]  # not the runs that failed
         if term == "contrastive" and held_out:
             ax.plot([v["step"] for v in held_out], [v["loss"] for v in held_out], "o-", label="held out")
             ax.legend()

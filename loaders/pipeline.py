@@ -282,16 +282,17 @@ class ImageTextLoader:
         """Undecoded samples shard after shard; a shard that breaks off, or yields fewer samples than
         its manifest promises (a tar cut on a header boundary reads as a clean end), counts once as
         truncated_shard; one that does not exist as missing_shard."""
-        failed: set[str] = set()  # the shard being read, once counted for an error (each read counts once)
+        failed = False  # the shard being read was counted for an error (each read of a shard counts once)
 
         def handler(exn: Exception) -> bool:
+            nonlocal failed
             if isinstance(exn, FileNotFoundError):  # a typo in a path: say so, not "read_error"
                 reason = "missing_shard"
             elif "duplicate file name" in str(exn):
                 reason = "duplicate_key"
             else:
                 reason = "truncated_shard" if isinstance(exn, (tarfile.TarError, EOFError)) else "read_error"
-            if reason != "duplicate_key" and url in failed:  # one failure seen at two levels (a member's read,
+            if reason != "duplicate_key" and failed:  # one failure seen at two levels (a member's read,
                 return True  # then the archive's; or a pipe's exit status on reading and on closing): once
             if self.strict:
                 message = str(exn).splitlines()[0][:300]
@@ -300,7 +301,7 @@ class ImageTextLoader:
                     message = f"{url}: its command exited with status {status.group(1)}"
                 raise DataError(f"{reason}: {message}") from exn
             if reason != "duplicate_key":  # a sample's fault: the shard reads on, and may fail besides
-                failed.add(url)
+                failed = True
             counts[reason] += 1
             return True
 
@@ -310,7 +311,7 @@ class ImageTextLoader:
                 yield source
 
         for url in self._my_shards(worker, workers):
-            failed.discard(url)  # a new read of it (resampled mode draws a shard again): its own count
+            failed = False  # resampled mode may draw a shard again: each read counts its own failure
             opened = []
             members = tariterators.tar_file_expander(kept(url, opened), handler=handler, select_files=_wanted)
             n = 0
@@ -325,7 +326,7 @@ class ImageTextLoader:
                     except OSError as exn:  # a `pipe:` or http(s) shard whose command failed: webdataset's Pipe
                         handler(exn)  # raises its exit status when reading and again when closing
             expected = expected_count(url)
-            if expected is not None and n < expected and url not in failed:  # a clean end, short of its count
+            if expected is not None and n < expected and not failed:  # a clean end, short of its count
                 if self.strict:
                     raise DataError(f"truncated_shard: {url} yielded {n} samples, its manifest says {expected}")
                 counts["truncated_shard"] += 1

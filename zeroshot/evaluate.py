@@ -42,11 +42,7 @@ def evaluate(ds: EvalDataset, encode_image: Callable[[torch.Tensor], torch.Tenso
         image_feats, text_feats, text_to_image = [], [], []
         seen = 0
         with _bar(progress, ds.name, ds.size) as bar:
-            for images, captions, broken in loader:
-                unreadable += broken
-                bar.update(len(broken))
-                if images is None:
-                    continue
+            for images, captions in _readable(loader, bar, unreadable):
                 image_feats.append(F.normalize(encode_image(to(images)).float(), dim=-1).cpu())
                 flat = [c for caps in captions for c in caps]
                 text_to_image += [seen + i for i, caps in enumerate(captions) for _ in caps]
@@ -63,11 +59,7 @@ def evaluate(ds: EvalDataset, encode_image: Callable[[torch.Tensor], torch.Tenso
     w = to(weights)
     logits, targets = [], []
     with _bar(progress, ds.name, ds.size) as bar:
-        for images, target, broken in loader:
-            unreadable += broken
-            bar.update(len(broken))
-            if images is None:
-                continue
+        for images, target in _readable(loader, bar, unreadable):
             feats = F.normalize(encode_image(to(images)).float(), dim=-1)
             logits.append((100.0 * feats @ w).cpu())
             targets.append(target)
@@ -81,6 +73,15 @@ def evaluate(ds: EvalDataset, encode_image: Callable[[torch.Tensor], torch.Tenso
     result["num_samples"], result["num_classes"] = len(logits_t), len(ds.classnames)
     result["templates"] = ds.templates if isinstance(ds.templates, list) else "per-class prompts"
     return result
+
+
+def _readable(loader: DataLoader, bar, unreadable: list[Unreadable]):
+    """The loader's (images, targets) batches; its unreadable images go to `unreadable`, and on the bar."""
+    for images, targets, broken in loader:
+        unreadable += broken
+        bar.update(len(broken))
+        if images is not None:  # None: every image of the batch was unreadable
+            yield images, targets
 
 
 def _check_samples(ds: EvalDataset, seen: int, unreadable: list[Unreadable], result: dict) -> None:
