@@ -15,6 +15,15 @@ def first_line(e: BaseException, limit: int = 160) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
+def error_line(e: BaseException) -> str:
+    """"Type: message" in one line. An exception re-raised from a DataLoader worker carries the worker's whole
+    traceback as its message; its last line is the original "module.Type: message"."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        return text.splitlines()[-1][:500]
+    return f"{type(e).__name__}: {first_line(e, limit=500)}"
+
+
 def make_folder(path, what: str):
     """`path` as a folder, made with its parents if missing; a path that cannot be one (under a file, no
     permission) is a ClipmoeError naming `what` (the option or key that gave it). Called before long work, so

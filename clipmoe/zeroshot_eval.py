@@ -13,7 +13,7 @@ import zeroshot
 
 from .device import check_model_device, resolve_device
 from .encode import resolve_model
-from .errors import ClipmoeError, make_folder
+from .errors import ClipmoeError, error_line, make_folder
 from .factory import create_model, create_transforms, get_tokenizer
 from .model import CLIP
 from .plots import plot_zeroshot
@@ -67,7 +67,7 @@ def zeroshot_eval(model: Union[str, Path, CLIP], datasets: Sequence[str], data_r
         except (zeroshot.DatasetNotFound, zeroshot.UnknownDataset) as e:
             res = {"dataset": ds_name, "error": str(e)}
         except Exception as e:  # a broken file mid-run: this dataset fails, the others still run
-            res = {"dataset": ds_name, "error": f"{type(e).__name__}: {e}"}
+            res = {"dataset": ds_name, "error": error_line(e)}
         res.update(model=name, pretrained=pretrained, split=split, seconds=round(time.perf_counter() - start, 2))
         results.append(res)
     if out:

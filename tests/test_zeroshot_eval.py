@@ -209,6 +209,18 @@ def test_unreadable_images_in_a_webdataset_export(model_path, tmp_path):
     assert res["num_samples"] == 3 and res["num_unreadable"] == 1
 
 
+def test_cut_shard_of_a_webdataset_export_is_one_line_error_naming_it(model_path, tmp_path):
+    samples = [{"png": _image(COLOURS[c], i), "cls": k} for k, c in enumerate(COLOURS) for i in range(4)]
+    _write_wds(tmp_path / "wds_vtab-cifar10", samples, list(COLOURS), ["a {c} photo."], shards=3)
+    shard = tmp_path / "wds_vtab-cifar10" / "test" / "1.tar"
+    shard.write_bytes(shard.read_bytes()[:2000])
+    for workers in (0, 2):  # from a worker, the error is the worker's exception, not its traceback
+        (res,) = clipmoe.zeroshot_eval(model_path, ["cifar10"], tmp_path, progress=False,
+                                       device="cpu", num_workers=workers)
+        assert res["error"].startswith(f"ValueError: cannot read shard {shard} to the end (ReadError: ")
+        assert "\n" not in res["error"] and "metrics" not in res
+
+
 def test_webdataset_export_multilabel_gives_map(model_path, tmp_path):
     names = list(COLOURS)
     rng = np.random.default_rng(0)

@@ -176,6 +176,15 @@ def _name_unreadable(sample: dict) -> dict:
     return sample
 
 
+def _shard_failed(exn: Exception):
+    """webdataset's handler for a shard it cannot open or read to the end: an error naming the shard. Not skipped:
+    metrics over part of a benchmark would not compare with published ones, and its lost samples are uncounted."""
+    url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else "a shard"  # webdataset appends the url
+    why = str(exn.args[0]) if exn.args else type(exn).__name__
+    raise ValueError(f"cannot read shard {url} to the end ({type(exn).__name__}: {why[:200]}); if it is cut "
+                     f"short or corrupt, fetch it again") from None
+
+
 def _wds_dir(root: Path, key: str, split: str) -> Optional[Path]:
     """Where CLIP_benchmark's export of `key` lies: root/<key>, or root/wds_<key> as its Hugging Face
     repositories are named (wds_vtab-cifar10, wds_wilds-fmow, ...)."""
@@ -200,7 +209,8 @@ def _open_wds(path: Path, key: str, transform, split: str) -> EvalDataset:
     kind_file = path / "dataset_type.txt"
     task = kind_file.read_text().strip().lower() if kind_file.is_file() else (
         "retrieval" if key in RETRIEVAL else "classification")
-    pipe = wds.WebDataset([str(t) for t in tars], shardshuffle=False, nodesplitter=None, empty_check=False)
+    pipe = wds.WebDataset([str(t) for t in tars], shardshuffle=False, nodesplitter=None, empty_check=False,
+                          handler=_shard_failed)
     pipe = pipe.decode(_image_or_unreadable(wds.autodecode.ImageHandler("pil", extensions=list(IMAGE_EXTS))))
     pipe = pipe.map(_name_unreadable)
     tf = _transformed(transform)
