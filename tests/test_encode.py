@@ -68,6 +68,9 @@ def test_encode_errors(saved, tmp_path):
         clipmoe.encode_image([bad], model=path)
     with pytest.raises(clipmoe.ClipmoeError, match="model not found"):
         clipmoe.encode_text(["a"], model=tmp_path / "none.safetensors")
+    with pytest.raises(clipmoe.ClipmoeError, match=r"ViT-B-32 is an architecture, not a model file: "
+                                                   r"clipmoe.create_model\('ViT-B-32', pretrained=TAG_OR_FILE\)"):
+        clipmoe.encode_text(["a"], model="ViT-B-32")
     with pytest.raises(clipmoe.ClipmoeError, match="strings"):
         clipmoe.encode_text(["a", 3], model=path)
     assert clipmoe.encode_text([], model=path).shape == (0, 32)
