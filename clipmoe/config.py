@@ -6,6 +6,7 @@ dataclasses below -> each builder gets only its own section.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -371,12 +372,45 @@ def from_dict(cls, data: Any, path: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise ConfigError(f"{_join(path, key)}: unknown key (expected one of: {', '.join(sorted(names))})")
+            raise ConfigError(f"{_join(path, key)}: unknown key{_guess(cls, path, str(key), names)} "
+                              f"(expected one of: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(hints[k], v, _join(path, k)) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except _FieldError as e:
         raise ConfigError(f"{_join(path, e.key)}: {e.detail}") from None
+
+
+_ALIASES = {"image": "vision", "visual": "vision", "img": "vision", "txt": "text"}  # open_clip's, and short forms
+
+
+def _guess(cls, path: str, key: str, names: set) -> str:
+    """For an unknown key: a near spelling in its section, or where a key of that name lives in a run config."""
+    near = [_ALIASES[key]] if _ALIASES.get(key) in names else difflib.get_close_matches(key, sorted(names), 2, 0.75)
+    if near:
+        return f" (did you mean {' or '.join(_join(path, n) for n in near)}?)"
+    sections = _run_config_sections()
+    if sections.get(path) is not cls:  # not a section of a run config (a checkpoint's model, create_model's)
+        return ""
+    name = _ALIASES.get(key, key)
+    homes = [p for p, _ in _run_config_keys() if p.rsplit(".", 1)[-1] == name]
+    return f" (is it {' or '.join(homes[:3])}?)" if homes else ""
+
+
+def _run_config_keys(cls=None, path: str = ""):
+    """(dotted key, its dataclass or None) for every key of a run config; model.overrides holds a ModelConfig."""
+    for f in dataclasses.fields(cls or RunConfig):
+        key = _join(path, f.name)
+        tp = typing.get_type_hints(cls or RunConfig)[f.name]
+        tp = next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), tp)  # Optional[X] -> X
+        sub = ModelConfig if key == "model.overrides" else tp if dataclasses.is_dataclass(tp) else None
+        yield key, sub
+        if sub is not None:
+            yield from _run_config_keys(sub, key)
+
+
+def _run_config_sections() -> dict:
+    return {"": RunConfig, **{k: sub for k, sub in _run_config_keys() if sub is not None}}
 
 
 def _join(path: str, key: str) -> str:

@@ -73,6 +73,27 @@ def test_bad_values_name_the_key(tmp_path, text, overrides, key):
     assert str(e.value).startswith(key) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("text,hint", [
+    ("data: {batch_szie: 8}", "data.batch_szie: unknown key (did you mean data.batch_size?)"),
+    ("train: {lr: 0.1}", "train.lr: unknown key (is it optim.lr?)"),
+    ("batch_size: 8", "batch_size: unknown key (is it data.batch_size or eval.batch_size?)"),
+    ("model: {image: {width: 64}}", "model.image: unknown key (is it model.overrides.vision?)"),
+    ("model: {overrides: {image: {width: 64}}}", "model.overrides.image: unknown key (did you mean "
+                                                 "model.overrides.vision?)"),
+    ("model: {overrides: {moe: {top_k: 2}}}", "model.overrides.moe: unknown key (is it model.overrides.vision.moe "
+                                              "or model.overrides.text.moe?)"),
+    ("model: {overrides: {text: {moe: {topk: 2}}}}", "model.overrides.text.moe.topk: unknown key (did you mean "
+                                                     "model.overrides.text.moe.top_k?)"),
+    ("optim: {step: 2}", "optim.step: unknown key (expected one of: beta1, "),  # no guess when nothing is near
+])
+def test_unknown_keys_get_a_guess(tmp_path, text, hint):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(clipmoe.ConfigError) as e:
+        cfg = load_run_config(tmp_path / "c.yaml")
+        clipmoe.get_model_config(cfg.model.arch, cfg.model.overrides)
+    assert str(e.value).startswith(hint)
+
+
 @pytest.mark.parametrize("overrides,key", [
     ({"vision": {"moe": {"top_k": 9}}}, "model.overrides.vision.moe.top_k"),
     ({"text": {"moe": {"capacity_factor": 0}}}, "model.overrides.text.moe.capacity_factor"),
