@@ -145,6 +145,10 @@ def load_weights(model: CLIP, state_dict: dict, source: str) -> None:
     for key in ("logit_scale", "logit_bias"):  # OpenAI's archives hold the scale as (1,)
         if key in state_dict and getattr(model, key) is not None:
             state_dict[key] = state_dict[key].reshape(getattr(model, key).shape)
+    if model.logit_bias is not None and "logit_bias" not in state_dict:
+        # CLIP weights for a model with SigLIP's bias (fine-tuning with the sigmoid loss): the bias starts at
+        # the config's init_logit_bias, as open_clip's --siglip does
+        state_dict = {**state_dict, "logit_bias": model.logit_bias.detach().clone()}
     adapter.check_compatible(model, state_dict, source)
     model.load_state_dict(state_dict)
 

@@ -231,7 +231,8 @@ class LossConfig:
     text_entropy: EntropyLossConfig = field(default_factory=EntropyLossConfig)
     local_loss: bool = True
     gather_with_grad: bool = True
-    # "softmax": CLIP's InfoNCE both ways; "sigmoid": SigLIP's pairwise loss (the model needs init_logit_bias)
+    # "softmax": CLIP's InfoNCE both ways; "sigmoid": SigLIP's pairwise loss (a model without init_logit_bias
+    # gets SigLIP's start: bias -10, scale log 10)
     kind: str = "softmax"
     # how the sigmoid loss gets the other ranks' texts: "gather" (all-gather) or "bidir" (point to point from the
     # neighbours on both sides, one block at a time; open_clip's --loss-dist-impl bidir). The same loss

@@ -16,8 +16,9 @@ from .errors import ClipmoeError
 from .model import CLIPOutput
 from .moe import MoEAux
 
-SIGMOID_NEEDS_BIAS = ("loss.kind sigmoid needs a model with a logit bias: set model.overrides init_logit_bias: "
-                      "-10.0 and init_logit_scale: 2.302585 (SigLIP's start, t = 10)")
+SIGMOID_NEEDS_BIAS = ("loss.kind sigmoid needs a model with a logit bias, and this one (a saved model, or one given) "
+                      "has none: build it with init_logit_bias=-10.0 (SigLIP's start; model.overrides in a run "
+                      "config), or train it with the softmax loss")
 
 
 def _world() -> tuple[int, int]:

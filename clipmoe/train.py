@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,8 @@ from loaders.transforms import TrainTransform, normalize_batch
 from . import cuda_graphs, deepspeed_engine, resume
 from . import expert_parallel as ep
 from .checkpoint import save
-from .config import OptimConfig, RunConfig, to_dict
+from .architectures import get_model_config, list_architectures
+from .config import ModelSection, OptimConfig, RunConfig, deep_merge, to_dict
 from .device import resolve_device
 from .errors import ClipmoeError, make_folder
 from .factory import MEAN, STD, create_model, get_tokenizer
@@ -174,7 +176,7 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         warnings.warn("train.precision bf16 on a CPU without bf16 matmul kernels (AVX-512 or AMX): torch runs "
                       "bf16 products many times slower than fp32 here; precision fp32 trains faster", stacklevel=2)
     if model is None:
-        model = create_model(cfg.model)
+        model = create_model(_with_logit_bias(cfg.model) if cfg.loss.kind == "sigmoid" else cfg.model)
     model = model.to(device).train()
     if cfg.loss.kind == "sigmoid" and model.logit_bias is None:
         raise ClipmoeError(SIGMOID_NEEDS_BIAS)
@@ -453,6 +455,17 @@ def _evaluate(model: CLIP, ev, step: int, history: list[dict]) -> dict:
     if history and history[-1]["step"] == step:
         history[-1]["zeroshot"] = summary
     return {"step": step, "results": results}
+
+
+def _with_logit_bias(section: ModelSection) -> ModelSection:
+    """The model section for the sigmoid loss: an architecture without a logit bias gets SigLIP's start
+    (bias -10, and scale log 10 unless set), as open_clip's --siglip does. A saved clipmoe model keeps its own."""
+    if str(section.arch) not in list_architectures():
+        return section
+    if get_model_config(section.arch, section.overrides or None).init_logit_bias is not None:
+        return section
+    start = {"init_logit_bias": -10.0, "init_logit_scale": section.overrides.get("init_logit_scale", math.log(10))}
+    return dataclasses.replace(section, overrides=deep_merge(section.overrides, start))
 
 
 def _validate(model: CLIP, cfg: RunConfig, step: int, history: list[dict]) -> dict:

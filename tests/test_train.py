@@ -18,7 +18,7 @@ from clipmoe.config import RunConfig, from_dict
 from clipmoe.errors import ClipmoeError
 from clipmoe.loss import clip_loss, total_loss
 from clipmoe.moe import MoE
-from clipmoe.train import cpu_bf16_matmul_is_slow, train
+from clipmoe.train import _with_logit_bias, cpu_bf16_matmul_is_slow, train
 
 
 def _cfg(tiny_shards, tmp_path, **train):
@@ -553,15 +553,29 @@ def test_sigmoid_loss_against_formula_and_open_clip():
 def test_training_with_the_sigmoid_loss(tiny_shards, tmp_path):
     d = _cfg_dict(tiny_shards, tmp_path, steps=30)
     d["loss"]["kind"] = "sigmoid"
-    with pytest.raises(ClipmoeError, match="^loss.kind sigmoid needs a model with a logit bias: set .*init_logit_bias"):
-        train(from_dict(RunConfig, d), progress=False)
-    d["model"]["overrides"].update(init_logit_bias=-10.0, init_logit_scale=math.log(10))
-    result = train(from_dict(RunConfig, d), progress=False)
+    cfg = from_dict(RunConfig, d)
+    with pytest.raises(ClipmoeError, match="^loss.kind sigmoid needs a model with a logit bias, and this one"):
+        train(cfg, model=clipmoe.create_model(cfg.model), progress=False)  # a given model is not rebuilt
+    # an architecture without a bias gets SigLIP's start, as open_clip's --siglip does
+    start = clipmoe.create_model(_with_logit_bias(cfg.model))
+    assert start.logit_bias.item() == -10.0 and start.logit_scale.item() == pytest.approx(math.log(10))
+    result = train(cfg, progress=False)
     losses = [row["contrastive"] for row in result.history]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.8 * losses[0], losses
     assert result.model.logit_bias.item() != -10.0
     reloaded = clipmoe.load(result.files["model"])  # the bias is a weight of the saved model
     assert torch.equal(reloaded.logit_bias, result.model.logit_bias)
+
+
+def test_clip_weights_fine_tuned_with_the_sigmoid_loss_start_from_the_configured_bias(tmp_path):
+    dense = clipmoe.create_model("clipmoe-micro")
+    clipmoe.save_open_clip(dense, tmp_path / "clip.bin")  # CLIP weights: no logit_bias
+    section = from_dict(RunConfig, {"model": {"arch": "clipmoe-micro", "pretrained": str(tmp_path / "clip.bin"),
+                                              "overrides": {"init_logit_scale": 1.0}}}).model
+    model = clipmoe.create_model(_with_logit_bias(section))
+    assert model.logit_bias.item() == -10.0  # the config's start
+    assert model.logit_scale.item() == dense.logit_scale.item()  # the weights' scale, not the config's
+    assert _with_logit_bias(section).overrides["init_logit_scale"] == 1.0  # one that is set is kept
 
 
 def test_locked_towers_train_only_their_unlocked_groups(tiny_shards, tmp_path):
