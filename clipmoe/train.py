@@ -29,8 +29,8 @@ from loaders.transforms import TrainTransform, normalize_batch
 
 from . import cuda_graphs, deepspeed_engine, resume
 from . import expert_parallel as ep
-from .checkpoint import save
 from .architectures import get_model_config, list_architectures
+from .checkpoint import save
 from .config import ModelSection, OptimConfig, RunConfig, deep_merge, to_dict
 from .device import resolve_device
 from .errors import ClipmoeError, make_folder
