@@ -221,7 +221,6 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         # the softmax loss does not read SigLIP's bias: it stays as it is, out of the optimizer and of DDP (which
         # would wait for its gradient)
         model.logit_bias.requires_grad_(False)
-    unused = any(isinstance(m, MoE) for m in model.modules())  # idle experts get no gradient
     if groups is not None:  # the experts' gradients are reduced by ep.reduce_expert_grads
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ep.expert_parameter_names(model))
     engine = expert_opt = expert_sched = None
@@ -235,7 +234,9 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         deepspeed_engine.ensure_process_group(device)
         net = engine = deepspeed_engine.initialize(model, opt, sched, cfg, world)
     else:
-        net = DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
+        # every parameter that trains gets a gradient each step, idle experts a zero one (their weights are operands
+        # of the experts' batched products): no find_unused_parameters, and no walk of the graph every step for it
+        net = DistributedDataParallel(model) if world > 1 else model
 
     start, history, load_sums, zeroshot_runs, validation_runs = 0, [], {}, [], []
     if resume_from is not None:

@@ -539,3 +539,22 @@ def test_static_capacity_layout_only_while_a_graph_is_captured(monkeypatch):
         monkeypatch.setattr(experts, "_capturing", lambda x: capturing)
         layer(x)
     assert calls == [False, True]
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+@pytest.mark.parametrize("kw", [{"K": 1, "cf": None}, {"K": 1, "cf": 1.0}, {"K": 2, "cf": None},
+                                {"K": 1, "cf": 1.0, "router": "expert_choice"}])
+def test_idle_experts_still_get_a_gradient(kw, lanes):
+    """Two tokens among eight experts leave most of them idle; each expert's weights still get a (zero)
+    gradient, so that DDP needs no find_unused_parameters (and its extra walk of the graph every step)."""
+    layer = make_layer(E=8, **kw)
+    layer.experts.lanes = lanes
+    x = torch.randn(1, 2, 8, requires_grad=True)
+    y, aux = layer(x)
+    (y.sum() + aux.balance_loss + aux.z_loss).backward()
+    idle = layer.last_aux.tokens_per_expert.eq(0)
+    assert idle.sum() >= 8 - 2 * kw["K"] or kw.get("router") == "expert_choice"  # there, every expert is busy
+    for name, p in layer.named_parameters():
+        assert p.grad is not None, name
+    if idle.any():
+        assert layer.experts.w1.grad[idle].abs().max() == 0
