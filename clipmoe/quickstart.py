@@ -4,6 +4,7 @@ ensembles built from the class names."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -110,6 +111,10 @@ def quickstart(out_dir: str | Path = "quickstart_out", overrides: list[str] = ()
     out = make_folder(out_dir, "out")
     cfg = quickstart_config(out, overrides)
     _, eval_urls = make_data(out / "shards", seed=seed, progress=progress)
+    run = Path(cfg.train.out_dir)
+    if run == out / "run" and cfg.train.resume is None and run.is_dir():  # a rerun of the demo replaces its run
+        print(f"quickstart: replacing the previous run in {run}")
+        shutil.rmtree(run)
     result = train(cfg, progress=progress)
     results = evaluate_attributes(result.model, eval_urls)
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -92,6 +92,23 @@ def complete_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
 
 
+def check_out_dir(out_dir: str | Path, resume_from: Optional[Path], resume_spec: Optional[str]) -> None:
+    """A run writes into a folder free of other runs' work (as open_clip refuses an existing experiment): their
+    checkpoints would be pruned as if older than the new ones (or kept in their place), their model overwritten.
+    A run that stopped before any checkpoint left no work: a new one may start over it. Continuing the folder's
+    own run is what `train.resume` is for; `resume: latest` with no checkpoint there yet starts over, so that
+    one command serves for the first launch and every restart."""
+    out_dir = Path(out_dir)
+    found = complete_checkpoints(out_dir)
+    if found and (resume_from is None or resume_from.parent.resolve() != checkpoint_root(out_dir).resolve()):
+        raise ClipmoeError(f"train.out_dir {out_dir} holds another run's checkpoints (up to {found[-1].name}): "
+                           f"continue that run with train.resume: latest (--resume latest), or give another "
+                           f"out_dir, or remove it")
+    if resume_spec is None and (out_dir / "model.safetensors").is_file():  # a run that finished, without checkpoints
+        raise ClipmoeError(f"train.out_dir {out_dir} holds a finished run (its model.safetensors): give another "
+                           f"out_dir, or remove it, or set train.resume: latest to start over in it")
+
+
 def resolve(spec: str, out_dir: str | Path) -> Optional[Path]:
     """The checkpoint folder `train.resume` names: "latest" (the newest in this run's output folder, None if it
     has none: a fresh start), a run folder (its newest), a checkpoint folder or its state.pt."""

@@ -170,6 +170,8 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         except ValueError as e:
             raise ClipmoeError(f"data.eval: {e}") from None
     out_dir = make_folder(tc.out_dir, "train.out_dir")  # before any work: a run that cannot write should not start
+    resume_from = resume.resolve(tc.resume, tc.out_dir) if tc.resume else None
+    resume.check_out_dir(out_dir, resume_from, tc.resume)
     torch.manual_seed(tc.seed + rank)
     random.seed(tc.seed + rank)
     if tc.precision == "bf16" and device.type == "cpu" and cpu_bf16_matmul_is_slow():
@@ -180,7 +182,6 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
     model = model.to(device).train()
     if cfg.loss.kind == "sigmoid" and model.logit_bias is None:
         raise ClipmoeError(SIGMOID_NEEDS_BIAS)
-    resume_from = resume.resolve(tc.resume, tc.out_dir) if tc.resume else None
     if resume_from is not None:
         shared, mine = resume.load_checkpoint(resume_from, rank, world)
         if shared["step"] > tc.steps:  # there is no going back from it

@@ -38,3 +38,14 @@ def test_make_data_takes_a_string_path(tmp_path):
     counts = [json.loads(p.read_text())["num_samples"] for p in [tmp_path / "shards" / "train" / "manifest.json",
                                                                    tmp_path / "shards" / "eval" / "manifest.json"]]
     assert counts == [20, 6]
+
+
+def test_a_rerun_replaces_its_own_previous_run(tmp_path, monkeypatch, capsys):
+    """A second `clipmoe quickstart --out DIR` starts over in DIR/run (a run folder elsewhere would be refused)."""
+    from clipmoe import quickstart as qs
+    monkeypatch.setattr(qs, "make_data", lambda out, seed=0, progress=True: make_data(
+        out, seed, train_samples=128, eval_samples=32, progress=progress))
+    for _ in range(2):
+        quickstart(tmp_path, overrides=["train.steps=2", "data.batch_size=16", "train.save_every=1"], progress=False)
+    assert "replacing the previous run" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000002"]

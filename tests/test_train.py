@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -500,18 +501,42 @@ def test_resume_is_exact(tiny_shards, tmp_path, num_workers):
     for step in (2, 4):
         ckpt = tmp_path / "a" / "checkpoints" / f"step_0000000{step}"
         assert sorted(p.name for p in ckpt.iterdir()) == ["rank0.pt", "state.pt"]
-        resumed = train(cfg("b", resume=str(ckpt)), progress=False)
+        resumed = train(cfg(f"b{step}", resume=str(ckpt)), progress=False)
         for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
             assert torch.equal(a, b), (step, name)
         assert _no_speed(resumed.history) == _no_speed(straight.history) and resumed.steps == 6
-        rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+        rows = (tmp_path / f"b{step}" / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in rows] == list(range(6))
         assert resumed.data_stats == straight.data_stats
         assert resumed.expert_load == straight.expert_load
     # "latest" in a run folder with no checkpoint yet is a fresh start; with one, that one (here: step 6, done)
-    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step_00000006"]
-    again = train(cfg("b", resume="latest"), progress=False)
+    assert [p.name for p in (tmp_path / "b4" / "checkpoints").iterdir()] == ["step_00000006"]
+    again = train(cfg("b4", resume="latest"), progress=False)
     assert again.steps == 6 and torch.equal(again.model.logit_scale, straight.model.logit_scale)
+
+
+def test_a_new_run_does_not_write_over_another_runs_work(tiny_shards, tmp_path):
+    d = _cfg_dict(tiny_shards, tmp_path, steps=4, save_every=2)
+    first = train(from_dict(RunConfig, d), progress=False)
+    ckpts = tmp_path / "run" / "checkpoints"
+    model_bytes = first.files["model"].read_bytes()
+    shorter = {**d, "train": {**d["train"], "steps": 2}}  # its checkpoint would have been pruned as the older one
+    with pytest.raises(ClipmoeError, match=r"^train.out_dir .*run holds another run's checkpoints \(up to "
+                                           r"step_00000004\): continue that run with train.resume: latest"):
+        train(from_dict(RunConfig, shorter), progress=False)
+    assert [p.name for p in ckpts.iterdir()] == ["step_00000004"] and first.files["model"].read_bytes() == model_bytes
+    shutil.copytree(ckpts, tmp_path / "source" / "checkpoints")  # resuming another run's checkpoint: not here
+    with pytest.raises(ClipmoeError, match="holds another run's checkpoints"):
+        train(from_dict(RunConfig, {**d, "train": {**d["train"], "resume": str(tmp_path / "source")}}),
+              progress=False)
+    # a finished run without checkpoints: its model is kept
+    plain = {**d, "train": {**d["train"], "save_every": 0, "out_dir": str(tmp_path / "plain")}}
+    train(from_dict(RunConfig, plain), progress=False)
+    with pytest.raises(ClipmoeError, match="^train.out_dir .*plain holds a finished run"):
+        train(from_dict(RunConfig, plain), progress=False)
+    # a run that stopped before leaving any work (no checkpoint, no model) may be started over
+    (tmp_path / "plain" / "model.safetensors").unlink()
+    assert train(from_dict(RunConfig, plain), progress=False).steps == 4
 
 
 def test_resume_errors_are_one_line(tiny_shards, tmp_path):

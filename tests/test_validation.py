@@ -91,6 +91,7 @@ def test_validation_during_training(tiny_shards, tmp_path):
     broken = tmp_path / "broken.tar"
     broken.write_bytes(b"not a tar at all" * 64)
     cfg.data.eval = str(broken)
+    cfg.train.out_dir = str(tmp_path / "run2")
     with pytest.warns(UserWarning, match="data.eval at step [37]: validation: no readable samples .*truncated_shard"):
         result = train(cfg, progress=False)
     assert result.steps == 8 and [set(v) for v in result.validation] == [{"step", "error"}] * 2
