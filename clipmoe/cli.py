@@ -138,6 +138,28 @@ def _analyze_routing(args) -> None:
     print(f"wrote {Path(args.out) / 'routing.png'} and {Path(args.out) / 'routing.json'}")
 
 
+def _validate(args) -> None:
+    import loaders
+
+    from .device import resolve_device
+    from .validation import validate
+
+    try:
+        loaders.expand_shards(args.data)
+    except ValueError as e:
+        raise ClipmoeError(f"--data: {e}") from None
+    model = _model(args).to(resolve_device(args.device))
+    metrics = validate(model, args.data, batch_size=args.batch_size, loss_kind=args.loss, precision=args.precision,
+                       num_workers=args.workers, max_samples=args.max_samples, progress=True)
+    print(_held_out(metrics).replace("(data.eval, ", "("))
+    if metrics["skipped"]:
+        print(f"  skipped {sum(metrics['skipped'].values())} unreadable samples: {metrics['skipped']}")
+    if args.out:
+        make_folder(Path(args.out).parent, "--out")
+        Path(args.out).write_text(json.dumps(metrics, indent=1))
+        print(f"wrote {args.out}")
+
+
 def _shards(args) -> None:
     from loaders import shards
 
@@ -266,6 +288,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--top-words", type=int, default=10, help="words listed per text expert (default: 10)")
     a.add_argument("--top-patches", type=int, default=8, help="patches shown per image expert (default: 8)")
     a.set_defaults(func=_analyze_routing)
+
+    v = sub.add_parser("validate", help="held-out loss and image<->text recall@k on image-text shards")
+    v.add_argument("--model", required=True, help="a clipmoe .safetensors file, or an architecture with --pretrained")
+    v.add_argument("--pretrained", help="open_clip checkpoint (file or tag) for an architecture name")
+    v.add_argument("--data", required=True, help="shards, e.g. 'DIR/{00000..00009}.tar'")
+    v.add_argument("--batch-size", type=int, default=256,
+                   help="pairs per batch of the loss (its negatives; default: 256); recall is over all pairs")
+    v.add_argument("--loss", choices=["softmax", "sigmoid"], default="softmax", help="the training loss's kind")
+    v.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    v.add_argument("--max-samples", type=int, help="stop after this many pairs (whole batches)")
+    v.add_argument("--workers", type=int, default=0, help="data loader workers")
+    v.add_argument("--device", help="default: cuda if available, else cpu")
+    v.add_argument("--out", help="write the metrics JSON here")
+    v.set_defaults(func=_validate)
 
     z = sub.add_parser("zeroshot", help="zero-shot classification / retrieval on local benchmark copies")
     z.add_argument("--model", help="a clipmoe .safetensors file, or an architecture with --pretrained")

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 import loaders
 import zeroshot
 
+from .errors import ClipmoeError
 from .factory import create_transforms, get_tokenizer
 from .loss import batch_loss
 from .model import CLIP
@@ -27,6 +28,11 @@ def validate(model: CLIP, urls: Union[str, list], *, batch_size: int = 256, loss
     `text_retrieval_recall@k`: images whose caption does), `num_samples` and `skipped` (the loader's counts of
     samples it could not read). `max_samples` stops after that many (whole batches).
     """
+    if loss_kind not in ("softmax", "sigmoid"):
+        raise ClipmoeError(f"loss_kind must be 'softmax' or 'sigmoid', not {loss_kind!r}")
+    if loss_kind == "sigmoid" and model.logit_bias is None:
+        raise ClipmoeError("the sigmoid loss needs a model with a logit bias, and this one has none: validate it "
+                           "with the softmax loss")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

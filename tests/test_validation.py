@@ -100,3 +100,23 @@ def test_validation_during_training(tiny_shards, tmp_path):
     cfg.data.eval = str(tmp_path / "nowhere" / "{0..3}.tar")
     with pytest.raises(clipmoe.ClipmoeError, match="^data.eval: none of the shards"):
         train(cfg, progress=False)
+
+
+def test_validate_command(tiny_shards, tmp_path, capsys):
+    from clipmoe.cli import main
+
+    model = _micro()
+    clipmoe.save(model, tmp_path / "m.safetensors")
+    args = ["validate", "--model", str(tmp_path / "m.safetensors"), "--data", tiny_shards["eval"],
+            "--batch-size", "24"]
+    assert main(args + ["--out", str(tmp_path / "out" / "v.json")]) == 0
+    printed = capsys.readouterr().out
+    expected = validate(model, tiny_shards["eval"], batch_size=24)
+    written = json.loads((tmp_path / "out" / "v.json").read_text())
+    assert written.keys() == expected.keys() and written["skipped"] == expected["skipped"] == {}
+    assert all(written[k] == pytest.approx(v, abs=1e-6) for k, v in expected.items() if k != "skipped")
+    assert f"held out (64 pairs): loss {expected['loss']:.4g}, recall@1/5/10 image " in printed
+    assert main(args + ["--loss", "sigmoid"]) == 2  # a model without a logit bias
+    assert "the sigmoid loss needs a model with a logit bias" in capsys.readouterr().err
+    assert main(["validate", "--model", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "{0..3}.tar")]) == 2
+    assert capsys.readouterr().err.startswith("clipmoe validate: error: --data: none of the shards")
