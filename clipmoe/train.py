@@ -164,6 +164,14 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
             check_datasets(cfg.eval.zeroshot, cfg.eval.data_root)
         except ClipmoeError as e:
             raise ClipmoeError(f"eval.zeroshot: {e}") from None
+    if not cfg.data.train:
+        raise ClipmoeError("data.train: no training shards given")
+    try:  # a spec that cannot feed this loader: said before the model is built
+        loaders.check_sources(cfg.data.train, resampled=cfg.data.resampled,
+                              samples_per_epoch=cfg.data.samples_per_epoch, world_size=world,
+                              num_workers=cfg.data.num_workers)
+    except loaders.DataError as e:
+        raise ClipmoeError(f"data.train: {e}") from None
     if cfg.data.eval:  # held-out shards that do not exist: said now, not after the training
         try:
             loaders.expand_shards(cfg.data.eval)
@@ -201,8 +209,6 @@ def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -
         ep.broadcast_model(model)  # every rank starts from rank 0's model (DDP does this itself)
     if groups is not None:  # each rank keeps its share of the experts
         ep.shard_experts(model, groups)
-    if not cfg.data.train:
-        raise ClipmoeError("data.train: no training shards given")
     # the workers' fast path: uint8 crops, normalised below on the device (open_clip's train transform)
     train_tf = TrainTransform(model.config.vision.image_size, mean=MEAN, std=STD)
     loader = loaders.image_text_loader(

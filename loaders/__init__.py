@@ -1,7 +1,7 @@
 """WebDataset pipelines and shard writing. A leaf package: it never imports clipmoe."""
-from .pipeline import DataError, ImageTextLoader, expand_shards, image_text_loader
+from .pipeline import DataError, ImageTextLoader, check_sources, expand_shards, image_text_loader
 from .shards import shard_urls, write_shards
 from .transforms import TrainTransform, normalize_batch
 
-__all__ = ["DataError", "ImageTextLoader", "expand_shards", "image_text_loader", "shard_urls", "write_shards",
-           "TrainTransform", "normalize_batch"]
+__all__ = ["DataError", "ImageTextLoader", "check_sources", "expand_shards", "image_text_loader", "shard_urls",
+           "write_shards", "TrainTransform", "normalize_batch"]

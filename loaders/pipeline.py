@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from webdataset import tariterators
 
-from .sources import SpecError, expected_count, parse_sources
+from .sources import Source, SpecError, expected_count, parse_sources
 from .transforms import TrainTransform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -161,6 +161,30 @@ class _Stream(torch.utils.data.IterableDataset):
         return self.loader._worker_batches(worker, workers, self.resume.get(worker))
 
 
+def check_sources(urls, *, resampled: bool = False, samples_per_epoch: Optional[int] = None, world_size: int = 1,
+                  num_workers: int = 0) -> list[Source]:
+    """The sources of a shard spec, checked for a loader of these settings (before any model is built for it);
+    a DataError says what does not fit."""
+    try:
+        sources = parse_sources(urls)
+    except SpecError as e:
+        raise DataError(str(e)) from None
+    shards = sum(len(src.shards) for src in sources)
+    slots = world_size * max(1, num_workers)
+    if not resampled and shards < slots:
+        raise DataError(
+            f"{shards} shards cannot feed {world_size} ranks x {max(1, num_workers)} workers "
+            f"= {slots} readers in epoch mode: use at least {slots} shards, fewer workers, or resampled=True")
+    if resampled and not samples_per_epoch:
+        raise DataError("resampled=True needs samples_per_epoch (the size of one 'epoch')")
+    weighted = [src for src in sources if src.weight != 1.0]
+    if weighted and not resampled:  # as open_clip refuses upsampling factors without --dataset-resampled
+        raise DataError(f"source weights (e.g. {weighted[0].weight:g} for {weighted[0].shards[0]}...) apply "
+                        f"when shards are drawn with replacement: set resampled=True (data.resampled: true, "
+                        f"with data.samples_per_epoch); epoch mode reads every shard once")
+    return sources
+
+
 class ImageTextLoader:
     """Iterable of batches: dicts with `image` (B, 3, H, W), `text` (B, L) and `key` (list of str).
 
@@ -176,18 +200,9 @@ class ImageTextLoader:
                  shuffle_buffer: int = 1000, samples_per_epoch: Optional[int] = None, epoch: int = 0,
                  drop_last: bool = False, pin_memory: bool = False, with_meta: bool = False,
                  max_skip_rate: float = 0.05, skip_window: int = 1000, draft_size: Optional[int] = None):
-        try:
-            self.sources = parse_sources(urls)
-        except SpecError as e:
-            raise DataError(str(e)) from None
+        self.sources = check_sources(urls, resampled=resampled, samples_per_epoch=samples_per_epoch,
+                                     world_size=world_size, num_workers=num_workers)
         self.shards = [u for src in self.sources for u in src.shards]
-        slots = world_size * max(1, num_workers)
-        if not resampled and len(self.shards) < slots:
-            raise DataError(
-                f"{len(self.shards)} shards cannot feed {world_size} ranks x {max(1, num_workers)} workers "
-                f"= {slots} readers in epoch mode: use at least {slots} shards, fewer workers, or resampled=True")
-        if resampled and not samples_per_epoch:
-            raise DataError("resampled=True needs samples_per_epoch (the size of one 'epoch')")
         self.batch_size, self.transform, self.tokenize = batch_size, transform, tokenize
         self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
         self.resampled, self.seed, self.shuffle, self.strict = resampled, seed, shuffle, strict

@@ -233,6 +233,11 @@ def test_weighted_sources_in_resampled_mode(tmp_path):
     share_a = sum(int(k[1:]) < 100 for k in keys) / len(keys)
     assert 0.7 < share_a < 0.9
     assert loaders.expand_shards(f"{tmp_path}/a.tar,@{tmp_path}/list.txt") == [f"{tmp_path}/a.tar", f"{tmp_path}/b.tar"]
+    # in epoch mode (every shard once) the weights would mean nothing: an error, as open_clip's, not ignored
+    with pytest.raises(loaders.DataError, match=r"^source weights \(e.g. 0.8 for .*a.tar...\) apply when shards are "
+                                                r"drawn with replacement: set resampled=True"):
+        loaders.image_text_loader(f"{tmp_path}/a.tar:0.8,@{tmp_path}/list.txt:0.2", batch_size=20, transform=_tf,
+                                  tokenize=lambda t: torch.zeros(len(t), 2))
 
 
 def test_a_folder_or_a_glob_pattern_names_its_shards_in_order(tmp_path):

@@ -775,6 +775,17 @@ def test_a_training_checkpoint_is_a_model_to_evaluate(tiny_shards, tmp_path):
     assert torch.equal(resume.load_model(steps / "step_00000004").state_dict()["image.proj"], final["image.proj"])
 
 
+def test_a_data_spec_that_cannot_feed_the_loader_is_an_error_before_the_model_is_built(tiny_shards, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setattr("clipmoe.train.create_model", lambda *a, **k: pytest.fail("the model was built"))
+    d = _cfg_dict(tiny_shards, tmp_path, steps=2)
+    for data, why in [({"train": f"{tiny_shards['train']}:0.5"}, "source weights .* apply when shards are drawn "
+                                                                 "with replacement"),
+                      ({"num_workers": 64}, "shards cannot feed 1 ranks x 64 workers")]:
+        with pytest.raises(ClipmoeError, match=f"^data.train: .*{why}"):
+            train(from_dict(RunConfig, {**d, "data": {**d["data"], **data}}), progress=False)
+
+
 def test_data_that_yields_nothing_is_one_error_that_says_how_to_see_why(tiny_shards, tmp_path):
     cfg = _cfg_dict(tiny_shards, tmp_path, steps=2)
     cfg["data"]["train"] = "pipe:exit 3"  # a shard command that fails (a URL that does not answer, through curl)
