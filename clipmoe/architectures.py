@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from functools import lru_cache
 from typing import Optional
@@ -37,9 +38,30 @@ _HARMLESS = {"output_tokens": False, "patch_dropout": 0.0, "proj_bias": False, "
 _LS_INIT = 1e-5  # the initial layer-scale gain given to weights of no known architecture (open_clip's default)
 
 
+def canonical_name(name: str) -> str:
+    """OpenAI's names ('ViT-B/32') as open_clip's ('ViT-B-32'), as open_clip's create_model takes them."""
+    if "/" in name and not name.startswith("hf-hub:") and _open_clip_cfg(name) is None:
+        dashed = name.replace("/", "-")
+        if _open_clip_cfg(dashed) is not None:
+            return dashed
+    return name
+
+
+def _unknown(name: str) -> ConfigError:
+    if name.startswith("hf-hub:"):
+        return ConfigError(f"{name}: models on the Hugging Face Hub are not fetched; give the architecture named in "
+                           f"its open_clip_config.json and its downloaded weights: create_model(ARCH, pretrained=FILE)")
+    names = list_architectures()
+    near = [n for n in names if n.lower() == name.lower()] or difflib.get_close_matches(name, names, 2, 0.6)
+    guess = f" ({' or '.join(near)}?)" if near else ""
+    return ConfigError(f"unknown architecture {name!r}{guess}; see clipmoe.list_architectures()")
+
+
 def _open_clip_cfg(name: str) -> dict | None:
     if name in _OWN:
         return copy.deepcopy(_OWN[name])
+    if name.startswith("hf-hub:"):  # open_clip would download its config (retrying for half a minute offline)
+        return None
     return open_clip.get_model_config(name)
 
 
@@ -111,9 +133,10 @@ def list_pretrained() -> list[tuple[str, str]]:
 
 def get_model_config(name: str, overrides: dict | None = None) -> ModelConfig:
     """The ModelConfig of architecture `name`, with `overrides` (nested dict) merged in and validated."""
+    name = canonical_name(name)
     oc = _open_clip_cfg(name)
     if oc is None:
-        raise ConfigError(f"unknown architecture {name!r}; see clipmoe.list_architectures()")
+        raise _unknown(name)
     data = _translate(name, oc)
     if overrides:
         data = deep_merge(data, overrides)

@@ -334,7 +334,13 @@ CPU_RUNTIME_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 def main(argv: list[str] | None = None) -> int:
     for key, value in {**CPU_RUNTIME_DEFAULTS, **log_file_defaults(sys.stderr)}.items():
         os.environ.setdefault(key, value)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE without --set, as Hydra-style tools take them: say where they go
+        hint = ""
+        if hasattr(args, "set") and all("=" in a and not a.startswith("-") for a in extra):
+            hint = f" (config overrides go after --set: --set {' '.join(extra)})"
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     from loaders import DataError  # here, not at the top: `clipmoe --help` needs no torch
 
     def show_warning(message, category, filename, lineno, file=None, line=None):

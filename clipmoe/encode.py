@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import resume
-from .architectures import list_architectures
+from .architectures import canonical_name, list_architectures
 from .checkpoint import load, not_a_model_file
 from .device import check_model_device, resolve_device
 from .errors import ClipmoeError, first_line
@@ -44,7 +44,8 @@ def resolve_model(model: ModelRef, device: Optional[Union[str, torch.device]] = 
     if path.is_dir():
         raise not_a_model_file(path)
     if not path.is_file():
-        if str(model) in list_architectures():  # a name, not weights: a model of random weights helps nobody here
+        # a name, not weights: a model of random weights helps nobody here
+        if canonical_name(str(model)) in list_architectures():
             raise ClipmoeError(f"{model} is an architecture, not a model file: clipmoe.create_model({str(model)!r}, "
                                f"pretrained=TAG_OR_FILE) gives one with weights (CLI: --model {model} --pretrained "
                                f"TAG_OR_FILE; clipmoe.list_pretrained() lists the tags)")

@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 from open_clip.transform import image_transform
 
-from .architectures import get_model_config, list_architectures
+from .architectures import canonical_name, get_model_config, list_architectures
 from .checkpoint import (
     is_clipmoe_file,
     load,
@@ -64,9 +64,10 @@ def create_model(spec: Union[str, ModelConfig, ModelSection], pretrained: Option
     if isinstance(spec, ModelConfig):
         cfg = from_dict(ModelConfig, deep_merge(to_dict(spec), overrides), "model") if overrides else spec
     else:
-        if str(spec) not in list_architectures():
+        spec = canonical_name(str(spec))
+        if spec not in list_architectures():
             _not_an_architecture(Path(spec))
-        cfg = get_model_config(str(spec), overrides or None)
+        cfg = get_model_config(spec, overrides or None)
     model = CLIP(cfg)
     upcycled = False
     if pretrained:
@@ -132,7 +133,7 @@ def _not_an_architecture(path: Path) -> None:
         raise open_clip_weights_error(path)
     if path.is_dir():
         raise not_a_model_file(path)
-    if path.suffix or len(path.parts) > 1:
+    if (path.suffix or len(path.parts) > 1) and not str(path).startswith("hf-hub:"):  # the latter: said by the config
         raise ClipmoeError(f"checkpoint not found: {path}")
 
 

@@ -29,7 +29,7 @@ from loaders.transforms import TrainTransform, normalize_batch
 
 from . import cuda_graphs, deepspeed_engine, resume
 from . import expert_parallel as ep
-from .architectures import get_model_config, list_architectures
+from .architectures import canonical_name, get_model_config, list_architectures
 from .checkpoint import save
 from .config import ModelSection, OptimConfig, RunConfig, deep_merge, to_dict
 from .device import resolve_device
@@ -468,7 +468,7 @@ def _evaluate(model: CLIP, ev, step: int, history: list[dict]) -> dict:
 def _with_logit_bias(section: ModelSection) -> ModelSection:
     """The model section for the sigmoid loss: an architecture without a logit bias gets SigLIP's start
     (bias -10, and scale log 10 unless set), as open_clip's --siglip does. A saved clipmoe model keeps its own."""
-    if str(section.arch) not in list_architectures():
+    if canonical_name(str(section.arch)) not in list_architectures():
         return section
     if get_model_config(section.arch, section.overrides or None).init_logit_bias is not None:
         return section

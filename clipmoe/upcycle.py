@@ -10,7 +10,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from .architectures import config_from_weights, list_architectures
+from .architectures import canonical_name, config_from_weights, list_architectures
 from .checkpoint import is_clipmoe_file, is_torchscript, load, load_weights, read_checkpoint
 from .config import MoEConfig, UpcycleConfig
 from .errors import ClipmoeError
@@ -157,7 +157,7 @@ def _source(model, arch: Optional[str]) -> CLIP:
     path = Path(model)
     if not path.exists():
         hint = (f"; {model!r} is an architecture: upcycle clipmoe.create_model({str(model)!r}, pretrained=...)"
-                if str(model) in list_architectures() else "")
+                if canonical_name(str(model)) in list_architectures() else "")
         raise ClipmoeError(f"checkpoint not found: {path}{hint}")
     if arch:
         return create_model(arch, pretrained=str(path))

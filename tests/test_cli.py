@@ -93,6 +93,20 @@ def test_set_takes_several_overrides_at_once_or_one_per_flag():
     assert build_parser().parse_args(["quickstart", "--set", "x=1", "y=2"]).set == ["x=1", "y=2"]
 
 
+def test_overrides_without_set_say_where_they_go(capsys):
+    from clipmoe.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "c.yaml", "train.steps=10", "optim.lr=1e-4"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "clipmoe: error: unrecognized arguments: train.steps=10 optim.lr=1e-4 (config overrides go after --set: "
+        "--set train.steps=10 optim.lr=1e-4)")
+    with pytest.raises(SystemExit):  # anything else: argparse's own message
+        main(["encode", "--model", "m.safetensors", "--bogus"])
+    assert capsys.readouterr().err.splitlines()[-1] == "clipmoe: error: unrecognized arguments: --bogus"
+
+
 def test_train_prints_the_last_row_and_moe_layers(tmp_path, tiny_shards):
     from PIL import Image
 

@@ -241,6 +241,20 @@ def test_unsupported_architecture_is_clear():
         clipmoe.get_model_config("RN50")
     with pytest.raises(clipmoe.ConfigError, match="unknown architecture"):
         clipmoe.get_model_config("ViT-Q-99")
+    # a near name is guessed, a different case first
+    with pytest.raises(clipmoe.ConfigError, match=r"^unknown architecture 'vit-b-32' \(ViT-B-32\?\); see "):
+        clipmoe.create_model("vit-b-32")
+    with pytest.raises(clipmoe.ConfigError, match=r"^unknown architecture 'ViT-B-99' \(ViT-B-32 or ViT-B-16\?\)"):
+        clipmoe.get_model_config("ViT-B-99")
+    # a Hub name is said at once (open_clip would try to download its config, for half a minute offline)
+    with pytest.raises(clipmoe.ConfigError, match=r"^hf-hub:org/m: models on the Hugging Face Hub are not fetched"):
+        clipmoe.create_model("hf-hub:org/m")
+
+
+def test_openai_names_are_open_clips():  # as open_clip's create_model takes them
+    assert clipmoe.get_model_config("ViT-B/32") == clipmoe.get_model_config("ViT-B-32")
+    assert clipmoe.create_model("ViT-B/16", vision={"depth": 1}, text={"depth": 1}).config.name == "ViT-B-16"
+    assert clipmoe.get_tokenizer("ViT-B/32")(["a"]).shape == (1, 77)
 
 
 def test_pretrained_tag_from_the_local_hub_cache(tmp_path):
