@@ -177,7 +177,8 @@ def _shards(args) -> None:
             return
         if bool(args.images) == bool(args.table) or not args.out:
             raise ClipmoeError("give --images DIR or --table FILE, and --out DIR (or --check DIR)")
-        records = shards.records_from_folder(args.images) if args.images else shards.records_from_table(args.table)
+        records = shards.records_from_folder(args.images) if args.images else shards.records_from_table(
+            args.table, args.image_col, args.caption_col)
         if not records:
             raise ClipmoeError(f"no image-caption pairs found in {args.images or args.table}")
         manifest = shards.write_shards_from_records(records, args.out, samples_per_shard=args.per_shard,
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("shards", help="write WebDataset shards (img2dataset layout), or check a shard set")
     s.add_argument("--images", help="folder of images, each with a same-named .txt caption")
     s.add_argument("--table", help="captions table (.csv/.tsv/.jsonl/.parquet) with image and caption columns")
+    s.add_argument("--image-col", "--url-col", dest="image_col", default="image",
+                   help="the table's column of image paths (default: image)")
+    s.add_argument("--caption-col", default="caption", help="the table's column of captions (default: caption)")
     s.add_argument("--out", help="output folder")
     s.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     s.add_argument("--resize", type=int, default=None, help="shrink images to at most this many pixels a side")

@@ -99,6 +99,12 @@ def records_from_folder(folder: str | Path) -> list[tuple[str, str]]:
     return out
 
 
+# column names tables commonly give their images and captions (img2dataset: url / caption; LAION: URL / TEXT)
+_IMAGE_COLS = ("url", "image", "image_path", "imagepath", "filepath", "file", "path", "filename", "img")
+_CAPTION_COLS = ("caption", "text", "title", "alt", "description", "txt")
+_URL_SCHEMES = ("http://", "https://", "s3://", "gs://")
+
+
 def records_from_table(table: str | Path, image_col: str = "image",
                        caption_col: str = "caption") -> list[tuple[str, str]]:
     """(image path, caption) rows of a .csv, .tsv, .jsonl or .parquet table; relative paths are taken
@@ -128,9 +134,11 @@ def records_from_table(table: str | Path, image_col: str = "image",
             rows = list(csv.DictReader(f, delimiter="\t" if table.suffix == ".tsv" else ","))
     else:
         raise ValueError(f"{table}: expected a .csv, .tsv, .jsonl or .parquet table")
-    missing = [c for c in (image_col, caption_col) if rows and c not in rows[0]]
-    if missing:
-        raise ValueError(f"{table}: no column {missing[0]!r} (columns: {', '.join(rows[0])})")
+    for col, what, common in ((image_col, "image", _IMAGE_COLS), (caption_col, "caption", _CAPTION_COLS)):
+        if rows and col not in rows[0]:
+            near = [c for c in rows[0] if str(c).lower() in common]
+            guess = f"; give the {what} column, e.g. {near[0]!r}, as {what}_col / --{what}-col" if near else ""
+            raise ValueError(f"{table}: no column {col!r} (columns: {', '.join(map(str, rows[0]))}{guess})")
     # a row without an image or a caption (an empty cell; null in JSON or parquet, which str() would turn into the
     # caption "None") is left out, with a warning
     out, incomplete = [], []
@@ -141,6 +149,13 @@ def records_from_table(table: str | Path, image_col: str = "image",
             incomplete.append(n)
         else:
             out.append((str(table.parent / str(image).strip()), caption))
+    urls = [n for n, r in enumerate(rows, 1) if str(r.get(image_col) or "").strip().lower().startswith(_URL_SCHEMES)]
+    if urls:  # downloading (retries, rate limits, resizing, counts per shard) is img2dataset's job
+        raise ValueError(
+            f"{table}: {len(urls)} of {len(rows)} rows give the image as a URL (e.g. data row {urls[0]}: "
+            f"{str(rows[urls[0] - 1][image_col]).strip()[:80]}); this packs local files: download them with "
+            f"img2dataset (--input_format {table.suffix[1:]} --url_col {image_col} --caption_col {caption_col} "
+            f"--output_format webdataset), whose output is shards in this layout")
     if incomplete:
         warnings.warn(f"{len(incomplete)} rows of {table} have no image or no caption and are left out (e.g. data "
                       f"row {incomplete[0]})", stacklevel=2)

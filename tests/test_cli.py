@@ -394,11 +394,13 @@ def test_shards_from_folder_and_table_then_check(tmp_path):
     loader = loaders.image_text_loader(f"{tmp_path}/out/{{00000..00002}}.tar", batch_size=8, transform=lambda im: torch.zeros(1),
                                        tokenize=lambda t: torch.zeros(len(t), 2), shuffle=False)
     assert sum(len(b["key"]) for b in loader) == 25
-    # a table of the same images
-    (tmp_path / "t.tsv").write_text("image\tcaption\n" + "".join(f"src/{p.name}\tcap {i}\n" for i, p in
-                                                                  enumerate(sorted(src.glob("*.png")))))
-    r = _run("shards", "--table", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "out2"))
+    # a table of the same images, its columns named as open_clip's CsvDataset names them
+    (tmp_path / "t.tsv").write_text("filepath\ttitle\n" + "".join(f"src/{p.name}\tcap {i}\n" for i, p in
+                                                                   enumerate(sorted(src.glob("*.png")))))
+    r = _run("shards", "--table", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "out2"), "--image-col", "filepath",
+             "--caption-col", "title")
     assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith(f"wrote 25 samples in 1 shards to {tmp_path / 'out2'}")
     # damage: the check fails with a one-line error
     (tmp_path / "out" / "00001.tar").write_bytes(b"x" * 100)
     r = _run("shards", "--check", str(tmp_path / "out"))

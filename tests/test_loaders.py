@@ -337,3 +337,21 @@ def test_caption_table_rows_without_image_or_caption_are_left_out_and_bad_json_n
     (tmp_path / "list.jsonl").write_text('["a.jpg", "x"]\n')
     with pytest.raises(ValueError, match=r"list.jsonl, line 1: expected a JSON object"):
         records_from_table(tmp_path / "list.jsonl")
+
+
+def test_caption_table_columns_by_name_and_urls_are_for_img2dataset(tmp_path):
+    from loaders.shards import records_from_table
+
+    (tmp_path / "t.tsv").write_text("filepath\ttitle\na.jpg\ta cat\n")  # open_clip's CsvDataset columns
+    with pytest.raises(ValueError, match=r"t.tsv: no column 'image' \(columns: filepath, title; give the image "
+                                         r"column, e.g. 'filepath', as image_col / --image-col\)"):
+        records_from_table(tmp_path / "t.tsv")
+    with pytest.raises(ValueError, match=r"no column 'caption' \(columns: filepath, title; .* e.g. 'title'"):
+        records_from_table(tmp_path / "t.tsv", image_col="filepath")
+    assert records_from_table(tmp_path / "t.tsv", "filepath", "title") == [(str(tmp_path / "a.jpg"), "a cat")]
+    # img2dataset's input (url, caption): a clear pointer to it, not one unreadable "image" per row
+    (tmp_path / "u.csv").write_text("url,caption\na.jpg,local\nhttps://example.com/b.jpg,remote\n")
+    with pytest.raises(ValueError, match=r"u.csv: 1 of 2 rows give the image as a URL \(e.g. data row 2: "
+                                         r"https://example.com/b.jpg\); .* img2dataset \(--input_format csv "
+                                         r"--url_col url --caption_col caption --output_format webdataset\)"):
+        records_from_table(tmp_path / "u.csv", image_col="url")
