@@ -134,6 +134,13 @@ def test_missing_dataset_is_one_message_and_others_still_run(model_path, folder_
     code = main(["zeroshot", "--model", str(model_path), "--datasets", "cifar100", "--data-root", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "1 of 1 datasets failed: cifar100" in err and "Traceback" not in err
+    # a name we do not know: most likely misspelt (a WebDataset export of any name still opens)
+    with pytest.raises(zeroshot.DatasetNotFound, match=r"^cifar-10: no local copy under .*\. 'cifar-10' is no "
+                                                       r"benchmark we know \(cifar10 or cifar100\?\): see "):
+        zeroshot.open_dataset("cifar-10", tmp_path)
+    with pytest.raises(zeroshot.DatasetNotFound) as caught:
+        zeroshot.open_dataset("imagenet", tmp_path)  # an alias we know
+    assert "no benchmark we know" not in str(caught.value)
 
 
 def test_cli_folder_with_user_files(model_path, folder_root, tmp_path, capsys):

@@ -5,6 +5,7 @@ An image that cannot be read comes out as an `Unreadable` in its tensor's place:
 counts it, so that one broken file does not cost the rest of a benchmark."""
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass
@@ -16,7 +17,16 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-from .metadata import RETRIEVAL, canonical_name, classnames, imagenet_wnids, read_classnames, read_templates, templates
+from .metadata import (
+    RETRIEVAL,
+    canonical_name,
+    classnames,
+    imagenet_wnids,
+    list_datasets,
+    read_classnames,
+    read_templates,
+    templates,
+)
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 
@@ -232,9 +242,16 @@ def _folder_root(base: Path) -> Path:
 
 
 def _not_found(name: str, root: Path, extra: str = "") -> DatasetNotFound:
-    flat = canonical_name(name).replace("/", "-")
+    key = canonical_name(name)
+    flat = key.replace("/", "-")
+    known = list_datasets()
+    unknown = ""
+    if key not in known:  # a misspelt benchmark, most likely; an export of any other name still opens
+        near = difflib.get_close_matches(key, known, 2, 0.6)
+        unknown = (f" {name!r} is no benchmark we know{' (' + ' or '.join(near) + '?)' if near else ''}: see "
+                   f"`clipmoe zeroshot --list`.")
     return DatasetNotFound(
-        f"{name}: no local copy under {root}. Put it at {root / flat} ({extra or 'torchvision layout'}), or "
+        f"{name}: no local copy under {root}.{unknown} Put it at {root / flat} ({extra or 'torchvision layout'}), or "
         f"CLIP_benchmark's WebDataset export at {root / ('wds_' + flat)} (test/0.tar.., classnames.txt, "
         "zeroshot_classification_templates.txt). Nothing is downloaded.")
 
