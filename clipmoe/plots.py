@@ -10,6 +10,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# what a reader needs to read a raw term's scale (the terms are summed over the MoE layers, unweighted)
+_TERM_TITLES = {"balance": "balance (sum over layers; 1 each if uniform)", "z": "router z-loss (sum over layers)",
+                "loss": "loss (total, weighted)"}
+
 
 def plot_losses(history: list[dict], path: str | Path, validation: Sequence[dict] = ()) -> Path:
     """One panel per loss term over training steps; the held-out loss (`validation` runs) beside the
@@ -24,7 +28,7 @@ def plot_losses(history: list[dict], path: str | Path, validation: Sequence[dict
         if term == "contrastive" and held_out:
             ax.plot([v["step"] for v in held_out], [v["loss"] for v in held_out], "o-", label="held out")
             ax.legend()
-        ax.set_title(term)
+        ax.set_title(_TERM_TITLES.get(term, term), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
