@@ -106,7 +106,11 @@ def plot_routing(report: dict, path: str | Path, grid: int, words_shown: int = 6
     for name in image_layers:
         image_rows += [(name, "map")] + ([(name, "pixels")] if any(patches.get(name, [])) else [])
     cols, rows = max(len(towers), num_experts), 1 + len(image_rows) + len(text_layers)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
+    # rows as tall as their content: square maps, patch mosaics half as tall as wide, a few lines of words
+    heights = [2.4] + [2.4 if kind == "map" else 1.4 for _, kind in image_rows] + [0.25 + 0.17 * words_shown] * len(
+        text_layers)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     for ax in axes.flat:
         ax.axis("off")
     for ax, tower in zip(axes[0], towers):
