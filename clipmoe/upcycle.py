@@ -140,6 +140,9 @@ def _source(model, arch: Optional[str]) -> CLIP:
         # open_clip picks the activation by name ("-quickgelu"): follow the model, not the name given
         quick_gelu = any(type(m).__name__ == "QuickGELU" for m in model.modules())
         state, training, source = model.state_dict(), model.training, f"the {type(model).__name__} given"
+        visual = getattr(getattr(model, "module", model), "visual", None)  # open_clip's image tower
+        if visual is not None and type(visual).__name__ != "VisionTransformer":
+            source += f" (image tower {type(visual).__name__})"
         if not arch:
             return _from_weights(state, source, quick_gelu, _heads(model)).train(training)
         dense = create_model(arch, quick_gelu=quick_gelu)
@@ -184,7 +187,9 @@ def _from_weights(state: dict, source: str, quick_gelu: Optional[bool] = None,
     try:
         cfg = config_from_weights(state, bool(quick_gelu), num_heads)
     except ClipmoeError as e:
-        raise ClipmoeError(f"{source}: {e}; give arch=") from None
+        # no arch= helps here: weights without a ViT CLIP's keys fit no architecture of ours
+        raise ClipmoeError(f"{source}: {e}; clipmoe upcycles open_clip's ViT CLIPs "
+                           "(clipmoe.list_architectures())") from None
     if quick_gelu is None:  # stacklevel: the caller of upcycle
         fix = (f"arch='{cfg.name}-quickgelu'" if f"{cfg.name}-quickgelu" in list_architectures() else
                f"upcycling clipmoe.create_model({cfg.name or 'ARCH'!r}, pretrained=..., quick_gelu=True)")

@@ -180,9 +180,14 @@ def test_upcycle_reads_the_architecture_from_open_clip_weights(tmp_path):
         up = clipmoe.upcycle(odd.state_dict(), **kw)
     assert (up.config.vision.num_heads, up.config.text.num_heads) == (1, 1)
     # weights that are not a ViT CLIP say so
-    with pytest.raises(clipmoe.ClipmoeError, match=r"state dict given: .*no 'text.token_embed.weight'.*give arch="):
+    with pytest.raises(clipmoe.ClipmoeError, match=r"state dict given: .*no 'text.token_embed.weight'.*"
+                                                   r"upcycles open_clip's ViT CLIPs"):
         clipmoe.upcycle({k: v for k, v in clipmoe.create_model("clipmoe-micro").state_dict().items()
                          if not k.startswith("text.token")})
+    # ... and an open_clip model of another image tower names it
+    rn = _open_clip_clip({"image_size": 32, "layers": [1, 1, 1, 1], "width": 8}, micro[1])  # an RN50 in miniature
+    with pytest.raises(clipmoe.ClipmoeError, match=r"^the CLIP given \(image tower ModifiedResNet\): .*ViT CLIPs"):
+        clipmoe.upcycle(rn, **kw)
 
 
 def test_experts_are_copies_and_router_zero():
