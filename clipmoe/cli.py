@@ -83,6 +83,12 @@ def _upcycle(args) -> None:
     from .checkpoint import save
     from .upcycle import upcycle
 
+    paths = [p for p in (args.input, args.output) if p is not None]  # INPUT OUTPUT, either given as an option
+    source = args.model_opt or (paths.pop(0) if paths else None)
+    target = args.out_opt or (paths.pop(0) if paths else None)
+    if source is None or target is None or paths:
+        raise ClipmoeError("give the dense checkpoint and the file to write: clipmoe upcycle INPUT OUTPUT "
+                           "(or --model INPUT --out OUTPUT)")
     towers = tuple(t.strip() for t in args.towers.split(","))
     blocks = None
     if args.blocks is not None:
@@ -90,13 +96,13 @@ def _upcycle(args) -> None:
             blocks = [int(b) for b in args.blocks.split(",") if b.strip()]
         except ValueError:
             raise ClipmoeError(f"--blocks must be comma-separated block indices, got {args.blocks!r}") from None
-    model = upcycle(args.input, num_experts=args.experts, top_k=args.top_k, every=args.every, towers=towers,
+    model = upcycle(source, num_experts=args.experts, top_k=args.top_k, every=args.every, towers=towers,
                     last=args.last, blocks=blocks, router=args.router, capacity_factor=args.capacity_factor,
                     eval_capacity_factor=args.eval_capacity_factor, batch_priority=args.batch_priority,
                     eval_router=args.eval_router, min_capacity=args.min_capacity, jitter=args.jitter,
                     shared_expert=args.shared_expert, noise_std=args.noise_std, reinit_fraction=args.reinit_fraction,
                     arch=args.arch, seed=args.seed)
-    print(f"wrote {save(model, args.output)}")
+    print(f"wrote {save(model, target)}")
 
 
 def _model(args):
@@ -236,8 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     u = sub.add_parser("upcycle", help="turn a dense checkpoint into an MoE one")
-    u.add_argument("input", help="a clipmoe .safetensors file, or an open_clip / OpenAI checkpoint")
-    u.add_argument("output", help="clipmoe .safetensors file to write")
+    u.add_argument("input", nargs="?", help="a clipmoe .safetensors file, or an open_clip / OpenAI checkpoint")
+    u.add_argument("output", nargs="?", help="clipmoe .safetensors file to write")
+    # the names the other commands give their model and output file
+    u.add_argument("--model", dest="model_opt", metavar="INPUT", help="INPUT, as the other commands name it")
+    u.add_argument("--out", dest="out_opt", metavar="OUTPUT", help="OUTPUT, as the other commands name it")
     u.add_argument("--arch", help="architecture of an open_clip checkpoint (e.g. ViT-B-32-quickgelu); default: "
                                   "from the weights' shapes, with GELU")
     u.add_argument("--experts", "--num-experts", dest="experts", type=int, default=8)

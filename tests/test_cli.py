@@ -186,6 +186,16 @@ def test_upcycle_placement_and_capacity_flags(tmp_path):
     for bad in (["--blocks", "7"], ["--blocks", "one"]):
         r = _run("upcycle", str(dense), str(tmp_path / "x.safetensors"), *bad)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "blocks" in r.stderr, r.stderr
+    # input and output also as --model / --out, the names the other commands use
+    for i, paths in enumerate([["--model", str(dense), "--out", "{}"], [str(dense), "--out", "{}"],
+                               ["--model", str(dense), "{}"]]):
+        target = tmp_path / f"named{i}.safetensors"
+        r = _run("upcycle", *[a.format(target) for a in paths], "--num-experts", "3")
+        assert r.returncode == 0 and clipmoe.load(target).config.vision.moe.num_experts == 3, r.stderr
+    for paths in ([str(dense)], ["--model", str(dense)], [str(dense), "a", "--out", "b"]):
+        r = _run("upcycle", *paths)
+        assert r.returncode == 2 and r.stderr == ("clipmoe upcycle: error: give the dense checkpoint and the file to "
+                                                  "write: clipmoe upcycle INPUT OUTPUT (or --model INPUT --out OUTPUT)\n")
 
 
 def test_errors_are_one_line(tmp_path):  # in a process of its own: whatever reaches its stderr, from C too, counts
