@@ -81,6 +81,7 @@ def _read_json(path: str, flag: str) -> dict:
 
 def _upcycle(args) -> None:
     from .checkpoint import save
+    from .factory import create_model
     from .upcycle import upcycle
 
     paths = [p for p in (args.input, args.output) if p is not None]  # INPUT OUTPUT, either given as an option
@@ -89,6 +90,10 @@ def _upcycle(args) -> None:
     if source is None or target is None or paths:
         raise ClipmoeError("give the dense checkpoint and the file to write: clipmoe upcycle INPUT OUTPUT "
                            "(or --model INPUT --out OUTPUT)")
+    if args.pretrained:  # --model ARCH --pretrained TAG_OR_FILE, as the other commands load a model
+        if args.arch:
+            raise ClipmoeError("--pretrained names the weights of the architecture given as INPUT; drop --arch")
+        source = create_model(source, pretrained=args.pretrained)
     towers = tuple(t.strip() for t in args.towers.split(","))
     blocks = None
     if args.blocks is not None:
@@ -247,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     # the names the other commands give their model and output file
     u.add_argument("--model", dest="model_opt", metavar="INPUT", help="INPUT, as the other commands name it")
     u.add_argument("--out", dest="out_opt", metavar="OUTPUT", help="OUTPUT, as the other commands name it")
+    u.add_argument("--pretrained", metavar="TAG_OR_FILE",
+                   help="with an architecture for INPUT (--model ViT-B-32): its open_clip checkpoint (file or tag)")
     u.add_argument("--arch", help="architecture of an open_clip checkpoint (e.g. ViT-B-32-quickgelu); default: "
                                   "from the weights' shapes, with GELU")
     u.add_argument("--experts", "--num-experts", dest="experts", type=int, default=8)

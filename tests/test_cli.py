@@ -161,6 +161,14 @@ def test_upcycle_open_clip_weights_without_arch(tmp_path):
     assert max(abs(a - b) for a, b in zip(json.loads(r.stdout)[0], clipmoe.encode_text("a red square", dense)[0])) < 1e-5
     r = _run("encode", "--model", str(path), "--text", "a red square")
     assert r.returncode == 2 and r.stderr.endswith(f"or --model clipmoe-micro --pretrained {path}\n")
+    # ... and upcycle through the same flags, with no warning: the architecture is named
+    r = _run("upcycle", "--model", "clipmoe-micro", "--pretrained", str(path), "--out", str(out), "--experts", "2")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    up = clipmoe.load(out)
+    assert max(abs(a - b) for a, b in zip(clipmoe.encode_text("a red square", up)[0],
+                                          clipmoe.encode_text("a red square", dense)[0])) < 1e-5
+    r = _run("upcycle", "--model", "clipmoe-micro", "--pretrained", str(path), "--arch", "clipmoe-micro", str(out))
+    assert r.returncode == 2 and "drop --arch" in r.stderr
 
 
 def test_upcycle_placement_and_capacity_flags(tmp_path):
