@@ -90,10 +90,6 @@ def _upcycle(args) -> None:
     if source is None or target is None or paths:
         raise ClipmoeError("give the dense checkpoint and the file to write: clipmoe upcycle INPUT OUTPUT "
                            "(or --model INPUT --out OUTPUT)")
-    if args.pretrained:  # --model ARCH --pretrained TAG_OR_FILE, as the other commands load a model
-        if args.arch:
-            raise ClipmoeError("--pretrained names the weights of the architecture given as INPUT; drop --arch")
-        source = create_model(source, pretrained=args.pretrained)
     towers = tuple(t.strip() for t in args.towers.split(","))
     blocks = None
     if args.blocks is not None:
@@ -101,6 +97,10 @@ def _upcycle(args) -> None:
             blocks = [int(b) for b in args.blocks.split(",") if b.strip()]
         except ValueError:
             raise ClipmoeError(f"--blocks must be comma-separated block indices, got {args.blocks!r}") from None
+    if args.pretrained:  # --model ARCH --pretrained TAG_OR_FILE, as the other commands load a model
+        if args.arch:
+            raise ClipmoeError("--pretrained names the weights of the architecture given as INPUT; drop --arch")
+        source = create_model(source, pretrained=args.pretrained)
     model = upcycle(source, num_experts=args.experts, top_k=args.top_k, every=args.every, towers=towers,
                     last=args.last, blocks=blocks, router=args.router, capacity_factor=args.capacity_factor,
                     eval_capacity_factor=args.eval_capacity_factor, batch_priority=args.batch_priority,

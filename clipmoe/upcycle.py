@@ -72,7 +72,6 @@ def upcycle(
         the router learns; dropless (the default) keeps them, and noise_std / reinit_fraction give the
         router a signal from the first step (identical experts give it none: their outputs are equal).
     """
-    model = _source(model, arch)
     towers = (towers,) if isinstance(towers, str) else tuple(towers)  # towers="image" means that tower only
     bad = [t for t in towers if t not in TOWERS]
     if bad or not towers:
@@ -82,6 +81,7 @@ def upcycle(
                     capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                     batch_priority=batch_priority, eval_router=eval_router, min_capacity=min_capacity, jitter=jitter,
                     shared_expert=shared_expert, k1_gate="straight_through")
+    model = _source(model, arch)  # after the settings' checks: a bad one is said before a large checkpoint loads
     cfg = model.config
     tower_cfgs = {"image": cfg.vision, "text": cfg.text}
     for t in towers:
