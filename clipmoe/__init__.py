@@ -61,7 +61,7 @@ sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .analysis import analyze_routing  # noqa: F401
-    from .architectures import get_model_config, list_architectures  # noqa: F401
+    from .architectures import get_model_config, list_architectures, list_pretrained  # noqa: F401
     from .checkpoint import load, save, save_open_clip  # noqa: F401
     from .config import ModelConfig, MoEConfig, RunConfig, TextConfig, VisionConfig, load_run_config  # noqa: F401
     from .encode import encode_image, encode_text  # noqa: F401
@@ -69,4 +69,5 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .model import CLIP, CLIPOutput  # noqa: F401
     from .moe import MoEAux, moe_report  # noqa: F401
     from .upcycle import upcycle  # noqa: F401
+    from .validation import validate  # noqa: F401
     from .zeroshot_eval import zeroshot_eval  # noqa: F401
