@@ -320,3 +320,37 @@ def test_torchrun_shutdown_stops_every_rank_with_a_checkpoint(tiny_shards, tmp_p
     step = tmp_path / said[2]
     assert step.name == f"step_{int(said[1]):08d}"
     assert sorted(p.name for p in step.iterdir()) == ["rank0.pt", "rank1.pt", "state.pt"]
+
+
+@pytest.mark.slow
+def test_launch_script_runs_the_ranks_and_a_resubmitted_job_continues(tiny_shards, tmp_path):
+    """scripts/launch.sh as a job script calls it: NPROC_PER_NODE ranks on this node (CPU: gloo); run again with
+    more steps (a resubmitted job), it continues from the run's newest checkpoint instead of starting over."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    cfg = baseline_config(tiny_shards, tmp_path, steps=2, save_every=2)
+    cfg["eval"] = {}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "launch.sh"
+    env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "CLIPMOE_VENV": sys.prefix}
+
+    def launch(*args):
+        return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=300,
+                              env={**env, "MASTER_PORT": str(_free_port())}, cwd=tmp_path)
+
+    r = launch("c.yaml")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]
+    r = launch("c.yaml", "--set", "train.steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]  # steps 2 and 3 trained on from the checkpoint; 0 and 1 not again
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000004"]
+    r = launch("missing.yaml")
+    assert r.returncode == 2 and r.stderr.startswith("usage: bash scripts/launch.sh CONFIG.yaml"), r.stderr
