@@ -543,3 +543,14 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """YAML file -> `base:` chain -> overrides -> validated RunConfig."""
     data = apply_overrides(read_yaml(path), list(overrides))
     return from_dict(RunConfig, data)
+
+
+def as_run_config(cfg: RunConfig | str | Path | dict) -> RunConfig:
+    """A RunConfig from itself, a YAML file (`load_run_config`) or a dict in the YAML's layout (no `base:`)."""
+    if isinstance(cfg, RunConfig):
+        return cfg
+    if isinstance(cfg, (str, Path)):
+        return load_run_config(cfg)
+    if isinstance(cfg, dict):
+        return from_dict(RunConfig, cfg)
+    raise ConfigError(f"a run config is a RunConfig, a YAML file or a dict, not {type(cfg).__name__}")

@@ -31,7 +31,7 @@ from . import cuda_graphs, deepspeed_engine, resume
 from . import expert_parallel as ep
 from .architectures import canonical_name, get_model_config, list_architectures
 from .checkpoint import save
-from .config import ModelSection, OptimConfig, RunConfig, deep_merge, to_dict
+from .config import ModelSection, OptimConfig, RunConfig, as_run_config, deep_merge, to_dict
 from .device import resolve_device
 from .errors import ClipmoeError, make_folder
 from .factory import MEAN, STD, create_model, get_tokenizer
@@ -144,12 +144,14 @@ def _batches(loader: loaders.ImageTextLoader, resuming: bool = False):
         resuming = False
 
 
-def train(cfg: RunConfig, model: Optional[CLIP] = None, progress: bool = True) -> TrainResult:
-    """Trains `model` (or the one `cfg.model` names) on `cfg.data.train` for `cfg.train.steps` steps.
+def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, progress: bool = True) -> TrainResult:
+    """Trains `model` (or the one `cfg.model` names) on `cfg.data.train` for `cfg.train.steps` steps. `cfg`: a
+    RunConfig, a YAML file as `clipmoe train` takes it, or a dict in the YAML's layout.
 
     Ctrl-C or SIGTERM writes out the steps done as a shorter run (with a checkpoint where `train.save_every` is set)
     and raises `TrainingInterrupted` (a KeyboardInterrupt) holding it. On several processes the ranks stop together
     at the next step's start (`stopping.StopVote`), also when one rank's data fails."""
+    cfg = as_run_config(cfg)
     tc = cfg.train
     device = resolve_device(tc.device)
     if device.type == "cuda":

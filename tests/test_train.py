@@ -16,7 +16,7 @@ import yaml
 import clipmoe
 import loaders
 from clipmoe.config import RunConfig, from_dict
-from clipmoe.errors import ClipmoeError
+from clipmoe.errors import ClipmoeError, ConfigError
 from clipmoe.loss import clip_loss, total_loss
 from clipmoe.moe import MoE
 from clipmoe.train import _with_logit_bias, cpu_bf16_matmul_is_slow, train
@@ -283,6 +283,18 @@ def test_bf16_autocast_keeps_losses_finite(tiny_shards, tmp_path):
     assert len(slow) == int(cpu_bf16_matmul_is_slow())
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
     assert result.model.image.blocks[0].mlp.router.weight.dtype == torch.float32
+
+
+def test_train_takes_a_yaml_file_or_a_dict_as_the_cli_does(tiny_shards, tmp_path):
+    data = _cfg_dict(tiny_shards, tmp_path, steps=3, log_every=1)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    from_yaml = train(tmp_path / "run.yaml", progress=False)
+    from_dict_ = train({**data, "train": {**data["train"], "out_dir": str(tmp_path / "run2")}}, progress=False)
+    assert _no_speed(from_yaml.history) == _no_speed(from_dict_.history) and len(from_yaml.history) == 3
+    with pytest.raises(ConfigError, match="^modle: unknown key"):
+        train({**data, "modle": {}})
+    with pytest.raises(ConfigError, match="^a run config is a RunConfig, a YAML file or a dict, not list$"):
+        train([data])
 
 
 def test_clip_loss_against_formula():
