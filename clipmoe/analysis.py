@@ -11,17 +11,18 @@ import torch
 
 import loaders
 
+from .encode import ModelRef, resolve_model
 from .errors import ClipmoeError, make_folder
 from .factory import MEAN, STD, create_transforms, get_tokenizer
-from .model import CLIP
 from .moe import MoE
 from .plots import plot_routing
 
 
 @torch.no_grad()
-def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4, batch_size: int = 64,
+def analyze_routing(model: ModelRef, urls, out_dir: str | Path, num_batches: int = 4, batch_size: int = 64,
                     top_words: int = 10, min_count: int = 3, top_patches: int = 8) -> dict:
-    """Routes `num_batches` batches of shards through `model` and writes `routing.json` and `routing.png`.
+    """Routes `num_batches` batches of shards through `model` (or a `clipmoe.save` file or training checkpoint,
+    loaded on the CPU) and writes `routing.json` and `routing.png`.
 
     What an expert "takes" is what it computed: every kept choice of top-k routing (with k = 2 a token counts
     for both its experts; dropped choices for none), and each expert's picks in expert choice.
@@ -40,6 +41,7 @@ def analyze_routing(model: CLIP, urls, out_dir: str | Path, num_batches: int = 4
                                ("top_words", top_words, 0), ("top_patches", top_patches, 0)):
         if value < least:
             raise ClipmoeError(f"{name} must be >= {least}, got {value}")
+    model = resolve_model(model)
     if not any(isinstance(m, MoE) for m in model.modules()):
         raise ClipmoeError("the model has no MoE layers: there is no routing to analyse (upcycle it first)")
     out_dir = make_folder(out_dir, "out_dir")

@@ -10,17 +10,18 @@ from tqdm.auto import tqdm
 import loaders
 import zeroshot
 
+from .encode import ModelRef, resolve_model
 from .errors import ClipmoeError
 from .factory import create_transforms, get_tokenizer
 from .loss import batch_loss
-from .model import CLIP
 
 
 @torch.no_grad()
-def validate(model: CLIP, urls: Union[str, list], *, batch_size: int = 256, loss_kind: str = "softmax",
+def validate(model: ModelRef, urls: Union[str, list], *, batch_size: int = 256, loss_kind: str = "softmax",
              precision: str = "fp32", num_workers: int = 0, max_samples: Optional[int] = None,
              progress: bool = False) -> dict:
-    """Metrics of `model` (in eval mode, on its device) on the held-out shards `urls`.
+    """Metrics of `model` (in eval mode, on its device; or a `clipmoe.save` file or training checkpoint, loaded on
+    the CPU) on the held-out shards `urls`.
 
     Returns `loss` (each batch's loss, as training computes it on one rank, averaged over samples: batches of
     `batch_size`, since the contrastive loss depends on how many negatives a batch holds), recall@1/5/10 both
@@ -30,6 +31,7 @@ def validate(model: CLIP, urls: Union[str, list], *, batch_size: int = 256, loss
     """
     if loss_kind not in ("softmax", "sigmoid"):
         raise ClipmoeError(f"loss_kind must be 'softmax' or 'sigmoid', not {loss_kind!r}")
+    model = resolve_model(model)
     if loss_kind == "sigmoid" and model.logit_bias is None:
         raise ClipmoeError("the sigmoid loss needs a model with a logit bias, and this one has none: validate it "
                            "with the softmax loss")

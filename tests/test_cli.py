@@ -238,6 +238,9 @@ def test_analyze_routing_writes_heatmap_and_words(tmp_path, tiny_shards):
         assert 0 < len(top) <= 8 and probs == sorted(probs, reverse=True) and all(0 < p <= 1 for p in probs)
         assert all(isinstance(key, str) and 0 <= pos < 2 * 2 for key, pos, _ in top)
     assert (tmp_path / "routing.png").read_bytes()[:4] == b"\x89PNG"
+    # a saved model by its path, as the command takes it
+    saved = clipmoe.save(model, tmp_path / "moe.safetensors")
+    assert analyze_routing(str(saved), tiny_shards["eval"], tmp_path / "again", num_batches=2, batch_size=16) == report
     assert json.loads((tmp_path / "routing.json").read_text()).keys() == report.keys()
     # and through the console script
     path = clipmoe.save(model, tmp_path / "m.safetensors")

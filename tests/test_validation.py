@@ -52,7 +52,7 @@ def _by_hand(model, urls, batch_size, kind="softmax"):
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
-def test_validate_equals_a_computation_by_hand(tiny_shards, kind):
+def test_validate_equals_a_computation_by_hand(tiny_shards, tmp_path, kind):
     model = _micro(init_logit_bias=-5.0) if kind == "sigmoid" else _micro()
     res = validate(model, tiny_shards["eval"], batch_size=24, loss_kind=kind)  # batches of 24, 24 and 16
     loss, recalls, n = _by_hand(model, tiny_shards["eval"], 24, kind)
@@ -67,6 +67,9 @@ def test_validate_equals_a_computation_by_hand(tiny_shards, kind):
     assert validate(model, tiny_shards["eval"], batch_size=16, max_samples=20)["num_samples"] == 32
     # more workers than the one shard: one reader, the same numbers
     assert validate(model, tiny_shards["eval"], batch_size=24, loss_kind=kind, num_workers=2) == res
+    # a saved model by its path, as the command takes it
+    path = clipmoe.save(model, tmp_path / "model.safetensors")
+    assert validate(str(path), tiny_shards["eval"], batch_size=24, loss_kind=kind) == res
 
 
 def test_validation_during_training(tiny_shards, tmp_path):
