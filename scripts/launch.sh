@@ -5,8 +5,9 @@
 #   sbatch --nodes 4 --ntasks-per-node 1 --gpus-per-node 8 --signal=TERM@120 \
 #     --wrap "srun bash scripts/launch.sh configs/vit-b-32-moe.yaml --set data.train='/data/laion/{00000..41407}.tar'"
 # Resubmitting the same job continues it (--resume latest: the run's newest checkpoint, or a fresh start).
-# Environment: NPROC_PER_NODE (default: the GPUs nvidia-smi lists, else 1); NNODES, NODE_RANK, MASTER_ADDR,
-# MASTER_PORT (default: SLURM's job, else this node alone); CLIPMOE_VENV (default: the checkout's .venv).
+# Environment: NPROC_PER_NODE (default: SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES' count, nvidia-smi's, else 1);
+# NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (default: SLURM's job, else this node alone); CLIPMOE_VENV (default:
+# the checkout's .venv).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv=${CLIPMOE_VENV:-$root/.venv}
@@ -17,9 +18,15 @@ if [ $# -lt 1 ] || [ ! -f "$1" ]; then
   exit 2
 fi
 
-if [ -z "${NPROC_PER_NODE:-}" ]; then
-  NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-  [ "${NPROC_PER_NODE:-0}" -ge 1 ] || NPROC_PER_NODE=1
+if [ -z "${NPROC_PER_NODE:-}" ]; then  # the GPUs this job may use: SLURM's count, CUDA_VISIBLE_DEVICES, or all
+  if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then
+    NPROC_PER_NODE=$SLURM_GPUS_ON_NODE
+  elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    NPROC_PER_NODE=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c . || true)
+  else
+    NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  fi
+  [ "${NPROC_PER_NODE:-0}" -ge 1 ] 2>/dev/null || NPROC_PER_NODE=1
 fi
 NNODES=${NNODES:-${SLURM_NNODES:-1}}
 NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
