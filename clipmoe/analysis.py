@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 import loaders
 
@@ -20,7 +21,7 @@ from .plots import plot_routing
 
 @torch.no_grad()
 def analyze_routing(model: ModelRef, urls, out_dir: str | Path, num_batches: int = 4, batch_size: int = 64,
-                    top_words: int = 10, min_count: int = 3, top_patches: int = 8) -> dict:
+                    top_words: int = 10, min_count: int = 3, top_patches: int = 8, progress: bool = False) -> dict:
     """Routes `num_batches` batches of shards through `model` (or a `clipmoe.save` file or training checkpoint,
     loaded on the CPU) and writes `routing.json` and `routing.png`.
 
@@ -35,7 +36,8 @@ def analyze_routing(model: ModelRef, urls, out_dir: str | Path, num_batches: int
     or for image layers `patch_map` per expert (fraction of its tokens at each grid position, CLS first) and
     `top_patches` per expert: [sample key, patch index (row-major, CLS not counted), router probability] of the
     `top_patches` image patches it computed with the highest probability for it (shown as pixels in the PNG).
-    Samples or shards the loader skipped (corrupt, missing) are counted and named in a warning.
+    Samples or shards the loader skipped (corrupt, missing) are counted and named in a warning. `progress`: a
+    progress bar over the batches.
     """
     for name, value, least in (("num_batches", num_batches, 1), ("batch_size", batch_size, 1),
                                ("top_words", top_words, 0), ("top_patches", top_patches, 0)):
@@ -58,35 +60,43 @@ def analyze_routing(model: ModelRef, urls, out_dir: str | Path, num_batches: int
     patches: dict[str, torch.Tensor] = {}
     best: dict[str, list[list[tuple]]] = {}  # per image layer: per expert, (probability, key, patch index, pixels)
     loads: dict[str, torch.Tensor] = {}
-    for i, batch in enumerate(loader):
-        if i >= num_batches:
-            break
-        tokens = batch["text"]
-        out = model(batch["image"].to(device), tokens.to(device))
-        L = int(tokens.argmax(-1).max()) + 1
-        routed = torch.arange(L) <= tokens.argmax(-1, keepdim=True)  # up to the end token: the text tower's order
-        routed_words = [w for row, keep in zip(tokens[:, :L].tolist(), routed.tolist())
-                        for w, k in zip(tokenizer.words(row), keep) if k]
-        for a in out.aux:
-            name = f"{a.tower}.{a.block}"
-            E = a.tokens_per_expert.numel()
-            # what each expert computed: every kept choice of top-k, each expert's picks in expert choice (a
-            # CUDA graph's call reports no assignments: its tokens' first choices stand in)
-            pairs = a.assignments or (torch.arange(a.top1.numel(), device=a.top1.device), a.top1)
-            token_M, expert_M = (t.cpu() for t in pairs)
-            loads[name] = loads.get(name, 0) + torch.bincount(expert_M, minlength=E).float()
-            if a.tower == "text":
-                counters = words.setdefault(name, [Counter() for _ in range(E)])
-                for t, e in zip(token_M.tolist(), expert_M.tolist()):
-                    counters[e][routed_words[t]] += 1
-                seen.setdefault(name, Counter()).update(routed_words)
-            else:
-                pos = token_M % grid_tokens
-                hist = torch.zeros(E, grid_tokens).index_put_((expert_M, pos), torch.ones(pos.numel()), accumulate=True)
-                patches[name] = patches.get(name, 0) + hist
-                if a.probs is not None and top_patches > 0:
-                    _keep_best(best.setdefault(name, [[] for _ in range(E)]), a.probs.cpu()[token_M, expert_M],
-                               token_M, expert_M, batch, grid_tokens, patch_size, top_patches)
+    bar = None  # made at the first batch: data that yields none is one error line, not a bar and an error
+    try:
+        for i, batch in enumerate(loader):
+            if i >= num_batches:
+                break
+            bar = bar or tqdm(total=num_batches, desc="routing", unit="batch", disable=not progress)
+            bar.update()
+            tokens = batch["text"]
+            out = model(batch["image"].to(device), tokens.to(device))
+            L = int(tokens.argmax(-1).max()) + 1
+            routed = torch.arange(L) <= tokens.argmax(-1, keepdim=True)  # up to the end token: the text tower's order
+            routed_words = [w for row, keep in zip(tokens[:, :L].tolist(), routed.tolist())
+                            for w, k in zip(tokenizer.words(row), keep) if k]
+            for a in out.aux:
+                name = f"{a.tower}.{a.block}"
+                E = a.tokens_per_expert.numel()
+                # what each expert computed: every kept choice of top-k, each expert's picks in expert choice (a
+                # CUDA graph's call reports no assignments: its tokens' first choices stand in)
+                pairs = a.assignments or (torch.arange(a.top1.numel(), device=a.top1.device), a.top1)
+                token_M, expert_M = (t.cpu() for t in pairs)
+                loads[name] = loads.get(name, 0) + torch.bincount(expert_M, minlength=E).float()
+                if a.tower == "text":
+                    counters = words.setdefault(name, [Counter() for _ in range(E)])
+                    for t, e in zip(token_M.tolist(), expert_M.tolist()):
+                        counters[e][routed_words[t]] += 1
+                    seen.setdefault(name, Counter()).update(routed_words)
+                else:
+                    pos = token_M % grid_tokens
+                    hist = torch.zeros(E, grid_tokens).index_put_((expert_M, pos), torch.ones(pos.numel()),
+                                                                  accumulate=True)
+                    patches[name] = patches.get(name, 0) + hist
+                    if a.probs is not None and top_patches > 0:
+                        _keep_best(best.setdefault(name, [[] for _ in range(E)]), a.probs.cpu()[token_M, expert_M],
+                                   token_M, expert_M, batch, grid_tokens, patch_size, top_patches)
+    finally:  # a bar ended by an error still ends its line
+        if bar is not None:
+            bar.close()
     stats = loader.stats()
     if not loads:
         raise ClipmoeError(f"no samples could be read from {urls!r} (skipped: {stats['skipped'] or 'none'})")

@@ -139,7 +139,8 @@ def _analyze_routing(args) -> None:
     from .analysis import analyze_routing
 
     report = analyze_routing(_model(args), args.data, args.out, num_batches=args.batches,
-                             batch_size=args.batch_size, top_words=args.top_words, top_patches=args.top_patches)
+                             batch_size=args.batch_size, top_words=args.top_words, top_patches=args.top_patches,
+                             progress=True)
     for name, entry in report.items():
         load = " ".join(f"{x:.2f}" for x in entry["load"])
         print(f"{name:<9} load {load}")
