@@ -125,10 +125,12 @@ def _encode(args) -> None:
 
     if bool(args.text) == bool(args.image):
         raise ClipmoeError("give --text or --image (one or more values)")
-    model = _model(args)
-    features = encode_text(args.text, model=model) if args.text else encode_image(args.image, model=model)
-    if args.out:
+    if args.out:  # before the work, not after it
         make_folder(Path(args.out).parent, "--out")
+    model = _model(args)
+    features = (encode_text(args.text, model=model, progress=True) if args.text
+                else encode_image(args.image, model=model, progress=True))
+    if args.out:
         torch.save(features, args.out)  # a plain tensor; read back with torch.load(weights_only=True)
         print(f"wrote {tuple(features.shape)} embeddings to {args.out}")
     else:
@@ -160,6 +162,8 @@ def _validate(args) -> None:
         loaders.expand_shards(args.data)
     except ValueError as e:
         raise ClipmoeError(f"--data: {e}") from None
+    if args.out:  # before the work, not after it
+        make_folder(Path(args.out).parent, "--out")
     model = _model(args).to(resolve_device(args.device))
     metrics = validate(model, args.data, batch_size=args.batch_size, loss_kind=args.loss, precision=args.precision,
                        num_workers=args.workers, max_samples=args.max_samples, progress=True)
@@ -167,7 +171,6 @@ def _validate(args) -> None:
     if metrics["skipped"]:
         print(f"  skipped {sum(metrics['skipped'].values())} unreadable samples: {metrics['skipped']}")
     if args.out:
-        make_folder(Path(args.out).parent, "--out")
         Path(args.out).write_text(json.dumps(metrics, indent=1))
         print(f"wrote {args.out}")
 

@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 
 from . import resume
 from .architectures import canonical_name, list_architectures
@@ -59,8 +60,9 @@ def _device_of(model: CLIP) -> torch.device:
 
 @torch.no_grad()
 def encode_text(texts: Union[str, Sequence[str]], model: ModelRef, batch_size: int = 256,
-                device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
-    """Text embeddings (N, D), L2-normalised float32 on the CPU; `texts` taken literally."""
+                device: Optional[Union[str, torch.device]] = None, progress: bool = False) -> torch.Tensor:
+    """Text embeddings (N, D), L2-normalised float32 on the CPU; `texts` taken literally. `progress`: a
+    progress bar over the texts."""
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
@@ -69,16 +71,16 @@ def encode_text(texts: Union[str, Sequence[str]], model: ModelRef, batch_size: i
         raise ClipmoeError(f"encode_text takes strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
     clip = resolve_model(model, device)
     tokenizer = get_tokenizer(clip)
-    return _encode(texts, batch_size, clip, lambda chunk: tokenizer(chunk), clip.encode_text)
+    return _encode(texts, batch_size, clip, lambda chunk: tokenizer(chunk), clip.encode_text, (progress, "text"))
 
 
 @torch.no_grad()
 def encode_image(images: Union[Iterable, torch.Tensor], model: ModelRef, batch_size: int = 64,
-                 device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+                 device: Optional[Union[str, torch.device]] = None, progress: bool = False) -> torch.Tensor:
     """Image embeddings (N, D), L2-normalised float32 on the CPU.
 
     `images`: PIL images, file paths, preprocessed (3, H, W) tensors, or one (N, 3, H, W) tensor; a single
-    image, path or (3, H, W) tensor gives one row.
+    image, path or (3, H, W) tensor gives one row. `progress`: a progress bar over the images.
     """
     clip = resolve_model(model, device)
     if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, torch.Tensor) and images.ndim == 3):
@@ -99,7 +101,7 @@ def encode_image(images: Union[Iterable, torch.Tensor], model: ModelRef, batch_s
     def prepare(chunk):
         return torch.stack([x if isinstance(x, torch.Tensor) else eval_tf(_open(x)) for x in chunk])
 
-    return _encode(items, batch_size, clip, prepare, clip.encode_image)
+    return _encode(items, batch_size, clip, prepare, clip.encode_image, (progress, "img"))
 
 
 def _open(item) -> Image.Image:
@@ -115,17 +117,22 @@ def _open(item) -> Image.Image:
     raise ClipmoeError(f"encode_image takes PIL images, paths or tensors, not {type(item).__name__}")
 
 
-def _encode(items: list, batch_size: int, clip: CLIP, prepare, encode) -> torch.Tensor:
+def _encode(items: list, batch_size: int, clip: CLIP, prepare, encode, progress: tuple[bool, str]) -> torch.Tensor:
     was_training = clip.training
     clip.eval()  # eval capacity and no dropout, whatever the caller's mode
     device = _device_of(clip)
-    out = []
+    out, bar = [], None
     try:
         for i in range(0, len(items), batch_size):
             features = encode(prepare(items[i:i + batch_size]).to(device))
             out.append(F.normalize(features.float(), dim=-1).cpu())
+            # made after the first batch: an input that fails at once is one error line, not a bar and an error
+            bar = bar or tqdm(total=len(items), desc="encode", unit=progress[1], disable=not progress[0])
+            bar.update(len(out[-1]))
     finally:
         clip.train(was_training)
+        if bar is not None:
+            bar.close()
     if not out:
         return torch.zeros(0, clip.config.embed_dim)
     return torch.cat(out)

@@ -498,7 +498,8 @@ def test_outputs_that_cannot_be_written_are_one_line_before_the_work(tmp_path, t
                     ["analyze-routing", "--model", str(model), "--data", tiny_shards["eval"], "--out", f"{blocked}/rt"],
                     ["upcycle", str(dense), f"{blocked}/u.safetensors"],
                     ["shards", "--images", str(tmp_path / "caps"), "--out", f"{blocked}/sh"],
-                    ["encode", "--model", str(model), "--text", "hi", "--out", f"{blocked}/e.pt"]):
+                    ["encode", "--model", str(model), "--text", "hi", "--out", f"{blocked}/e.pt"],
+                    ["validate", "--model", str(model), "--data", tiny_shards["eval"], "--out", f"{blocked}/v.json"]):
         r = _run(*command)
         assert r.returncode == 2 and r.stdout == "", (command, r.stdout)
         assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"clipmoe {command[0]}: error: "), r.stderr

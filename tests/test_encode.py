@@ -35,6 +35,16 @@ def test_encode_text_order_norm_and_batching(saved):
     torch.testing.assert_close(full, direct, atol=1e-5, rtol=1e-5)
 
 
+def test_progress_bar_only_when_asked(saved, capsys):
+    _, path = saved
+    quiet = clipmoe.encode_text(TEXTS, model=path, batch_size=4)
+    assert capsys.readouterr().err == ""  # inside applications: nothing on the terminal
+    shown = clipmoe.encode_text(TEXTS, model=path, batch_size=4, progress=True)
+    assert "encode: 100%" in capsys.readouterr().err and torch.equal(quiet, shown)
+    clipmoe.encode_image(torch.zeros(3, 3, 16, 16), model=path, progress=True)
+    assert "3/3" in capsys.readouterr().err
+
+
 def test_model_cached_between_calls(saved):
     _, path = saved
     assert encode.resolve_model(path) is encode.resolve_model(str(path))
