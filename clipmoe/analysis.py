@@ -65,7 +65,8 @@ def analyze_routing(model: ModelRef, urls, out_dir: str | Path, num_batches: int
         for i, batch in enumerate(loader):
             if i >= num_batches:
                 break
-            bar = bar or tqdm(total=num_batches, desc="routing", unit="batch", disable=not progress)
+            if bar is None:
+                bar = tqdm(total=num_batches, desc="routing", unit="batch", disable=not progress)
             bar.update()
             tokens = batch["text"]
             out = model(batch["image"].to(device), tokens.to(device))

@@ -127,7 +127,8 @@ def _encode(items: list, batch_size: int, clip: CLIP, prepare, encode, progress:
             features = encode(prepare(items[i:i + batch_size]).to(device))
             out.append(F.normalize(features.float(), dim=-1).cpu())
             # made after the first batch: an input that fails at once is one error line, not a bar and an error
-            bar = bar or tqdm(total=len(items), desc="encode", unit=progress[1], disable=not progress[0])
+            if bar is None:
+                bar = tqdm(total=len(items), desc="encode", unit=progress[1], disable=not progress[0])
             bar.update(len(out[-1]))
     finally:
         clip.train(was_training)
