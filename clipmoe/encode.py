@@ -71,7 +71,7 @@ def encode_text(texts: Union[str, Sequence[str]], model: ModelRef, batch_size: i
         raise ClipmoeError(f"encode_text takes strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
     clip = resolve_model(model, device)
     tokenizer = get_tokenizer(clip)
-    return _encode(texts, batch_size, clip, lambda chunk: tokenizer(chunk), clip.encode_text, (progress, "text"))
+    return _encode(texts, batch_size, clip, lambda chunk: tokenizer(chunk), clip.encode_text, progress, "text")
 
 
 @torch.no_grad()
@@ -101,7 +101,7 @@ def encode_image(images: Union[Iterable, torch.Tensor], model: ModelRef, batch_s
     def prepare(chunk):
         return torch.stack([x if isinstance(x, torch.Tensor) else eval_tf(_open(x)) for x in chunk])
 
-    return _encode(items, batch_size, clip, prepare, clip.encode_image, (progress, "img"))
+    return _encode(items, batch_size, clip, prepare, clip.encode_image, progress, "img")
 
 
 def _open(item) -> Image.Image:
@@ -117,7 +117,7 @@ def _open(item) -> Image.Image:
     raise ClipmoeError(f"encode_image takes PIL images, paths or tensors, not {type(item).__name__}")
 
 
-def _encode(items: list, batch_size: int, clip: CLIP, prepare, encode, progress: tuple[bool, str]) -> torch.Tensor:
+def _encode(items: list, batch_size: int, clip: CLIP, prepare, encode, progress: bool, unit: str) -> torch.Tensor:
     was_training = clip.training
     clip.eval()  # eval capacity and no dropout, whatever the caller's mode
     device = _device_of(clip)
@@ -128,7 +128,7 @@ def _encode(items: list, batch_size: int, clip: CLIP, prepare, encode, progress:
             out.append(F.normalize(features.float(), dim=-1).cpu())
             # made after the first batch: an input that fails at once is one error line, not a bar and an error
             if bar is None:
-                bar = tqdm(total=len(items), desc="encode", unit=progress[1], disable=not progress[0])
+                bar = tqdm(total=len(items), desc="encode", unit=unit, disable=not progress)
             bar.update(len(out[-1]))
     finally:
         clip.train(was_training)
