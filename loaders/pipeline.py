@@ -22,6 +22,7 @@ from PIL import Image
 from webdataset import tariterators
 
 from .sources import Source, SpecError, expected_count, parse_sources
+from .tarend import TarEnd
 from .transforms import TrainTransform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -44,6 +45,18 @@ def _end_quietly_on_sigterm(worker_id: int) -> None:
 
 class DataError(Exception):
     """A bad sample or shard in strict mode, or a loader set-up that cannot work. One-line message."""
+
+
+def _describe(exn: Exception, url: str) -> str:
+    """One line for a shard's read error. webdataset appends the stream and the url to an exception's args (its
+    str is then a tuple) and " @ <stream>" to the first; its Pipe says ((args,), {kwargs}): exit N (read)."""
+    status = _PIPE_EXIT.search(str(exn))
+    if status:
+        return f"{url}: its command exited with status {status.group(1)}"
+    if isinstance(exn, OSError) and exn.strerror:  # "[Errno 2] No such file or directory: '...'"
+        return str(exn).splitlines()[0][:300]
+    first = str(exn.args[0]) if exn.args else type(exn).__name__
+    return f"{url}: {first.split(' @ <', 1)[0].splitlines()[0][:300]}"
 
 
 def _one_line_errors(batches: Iterator[dict]) -> Iterator[dict]:
@@ -294,13 +307,15 @@ class ImageTextLoader:
         yield from shards[slot::slots]
 
     def _raw_samples(self, worker: int, workers: int, counts: Counter) -> Iterator[dict]:
-        """Undecoded samples shard after shard; a shard that breaks off, or yields fewer samples than
-        its manifest promises (a tar cut on a header boundary reads as a clean end), counts once as
-        truncated_shard; one that does not exist as missing_shard."""
+        """Undecoded samples shard after shard; a shard that breaks off, ends without the tar end-of-archive
+        blocks or at a damaged header (tarfile takes both as a clean end), or yields fewer samples than its
+        manifest promises, counts once as truncated_shard; one that does not exist as missing_shard."""
         failed = False  # the shard being read was counted for an error (each read of a shard counts once)
 
         def handler(exn: Exception) -> bool:
             nonlocal failed
+            if isinstance(exn, DataError):  # raised below in strict mode; webdataset's outer level passes it back
+                raise DataError(exn.args[0]) from exn.__cause__  # without the stream and url it appended
             if isinstance(exn, FileNotFoundError):  # a typo in a path: say so, not "read_error"
                 reason = "missing_shard"
             elif "duplicate file name" in str(exn):
@@ -310,11 +325,7 @@ class ImageTextLoader:
             if reason != "duplicate_key" and failed:  # one failure seen at two levels (a member's read,
                 return True  # then the archive's; or a pipe's exit status on reading and on closing): once
             if self.strict:
-                message = str(exn).splitlines()[0][:300]
-                status = _PIPE_EXIT.search(message)  # webdataset's Pipe says ((args,), {kwargs}): exit N (read)
-                if status:
-                    message = f"{url}: its command exited with status {status.group(1)}"
-                raise DataError(f"{reason}: {message}") from exn
+                raise DataError(f"{reason}: {_describe(exn, url)}") from exn
             if reason != "duplicate_key":  # a sample's fault: the shard reads on, and may fail besides
                 failed = True
             counts[reason] += 1
@@ -322,6 +333,7 @@ class ImageTextLoader:
 
         def kept(url: str, opened: list):  # webdataset leaves a shard's file open when its reader stops mid-shard
             for source in tariterators.url_opener([{"url": url}], handler=handler):
+                source["stream"] = TarEnd(source["stream"])
                 opened.append(source["stream"])
                 yield source
 
@@ -334,6 +346,12 @@ class ImageTextLoader:
                 for sample in tariterators.group_by_keys(members, handler=handler):
                     n += 1
                     yield sample
+                problem = None if failed else next(filter(None, (stream.problem() for stream in opened)), None)
+                if problem:  # tarfile ended quietly on a cut or a damaged header
+                    if self.strict:
+                        raise DataError(f"truncated_shard: {url}: {problem}")
+                    failed = True
+                    counts["truncated_shard"] += 1
             finally:  # also when training ends mid-shard (this generator is closed)
                 for stream in opened:
                     try:

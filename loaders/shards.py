@@ -13,6 +13,8 @@ from typing import Iterable, Iterator, Optional
 import webdataset as wds
 from PIL import Image
 
+from .tarend import TarEnd
+
 MANIFEST = "manifest.json"
 
 
@@ -240,8 +242,10 @@ def check_shards(out_dir: str | Path) -> list[dict]:
         if sha256 is not None:
             row["checksum"] = _sha256(path) == sha256
         try:
-            row["found"] = len({m.split(".", 1)[0] for m in _member_names(path)})
+            names, problem = _member_names(path)
+            row["found"] = len({m.split(".", 1)[0] for m in names})
             status = ("checksum mismatch" if row["checksum"] is False else
+                      "truncated" if problem else
                       "count mismatch" if count is not None and row["found"] != count else "ok")
         except Exception as e:  # tarfile raises several types for a damaged archive
             status = f"unreadable ({type(e).__name__})"
@@ -266,8 +270,13 @@ def _img2dataset_shards(out: Path) -> list[tuple[str, Optional[int], None]]:
     return [(name, shards[name], None) for name in sorted(shards)]
 
 
-def _member_names(path: Path) -> list[str]:
+def _member_names(path: Path) -> tuple[list[str], Optional[str]]:
+    """The sample members' names, and what is wrong with the archive's end (None: nothing), which tarfile reads
+    as a clean end of a shard that was cut short (without a manifest's count, nothing else shows it)."""
     import tarfile
 
-    with tarfile.open(path) as tar:
-        return [m.name for m in tar.getmembers() if m.isfile() and not m.name.endswith(".json")]
+    with open(path, "rb") as f:
+        stream = TarEnd(f)
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            names = [m.name for m in tar if m.isfile() and not m.name.endswith(".json")]
+        return names, stream.problem()

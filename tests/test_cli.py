@@ -440,6 +440,17 @@ def test_shards_from_folder_and_table_then_check(tmp_path):
     (tmp_path / "out" / "00002_stats.json").write_text(f'{{"successes": {int(rows[2][2]) + 1}}}')  # one more
     r = _run("shards", "--check", str(tmp_path / "out"))
     assert r.stdout.splitlines()[3].split()[1:] == [str(int(rows[2][2]) + 1), rows[2][2], "-", "count", "mismatch"]
+    # no count to compare with: a shard cut on a header boundary (a clean end to tarfile) still shows
+    (tmp_path / "out" / "00002_stats.json").unlink()
+    import tarfile
+
+    shard = tmp_path / "out" / "00002.tar"
+    with tarfile.open(shard) as tar:
+        last_header = tar.getmembers()[-1].offset
+    shard.write_bytes(shard.read_bytes()[:last_header])
+    r = _run("shards", "--check", str(tmp_path / "out"))
+    assert r.returncode == 2 and "2 of 3 shards failed" in r.stderr
+    assert r.stdout.splitlines()[3].split()[1:] == ["-", rows[2][2], "-", "truncated"], r.stdout
 
 
 def test_train_takes_a_deepspeed_config_file(tmp_path):

@@ -220,7 +220,14 @@ def test_cut_shard_of_a_webdataset_export_is_one_line_error_naming_it(model_path
     samples = [{"png": _image(COLOURS[c], i), "cls": k} for k, c in enumerate(COLOURS) for i in range(4)]
     _write_wds(tmp_path / "wds_vtab-cifar10", samples, list(COLOURS), ["a {c} photo."], shards=3)
     shard = tmp_path / "wds_vtab-cifar10" / "test" / "1.tar"
-    shard.write_bytes(shard.read_bytes()[:2000])
+    data = shard.read_bytes()
+    # cut inside a member, or on a block boundary (which tarfile reads as a clean end): found before the evaluation
+    for cut in (2000, 3 * 512):
+        shard.write_bytes(data[:cut])
+        (res,) = clipmoe.zeroshot_eval(model_path, ["cifar10"], tmp_path, progress=False, device="cpu")
+        assert res["error"] == (f"ValueError: cannot read shard {shard} to the end (ends at byte {cut} without the "
+                                "tar end-of-archive blocks (cut short)); if it is cut short or corrupt, fetch it again")
+    shard.write_bytes(b"\xff" * 512 + data[512:])  # a damaged first header: tarfile's ReadError, met while reading
     for workers in (0, 2):  # from a worker, the error is the worker's exception, not its traceback
         (res,) = clipmoe.zeroshot_eval(model_path, ["cifar10"], tmp_path, progress=False,
                                        device="cpu", num_workers=workers)

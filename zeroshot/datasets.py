@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
+from loaders.tarend import file_end_problem
+
 from .metadata import (
     RETRIEVAL,
     canonical_name,
@@ -191,8 +193,11 @@ def _shard_failed(exn: Exception):
     metrics over part of a benchmark would not compare with published ones, and its lost samples are uncounted."""
     url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else "a shard"  # webdataset appends the url
     why = str(exn.args[0]) if exn.args else type(exn).__name__
-    raise ValueError(f"cannot read shard {url} to the end ({type(exn).__name__}: {why[:200]}); if it is cut "
-                     f"short or corrupt, fetch it again") from None
+    raise _cannot_read(url, f"{type(exn).__name__}: {why[:200]}") from None
+
+
+def _cannot_read(url, why: str) -> ValueError:
+    return ValueError(f"cannot read shard {url} to the end ({why}); if it is cut short or corrupt, fetch it again")
 
 
 def _wds_dir(root: Path, key: str, split: str) -> Optional[Path]:
@@ -216,6 +221,10 @@ def _open_wds(path: Path, key: str, transform, split: str) -> EvalDataset:
             raise DatasetNotFound(f"{split_dir}: nshards.txt says {n} shards; missing {', '.join(missing[:3])}")
     if not tars:
         raise DatasetNotFound(f"{split_dir}: no .tar shards")
+    for tar in tars:  # a tar cut on a block boundary reads as a clean end: the metrics would cover part of the set
+        problem = file_end_problem(tar)
+        if problem:
+            raise _cannot_read(tar, problem)
     kind_file = path / "dataset_type.txt"
     task = kind_file.read_text().strip().lower() if kind_file.is_file() else (
         "retrieval" if key in RETRIEVAL else "classification")
