@@ -167,6 +167,22 @@ def test_cli_folder_with_user_files(model_path, folder_root, tmp_path, capsys):
         assert code == 2 and captured.out == "" and re.fullmatch(f"clipmoe zeroshot: error: {said}.*\n", captured.err)
 
 
+def test_class_names_that_do_not_fit_the_labels_are_one_error(model_path, folder_root, tmp_path):
+    """A class names file of another length, or an export whose labels run past its names: one line naming both
+    counts, not an IndexError from the metrics after the whole set."""
+    (tmp_path / "two.txt").write_text("crimson\nlime\n")  # the folder has 3 classes
+    (res,) = clipmoe.zeroshot_eval(model_path, ["folder"], folder_root, progress=False, device="cpu",
+                                   classnames_file=str(tmp_path / "two.txt"))
+    assert res["error"] == (f"ValueError: {tmp_path / 'two.txt'}: 2 class names for 3 classes of folder (blue, green, "
+                            "red); give one name per class, in its label order")
+    names = list(COLOURS)
+    samples = [{"png": _image(COLOURS[c], i), "cls": k + 1} for k, c in enumerate(names) for i in range(2)]  # 1..3
+    _write_wds(tmp_path / "wds_vtab-cifar10", samples, names, ["a {c} photo."])
+    (res,) = clipmoe.zeroshot_eval(model_path, ["cifar10"], tmp_path, progress=False, device="cpu", batch_size=2)
+    assert res["error"] == (f"ValueError: cifar10: label 3 for 3 class names (webdataset {tmp_path / 'wds_vtab-cifar10'}"
+                            "): the class names do not match the labels")
+
+
 def test_unreadable_images_are_left_out_and_counted(model_path, folder_root, tmp_path):
     import shutil
 

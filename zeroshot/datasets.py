@@ -281,7 +281,12 @@ def open_dataset(name: str, root: Union[str, Path], transform: Optional[Callable
         raise DatasetNotFound(f"data root {root} does not exist")
     ds = _open(key, root, transform, split)
     if classnames_file:
-        ds.classnames = read_classnames(classnames_file)
+        names = read_classnames(classnames_file)
+        if ds.classnames and len(names) != len(ds.classnames):  # labels index the names: a short list fails late
+            shown = ", ".join(ds.classnames[:3]) + (", ..." if len(ds.classnames) > 3 else "")
+            raise ValueError(f"{classnames_file}: {len(names)} class names for {len(ds.classnames)} classes of "
+                             f"{name} ({shown}); give one name per class, in its label order")
+        ds.classnames = names
     if templates_file:
         ds.templates = read_templates(templates_file)
     if ds.task != "retrieval":

@@ -60,6 +60,7 @@ def evaluate(ds: EvalDataset, encode_image: Callable[[torch.Tensor], torch.Tenso
     logits, targets = [], []
     with _bar(progress, ds.name, ds.size) as bar:
         for images, target in _readable(loader, bar, unreadable):
+            _check_labels(ds, target)
             feats = F.normalize(encode_image(to(images)).float(), dim=-1)
             logits.append((100.0 * feats @ w).cpu())
             targets.append(target)
@@ -73,6 +74,20 @@ def evaluate(ds: EvalDataset, encode_image: Callable[[torch.Tensor], torch.Tenso
     result["num_samples"], result["num_classes"] = len(logits_t), len(ds.classnames)
     result["templates"] = ds.templates if isinstance(ds.templates, list) else "per-class prompts"
     return result
+
+
+def _check_labels(ds: EvalDataset, target: torch.Tensor) -> None:
+    """Labels that index no class name (a class names file of another label order, a shorter list): one error
+    at the batch that shows it, not an IndexError in the metrics after the whole set."""
+    n = len(ds.classnames)
+    if ds.task == "multilabel":
+        if target.shape[-1] != n:
+            raise ValueError(f"{ds.name}: {target.shape[-1]} labels per image for {n} class names ({ds.source})")
+        return
+    outside = target[(target < 0) | (target >= n)]
+    if len(outside):
+        raise ValueError(f"{ds.name}: label {int(outside[0])} for {n} class names ({ds.source}): the class names "
+                         "do not match the labels")
 
 
 def _readable(loader: DataLoader, bar, unreadable: list[Unreadable]):
