@@ -5,6 +5,7 @@ is loaded once and cached (keyed by path, modification time and device).
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -38,6 +39,8 @@ def resolve_model(model: ModelRef, device: Optional[Union[str, torch.device]] = 
     if isinstance(model, CLIP):
         check_model_device(model, device)
         return model
+    if not isinstance(model, (str, os.PathLike)):  # e.g. encode_text's arguments swapped: not pathlib's TypeError
+        raise ClipmoeError(f"model: a CLIP model or a model file's path, not a {type(model).__name__}")
     path = Path(model).expanduser()
     dev = str(resolve_device(device)) if device is not None else "cpu"
     if (path / "state.pt").is_file():  # a training checkpoint's folder: its model, as of that step

@@ -84,6 +84,8 @@ def test_encode_errors(saved, tmp_path):
     with pytest.raises(clipmoe.ClipmoeError, match="strings"):
         clipmoe.encode_text(["a", 3], model=path)
     assert clipmoe.encode_text([], model=path).shape == (0, 32)
+    with pytest.raises(clipmoe.ClipmoeError, match="^model: a CLIP model or a model file's path, not a list$"):
+        clipmoe.encode_text(str(path), ["a"])  # the arguments swapped: not pathlib's TypeError
     for images, why in [(torch.rand(2, 1, 16, 16), r"image tensor 0 has shape \(1, 16, 16\); the model takes "
                                                    r"preprocessed \(3, 16, 16\)"),
                         ([torch.rand(3, 16, 16), torch.rand(3, 32, 32)], r"image tensor 1 has shape \(3, 32, 32\)"),
