@@ -297,9 +297,13 @@ class TrainConfig:
     # train under DeepSpeed's engine with this DeepSpeed config (clipmoe.deepspeed_engine), e.g.
     # {zero_optimization: {stage: 2}}; batch size, optimizer, clipping and precision come from clipmoe's config
     deepspeed: Optional[dict] = None
+    # how long the other ranks wait while rank 0 works alone (evaluating, writing a checkpoint), in a group of
+    # their own: the training groups' timeouts (torch's 30 minutes for gloo, 10 for NCCL) would end the run
+    wait_minutes: float = 360.0
 
     def __post_init__(self):
         _check(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        _check(self.wait_minutes > 0, "wait_minutes", self.wait_minutes, "must be > 0")
         _check(self.expert_parallel_size >= 1, "expert_parallel_size", self.expert_parallel_size, "must be >= 1")
         _check(not (self.expert_parallel_size > 1 and self.cuda_graphs), "cuda_graphs", self.cuda_graphs,
                "cannot be combined with expert_parallel_size > 1 (the all-to-all's sizes are read on the host)")

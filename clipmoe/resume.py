@@ -53,16 +53,18 @@ def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def _barrier(world: int) -> None:
+def _barrier(world: int, group) -> None:
     if world > 1:
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def save_checkpoint(out_dir: str | Path, snap: Snapshot, shared: dict, rank: int, world: int, keep: int,
-                    extra: Optional[Callable[[Path], None]] = None) -> Path:
+                    extra: Optional[Callable[[Path], None]] = None, group=None) -> Path:
     """Writes the checkpoint of `snap.step` (every rank calls this; `shared` matters on rank 0 only: model,
     optimizer, scheduler, history, ...); keeps the newest `keep` checkpoints. Returns the folder.
-    `extra(folder)`, called on every rank, writes more into the folder before it is complete."""
+    `extra(folder)`, called on every rank, writes more into the folder before it is complete. The ranks wait for
+    each other in `group` (default: the default group), and for rank 0's write of a large state: give a group
+    with a timeout that allows it."""
     root = checkpoint_root(out_dir)
     final = root / f"{_PREFIX}{snap.step:08d}"
     tmp = root / (final.name + ".tmp")
@@ -70,7 +72,7 @@ def save_checkpoint(out_dir: str | Path, snap: Snapshot, shared: dict, rank: int
     torch.save({"loader": snap.loader, "rng": snap.rng}, tmp / f"rank{rank}.pt")
     if extra is not None:
         extra(tmp)
-    _barrier(world)
+    _barrier(world, group)
     if rank == 0:
         torch.save({"format": FORMAT, "step": snap.step, "world_size": world, **shared}, tmp / "state.pt")
         if final.exists():
@@ -78,7 +80,7 @@ def save_checkpoint(out_dir: str | Path, snap: Snapshot, shared: dict, rank: int
         tmp.rename(final)
         for old in complete_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier(world)
+    _barrier(world, group)
     return final
 
 

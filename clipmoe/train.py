@@ -15,6 +15,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from itertools import chain, count
 from pathlib import Path
 from typing import Callable, Optional
@@ -105,6 +106,15 @@ def _distributed(device: torch.device) -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _waiting_group(minutes: float):
+    """A gloo group, with a timeout of its own, for the other ranks to wait in while rank 0 works alone (evaluates,
+    writes a checkpoint). Waiting in the next collectives of training instead (the stop vote's gloo all-reduce, a
+    barrier), they would meet those groups' timeouts (torch's defaults: 30 minutes for gloo, 10 for NCCL) in any
+    longer zero-shot evaluation or checkpoint write, and the run would end. Every rank makes it, in the same order
+    as its other groups."""
+    return dist.new_group(backend="gloo", timeout=timedelta(minutes=minutes))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, steps: int, only: Optional[Callable[[str], bool]] = None):
@@ -281,7 +291,7 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
             "scheduler": sched.state_dict(), "history": history, "load_sums": load_sums, "zeroshot": zeroshot_runs,
             "validation": validation_runs,
             "config": to_dict(cfg), "model_config": to_dict(model.config),  # the latter for resume.load_model
-        } if rank == 0 else {}, rank, world, tc.keep_checkpoints, extra))
+        } if rank == 0 else {}, rank, world, tc.keep_checkpoints, extra, group=waiting))
 
     # the log is written as the run goes: a run that stops early (a NaN, a data error, Ctrl-C) keeps it; a
     # resumed run's log is the checkpoint's rows, then the new ones
@@ -292,6 +302,8 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
     done = start  # steps taken
     snap = resume.snapshot(start, loader) if tc.save_every else None  # as of the last finished step
     vote = StopVote.for_world() if world > 1 else None  # several processes stop together (see StopVote)
+    evaluating = bool(cfg.eval.zeroshot or cfg.data.eval)
+    waiting = _waiting_group(tc.wait_minutes) if world > 1 else None
     restore_signals = vote.install() if vote is not None else terminate_as_interrupt()
     scope = contextlib.ExitStack()  # what holds only while the loop runs (closed in the finally below)
     if engine is not None:
@@ -356,12 +368,14 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
             bar.update(1)
             pace.end_step()  # what follows (evaluation, checkpoints) is not training speed
             ev = cfg.eval
-            if (ev.zeroshot or cfg.data.eval) and ((ev.every and (step + 1) % ev.every == 0) or step == tc.steps - 1):
+            if evaluating and ((ev.every and (step + 1) % ev.every == 0) or step == tc.steps - 1):
                 whole = ep.gathered(model)  # under expert parallelism a copy with all experts (all ranks)
                 if rank == 0 and ev.zeroshot:
                     zeroshot_runs.append(_evaluate(whole, ev, step, history))
                 if rank == 0 and cfg.data.eval:
                     validation_runs.append(_validate(whole, cfg, step, history))
+                if waiting is not None:
+                    dist.barrier(group=waiting)
                 model.train()
             logged = _write_log_rows(log, history, logged)  # after the evaluation, which adds to its row
             if tc.save_every and (done % tc.save_every == 0 or done == tc.steps):

@@ -6,6 +6,7 @@ import signal
 import socket
 import time
 import warnings
+from datetime import timedelta
 
 import pytest
 import torch
@@ -79,10 +80,15 @@ def _train_rank(rank: int, port: int, cfg: dict, out_dir: str, world: int = WORL
     """One rank of `clipmoe train` as torchrun starts it (the process group from the environment), or for one
     process as a plain `clipmoe train` runs (no launcher's environment); what it ends with goes to
     OUT_DIR/rank{rank}.pt. `stop` = (what, rank, n): that rank sends itself signal `what` in its n-th forward, or
-    with what = "data" its loader fails at its n-th batch; the result then also holds what it stopped with."""
+    with what = "data" its loader fails at its n-th batch; the result then also holds what it stopped with. With
+    what = "slow" its first validation and its first write of a checkpoint's state.pt take n seconds more, and the
+    process group's timeout is n / 2."""
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(world))
+        if stop is not None and stop[0] == "slow":  # the group joined here, its timeout half the slow work's
+            dist.init_process_group("gloo")
+            dist.set_timeout(timedelta(seconds=stop[2] / 2))
     else:
         for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(key, None)
@@ -117,7 +123,19 @@ def _train_rank(rank: int, port: int, cfg: dict, out_dir: str, world: int = WORL
 def _stop_at(what, rank: int, n: int) -> None:
     import clipmoe.train as train_module
 
-    if what == "data":
+    if what == "slow":
+        def slowed(work, first=lambda *args: True):
+            calls = []
+
+            def slow(*args, **kwargs):
+                if first(*args) and not calls:
+                    calls.append(None)
+                    time.sleep(n)
+                return work(*args, **kwargs)
+            return slow
+        train_module._validate = slowed(train_module._validate)
+        train_module.resume.torch.save = slowed(torch.save, lambda obj, path, *rest: str(path).endswith("state.pt"))
+    elif what == "data":
         batches = train_module._batches
 
         def failing(*args, **kwargs):
@@ -268,6 +286,18 @@ def test_ranks_stop_together_and_the_checkpoint_resumes_exactly(tiny_shards, tmp
     for r in range(WORLD):
         for name, weight in full[r]["state"].items():
             assert torch.equal(weight, again[r]["state"][name]), (r, name)
+
+
+def test_other_ranks_wait_out_rank_0_longer_than_the_group_timeout(tiny_shards, tmp_path):
+    """Rank 0 evaluates and writes checkpoints alone; the others wait in a gloo group with a timeout of its own
+    (train.wait_minutes), not in the next step's collectives or the default group's barrier, whose timeouts
+    (torch's 30 minutes for gloo, 10 for NCCL) would end the run. Here the process group's timeout is 5 s, and
+    the first evaluation and the first checkpoint write take 10 s more."""
+    cfg = baseline_config(tiny_shards, tmp_path, save_every=2)
+    ranks = run_training(cfg, tmp_path / "out", stop=("slow", 0, 10))
+    assert [r["steps"] for r in ranks] == [4, 4] and [r["stopped"] for r in ranks] == [None, None]
+    assert "validation" in ranks[0]["files"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000004"]
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
