@@ -133,7 +133,7 @@ def resolve(spec: str, out_dir: str | Path) -> Optional[Path]:
 
 def _read(path: Path, what: str = "train.resume") -> dict:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _load(path)
     except FileNotFoundError:
         raise ClipmoeError(f"{what}: {path} is missing") from None
     except Exception as e:  # torch raises many types for a torn or foreign file; all mean "unreadable"
@@ -142,6 +142,17 @@ def _read(path: Path, what: str = "train.resume") -> dict:
     if not isinstance(obj, dict):
         raise ClipmoeError(f"{what}: {path} is not a clipmoe training checkpoint")
     return obj
+
+
+def _load(path: Path):
+    """Memory-mapped: the ranks of a node share one copy of the state in the page cache, instead of each holding
+    the whole model and optimizer state in its own memory at once; read plainly where the file system cannot map."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise
+    except Exception:  # no mmap on this file system, or an unreadable file: the plain read says which
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _read_shared(folder: Path, what: str = "train.resume") -> dict:
