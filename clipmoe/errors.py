@@ -36,3 +36,18 @@ def make_folder(path, what: str):
     except OSError as e:
         raise ClipmoeError(f"{what}: cannot create {path}: {e.strerror or e}") from None
     return path
+
+
+def write_failure(e: BaseException, folder) -> str:
+    """Why a write into `folder` failed, in one line, with the free space of its disk: torch.save says "unexpected
+    pos 515776 vs 515728" when the disk fills, safetensors "I/O error: No space left on device"."""
+    import shutil
+
+    why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+    if "unexpected pos" in why:  # torch's zip writer, after a short write
+        why = "the file could not be written in full"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return why
+    return f"{why}; {free / 2**20:.1f} MiB free on the disk of {folder}"

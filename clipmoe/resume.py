@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from .adapter import check_compatible
 from .architectures import get_model_config, list_architectures, model_config_from_dict
 from .config import RunConfig, from_dict
-from .errors import ClipmoeError, first_line
+from .errors import ClipmoeError, first_line, write_failure
 from .model import CLIP
 
 FORMAT = "clipmoe-train/1"
@@ -53,34 +54,59 @@ def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def _barrier(world: int, group) -> None:
-    if world > 1:
-        dist.barrier(group=group)
+def _all_ranks(ok: bool, world: int, group) -> bool:
+    """Whether `ok` holds on every rank (also a barrier)."""
+    if world == 1:
+        return ok
+    flag = torch.tensor([int(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
 
 
 def save_checkpoint(out_dir: str | Path, snap: Snapshot, shared: dict, rank: int, world: int, keep: int,
-                    extra: Optional[Callable[[Path], None]] = None, group=None) -> Path:
+                    extra: Optional[Callable[[Path], None]] = None, group=None) -> Optional[Path]:
     """Writes the checkpoint of `snap.step` (every rank calls this; `shared` matters on rank 0 only: model,
     optimizer, scheduler, history, ...); keeps the newest `keep` checkpoints. Returns the folder.
-    `extra(folder)`, called on every rank, writes more into the folder before it is complete. The ranks wait for
-    each other in `group` (default: the default group), and for rank 0's write of a large state: give a group
-    with a timeout that allows it."""
+    `extra(folder)`, called on every rank, writes more into the folder before it is complete. The ranks agree in
+    `group`, a gloo group (default: the default group), whose timeout must allow for rank 0's write of a large
+    state.
+
+    A write that fails on any rank (a full disk) leaves no folder, warns, and returns None: training goes on, and
+    the newest complete checkpoint stays."""
     root = checkpoint_root(out_dir)
     final = root / f"{_PREFIX}{snap.step:08d}"
     tmp = root / (final.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save({"loader": snap.loader, "rng": snap.rng}, tmp / f"rank{rank}.pt")
-    if extra is not None:
-        extra(tmp)
-    _barrier(world, group)
+    why = None
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save({"loader": snap.loader, "rng": snap.rng}, tmp / f"rank{rank}.pt")
+        if extra is not None:
+            extra(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer raises RuntimeError on a failed write
+        why = f"rank {rank}: {write_failure(e, root)}"
+    written = _all_ranks(why is None, world, group)
+    if written and rank == 0:
+        try:
+            torch.save({"format": FORMAT, "step": snap.step, "world_size": world, **shared}, tmp / "state.pt")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        except (OSError, RuntimeError) as e:
+            why = write_failure(e, root)
+    written = _all_ranks(written and why is None, world, group)
+    if not written:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # the partial files take the space a later write needs
+            newest = complete_checkpoints(out_dir)
+            warnings.warn(f"checkpoint {final} not written ({why or 'another rank failed to write its part'}); "
+                          f"training goes on, and the newest complete checkpoint is "
+                          f"{newest[-1] if newest else 'none'}", stacklevel=3)
+        elif why is not None:
+            warnings.warn(f"checkpoint {final} not written ({why})", stacklevel=3)
+        return None
     if rank == 0:
-        torch.save({"format": FORMAT, "step": snap.step, "world_size": world, **shared}, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
         for old in complete_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier(world, group)
     return final
 
 

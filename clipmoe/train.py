@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -34,7 +35,7 @@ from .architectures import canonical_name, get_model_config, list_architectures
 from .checkpoint import save
 from .config import ModelSection, OptimConfig, RunConfig, as_run_config, deep_merge, to_dict
 from .device import resolve_device
-from .errors import ClipmoeError, make_folder
+from .errors import ClipmoeError, make_folder, write_failure
 from .factory import MEAN, STD, create_model, get_tokenizer
 from .loss import SIGMOID_NEEDS_BIAS, total_loss
 from .model import CLIP
@@ -286,17 +287,19 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
         elif rank == 0:
             weights, opt_state = model.state_dict(), None if engine is not None else opt.state_dict()
         extra = None if engine is None else lambda folder: deepspeed_engine.save(engine, folder)
-        saved.append(resume.save_checkpoint(out_dir, snap, {
+        folder = resume.save_checkpoint(out_dir, snap, {
             "model": weights, "optimizer": opt_state, "expert_optimizer": expert_state,
             "scheduler": sched.state_dict(), "history": history, "load_sums": load_sums, "zeroshot": zeroshot_runs,
             "validation": validation_runs,
             "config": to_dict(cfg), "model_config": to_dict(model.config),  # the latter for resume.load_model
-        } if rank == 0 else {}, rank, world, tc.keep_checkpoints, extra, group=waiting))
+        } if rank == 0 else {}, rank, world, tc.keep_checkpoints, extra, group=waiting)
+        if folder is not None:  # None: not written (a full disk), said in a warning; training goes on
+            saved.append(folder)
 
     # the log is written as the run goes: a run that stops early (a NaN, a data error, Ctrl-C) keeps it; a
     # resumed run's log is the checkpoint's rows, then the new ones
-    log = (out_dir / "metrics.jsonl").open("w") if rank == 0 else None
-    logged = _write_log_rows(log, history, 0)
+    log = _MetricsLog(out_dir / "metrics.jsonl" if rank == 0 else None)
+    log.write(history)
     bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not progress or rank != 0, dynamic_ncols=True,
                **bar_intervals(sys.stderr))
     done = start  # steps taken
@@ -361,9 +364,9 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
                     row["moe"] = moe_report(out)
                 history.append(row)
                 if not math.isfinite(row["loss"]):
-                    logged = _write_log_rows(log, history, logged)
+                    log.write(history)
                     raise ClipmoeError(f"loss is {row['loss']} at step {step}; lower optim.lr or use precision fp32"
-                                       + (f" (the log so far: {log.name})" if log else ""))
+                                       + (f" (the log so far: {log.path})" if log.path else ""))
                 bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)  # shown at the next redraw
             bar.update(1)
             pace.end_step()  # what follows (evaluation, checkpoints) is not training speed
@@ -377,7 +380,7 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
                 if waiting is not None:
                     dist.barrier(group=waiting)
                 model.train()
-            logged = _write_log_rows(log, history, logged)  # after the evaluation, which adds to its row
+            log.write(history)  # after the evaluation, which adds to its row
             if tc.save_every and (done % tc.save_every == 0 or done == tc.steps):
                 checkpoint(snap)
     except (KeyboardInterrupt, loaders.DataError) as e:
@@ -389,7 +392,7 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
             raise
         stopped_by = e
         together = vote is None or vote.agreed  # every rank stopped at this same step
-        logged = _write_log_rows(log, history, logged)
+        log.write(history)
         # resumable where every rank stopped at this step (one process, or agreed: a rank that stopped alone may
         # have left the others mid-step); unless this step's checkpoint is already written
         if tc.save_every and together and snap.step == done and not (
@@ -403,8 +406,7 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
             vote.close()
         scope.close()
         bar.close()
-        if log is not None:
-            log.close()
+        log.close()
     replays = {f"{m.tower}.{m.block}": m.__dict__["_cuda_graph"].replays for m in graphed}
     for layer in graphed:  # the graphs hold memory, and a model with them cannot be copied
         cuda_graphs.release(layer)
@@ -417,7 +419,11 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
     result = TrainResult(model.eval(), history, expert_load, loader.stats(), out_dir, zeroshot=zeroshot_runs,
                          validation=validation_runs, cuda_graphs=replays, steps=done)
     if rank == 0:
-        result.files = write_run_outputs(result, save_model=not ep.is_sharded(model))
+        try:
+            result.files = write_run_outputs(result, save_model=not ep.is_sharded(model))
+        except (OSError, SafetensorError) as e:  # a full disk: one line, and where the run's state still is
+            raise ClipmoeError(f"the run's outputs could not all be written in {out_dir} ({write_failure(e, out_dir)})"
+                               + (f"; its newest checkpoint is {saved[-1]}" if saved else "")) from None
         if saved:
             result.files["checkpoint"] = saved[-1]
     if isinstance(stopped_by, loaders.DataError):
@@ -506,13 +512,40 @@ def _validate(model: CLIP, cfg: RunConfig, step: int, history: list[dict]) -> di
     return {"step": step, **metrics}
 
 
-def _write_log_rows(log, history: list[dict], logged: int) -> int:
-    """Writes the rows of `history` after the first `logged`; returns how many are written."""
-    if log is not None and len(history) > logged:  # called every step; most steps add no row
-        for row in history[logged:]:
-            log.write(json.dumps(row) + "\n")
-        log.flush()
-    return len(history)
+class _MetricsLog:
+    """metrics.jsonl, written as the run goes (path None: no file, on ranks other than 0). A write that fails (a full
+    disk) is undone, so that the file holds whole rows only, is said once in a warning, and is tried again with
+    the next rows: the run goes on, and its log is whole once the disk has room."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path, self.rows, self.size, self.warned = path, 0, 0, False
+        self._fd = None if path is None else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def write(self, history: list[dict]) -> None:
+        """Writes the rows of `history` not yet written (called every step; most steps add none)."""
+        if self._fd is None or len(history) <= self.rows:
+            return
+        data = memoryview("".join(json.dumps(row) + "\n" for row in history[self.rows:]).encode())
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError as e:
+            try:  # the part written goes, so that a row is never cut
+                os.ftruncate(self._fd, self.size)
+                os.lseek(self._fd, self.size, os.SEEK_SET)
+            except OSError:
+                pass
+            if not self.warned:
+                self.warned = True
+                warnings.warn(f"{self.path}: rows not written ({write_failure(e, self.path.parent)}); training "
+                              "goes on, and they are written once there is room", stacklevel=2)
+            return
+        self.size, self.rows = os.lseek(self._fd, 0, os.SEEK_CUR), len(history)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def write_run_outputs(result: TrainResult, save_model: bool = True) -> dict:

@@ -82,7 +82,7 @@ def _train_rank(rank: int, port: int, cfg: dict, out_dir: str, world: int = WORL
     OUT_DIR/rank{rank}.pt. `stop` = (what, rank, n): that rank sends itself signal `what` in its n-th forward, or
     with what = "data" its loader fails at its n-th batch; the result then also holds what it stopped with. With
     what = "slow" its first validation and its first write of a checkpoint's state.pt take n seconds more, and the
-    process group's timeout is n / 2."""
+    process group's timeout is n / 2; with what = "full_disk" its writes of its checkpoint part fail."""
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(world))
@@ -123,7 +123,17 @@ def _train_rank(rank: int, port: int, cfg: dict, out_dir: str, world: int = WORL
 def _stop_at(what, rank: int, n: int) -> None:
     import clipmoe.train as train_module
 
-    if what == "slow":
+    if what == "full_disk":
+        import errno
+
+        save = torch.save
+
+        def failing_save(obj, path, *args, **kwargs):
+            if "checkpoints" in str(path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return save(obj, path, *args, **kwargs)
+        train_module.resume.torch.save = failing_save
+    elif what == "slow":
         def slowed(work, first=lambda *args: True):
             calls = []
 
@@ -298,6 +308,19 @@ def test_other_ranks_wait_out_rank_0_longer_than_the_group_timeout(tiny_shards, 
     assert [r["steps"] for r in ranks] == [4, 4] and [r["stopped"] for r in ranks] == [None, None]
     assert "validation" in ranks[0]["files"]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000004"]
+
+
+def test_a_checkpoint_one_rank_cannot_write_is_left_by_all(tiny_shards, tmp_path):
+    """Rank 1's disk is full: no rank finishes the checkpoint (it would lack rank 1's part), each says why in a
+    warning, and training goes on to its end on both."""
+    cfg = baseline_config(tiny_shards, tmp_path, save_every=2)
+    cfg["eval"], cfg["data"] = {}, {**cfg["data"], "eval": None}
+    ranks = run_training(cfg, tmp_path / "out", stop=("full_disk", 1, 0))
+    assert [r["steps"] for r in ranks] == [4, 4] and [r["stopped"] for r in ranks] == [None, None]
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == [] and "checkpoint" not in ranks[0]["files"]
+    said = [[w for w in r["warnings"] if "not written" in w] for r in ranks]
+    assert len(said[0]) == 2 and all("another rank failed to write its part" in w for w in said[0]), said
+    assert len(said[1]) == 2 and all("(rank 1: No space left on device; " in w for w in said[1]), said
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])

@@ -806,3 +806,73 @@ def test_data_that_yields_nothing_is_one_error_that_says_how_to_see_why(tiny_sha
     cfg["data"]["strict"] = True
     with pytest.raises(loaders.DataError, match="read_error: pipe:exit 3: its command exited with status 3"):
         train(from_dict(RunConfig, cfg), progress=False)
+
+
+def _limited_file_size(limit: int):
+    """preexec_fn: writes past `limit` bytes fail with EFBIG (RLIMIT_FSIZE, as a full disk fails them with
+    ENOSPC), instead of the process being killed by SIGXFSZ."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    return apply
+
+
+def test_writes_that_fail_cost_checkpoints_not_the_run(tiny_shards, tmp_path):
+    """A checkpoint that cannot be written (a full disk) leaves no folder behind and a warning, and training goes
+    on; outputs that cannot be written at the end are one line naming the folder."""
+    cfg = _cfg_dict(tiny_shards, tmp_path, steps=4, log_every=1, save_every=2)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    model_bytes = 4 * sum(p.numel() for p in clipmoe.create_model(from_dict(RunConfig, cfg).model).parameters())
+    # room for the model, not for a checkpoint's state (the model and AdamW's two moments)
+    job = subprocess.run([sys.executable, "-m", "clipmoe.cli", "train", str(tmp_path / "c.yaml")], text=True,
+                         capture_output=True, preexec_fn=_limited_file_size(2 * model_bytes), timeout=300)
+    run = tmp_path / "run"
+    assert job.returncode == 0, job.stderr[-2000:]
+    warned = [line for line in job.stderr.splitlines() if "not written" in line]
+    assert len(warned) == 2 and all("not written (the file could not be written in full; " in line and
+                                    line.endswith("newest complete checkpoint is none") for line in warned), job.stderr
+    assert list((run / "checkpoints").iterdir()) == []  # the partial folders are gone
+    assert (run / "model.safetensors").is_file()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    # no room for the model either: one line at the end
+    cfg["train"].update(out_dir=str(tmp_path / "run2"), save_every=0)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    job = subprocess.run([sys.executable, "-m", "clipmoe.cli", "train", str(tmp_path / "c.yaml")], text=True,
+                         capture_output=True, preexec_fn=_limited_file_size(model_bytes // 2), timeout=300)
+    last = job.stderr.strip().splitlines()[-1]
+    assert job.returncode == 2 and last.startswith(
+        f"clipmoe train: error: the run's outputs could not all be written in {tmp_path / 'run2'} ("), job.stderr
+    assert "File too large" in last and "Traceback" not in job.stderr
+
+
+def test_metrics_log_rows_that_cannot_be_written_are_retried_whole(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    script = f"""
+import json, resource, warnings
+from pathlib import Path
+from clipmoe.train import _MetricsLog
+rows = [{{"step": i, "note": "x" * 100}} for i in range(4)]
+log = _MetricsLog(Path({str(path)!r}))
+log.write(rows[:1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, resource.RLIM_INFINITY))  # room for part of the next row
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    log.write(rows[:2])
+    log.write(rows[:3])
+print(len(caught), caught[0].message)
+print(Path({str(path)!r}).read_text().count(chr(10)), Path({str(path)!r}).stat().st_size)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+log.write(rows)
+log.close()
+"""
+    job = subprocess.run([sys.executable, "-c", script], text=True, capture_output=True, timeout=120,
+                         preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
+    assert job.returncode == 0, job.stderr
+    said, kept = job.stdout.splitlines()
+    assert said.startswith(f"1 {path}: rows not written (File too large; ") and said.endswith(
+        "training goes on, and they are written once there is room")
+    assert kept.split()[0] == "1" and int(kept.split()[1]) < 200  # the part of row 2 that fit was taken back
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": i, "note": "x" * 100}
+                                                                          for i in range(4)]
