@@ -298,6 +298,7 @@ def test_ranks_stop_together_and_the_checkpoint_resumes_exactly(tiny_shards, tmp
             assert torch.equal(weight, again[r]["state"][name]), (r, name)
 
 
+@pytest.mark.slow  # 20-30 s: it waits out timeouts / starts two training processes
 def test_other_ranks_wait_out_rank_0_longer_than_the_group_timeout(tiny_shards, tmp_path):
     """Rank 0 evaluates and writes checkpoints alone; the others wait in a gloo group with a timeout of its own
     (train.wait_minutes), not in the next step's collectives or the default group's barrier, whose timeouts

@@ -819,6 +819,7 @@ def _limited_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow  # 20-30 s: it waits out timeouts / starts two training processes
 def test_writes_that_fail_cost_checkpoints_not_the_run(tiny_shards, tmp_path):
     """A checkpoint that cannot be written (a full disk) leaves no folder behind and a warning, and training goes
     on; outputs that cannot be written at the end are one line naming the folder."""
