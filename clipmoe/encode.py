@@ -6,9 +6,10 @@ is loaded once and cached (keyed by path, modification time and device).
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Generator, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,8 @@ def encode_text(texts: Union[str, Sequence[str]], model: ModelRef, batch_size: i
         raise ClipmoeError(f"encode_text takes strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
     clip = resolve_model(model, device)
     tokenizer = get_tokenizer(clip)
-    return _encode(texts, batch_size, clip, lambda chunk: tokenizer(chunk), clip.encode_text, progress, "text")
+    batches = (tokenizer(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size))
+    return _encode(batches, len(texts), clip, clip.encode_text, progress, "text")
 
 
 @torch.no_grad()
@@ -101,10 +103,28 @@ def encode_image(images: Union[Iterable, torch.Tensor], model: ModelRef, batch_s
             raise ClipmoeError(f"image tensor {i} has shape {tuple(x.shape)}; the model takes preprocessed "
                                f"(3, {size}, {size}) tensors (clipmoe.create_transforms), or give PIL images or paths")
 
-    def prepare(chunk):
-        return torch.stack([x if isinstance(x, torch.Tensor) else eval_tf(_open(x)) for x in chunk])
+    def prepare(x) -> torch.Tensor:
+        return x if isinstance(x, torch.Tensor) else eval_tf(_open(x))
 
-    return _encode(items, batch_size, clip, prepare, clip.encode_image, progress, "img")
+    return _encode(_prepared(items, batch_size, prepare), len(items), clip, clip.encode_image, progress, "img")
+
+
+def _prepared(items: list, batch_size: int, prepare, threads: int = min(8, os.cpu_count() or 1)):
+    """Batches of `prepare(item)`, made by `threads` threads one batch ahead of the model: PIL decodes and resizes
+    without the GIL, and on a GPU one thread's decoding takes far longer than the forward."""
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    if all(isinstance(x, torch.Tensor) for x in items):  # nothing to decode
+        yield from (torch.stack(chunk) for chunk in chunks)
+        return
+    pool = ThreadPoolExecutor(threads)
+    try:
+        ahead = [pool.submit(prepare, x) for x in chunks[0]] if chunks else []
+        for i in range(len(chunks)):
+            current = ahead
+            ahead = [pool.submit(prepare, x) for x in chunks[i + 1]] if i + 1 < len(chunks) else []
+            yield torch.stack([f.result() for f in current])  # an item's error is raised here, in order
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _open(item) -> Image.Image:
@@ -120,20 +140,22 @@ def _open(item) -> Image.Image:
     raise ClipmoeError(f"encode_image takes PIL images, paths or tensors, not {type(item).__name__}")
 
 
-def _encode(items: list, batch_size: int, clip: CLIP, prepare, encode, progress: bool, unit: str) -> torch.Tensor:
+def _encode(batches: Generator[torch.Tensor, None, None], total: int, clip: CLIP, encode, progress: bool,
+            unit: str) -> torch.Tensor:
     was_training = clip.training
     clip.eval()  # eval capacity and no dropout, whatever the caller's mode
     device = _device_of(clip)
     out, bar = [], None
     try:
-        for i in range(0, len(items), batch_size):
-            features = encode(prepare(items[i:i + batch_size]).to(device))
+        for batch in batches:
+            features = encode(batch.to(device))
             out.append(F.normalize(features.float(), dim=-1).cpu())
             # made after the first batch: an input that fails at once is one error line, not a bar and an error
             if bar is None:
-                bar = tqdm(total=len(items), desc="encode", unit=unit, disable=not progress)
+                bar = tqdm(total=total, desc="encode", unit=unit, disable=not progress)
             bar.update(len(out[-1]))
     finally:
+        batches.close()  # an image batch's threads stop at once, also when the model fails
         clip.train(was_training)
         if bar is not None:
             bar.close()

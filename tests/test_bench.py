@@ -37,3 +37,10 @@ def test_expert_parallel_bench_runs():
     stdout = _bench("expert_parallel.py", "--tokens", "64", "--reps", "1", "--ks", "2", "--cfs", "1.25")
     rows = [line for line in stdout.splitlines() if line.split()[:2] == ["2", "1.25"]]
     assert len(rows) == 1, stdout
+
+
+def test_encode_images_bench_runs(tmp_path):
+    stdout = _bench("encode_images.py", "--images", "6", "--archs", "clipmoe-micro", "--batch-size", "4", "--reps", "1",
+                    "--device", "cpu", "--root", str(tmp_path))
+    row = [line.split() for line in stdout.splitlines() if line.startswith("clipmoe-micro")]
+    assert len(row) == 1 and float(row[0][-1]) < 1e-5, stdout  # the same embeddings as the plain loop

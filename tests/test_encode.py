@@ -1,6 +1,7 @@
 """clipmoe.encode_text / encode_image: normalised float32 rows in input order, batched, cached."""
 import pytest
 import torch
+from PIL import Image
 
 import clipmoe
 from clipmoe import encode
@@ -76,6 +77,11 @@ def test_encode_errors(saved, tmp_path):
     bad.write_bytes(b"<html>not an image</html>")
     with pytest.raises(clipmoe.ClipmoeError, match="cannot read image"):
         clipmoe.encode_image([bad], model=path)
+    good = tmp_path / "good.png"
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(good)
+    # decoded by threads a batch ahead: the error of a later batch's image is still the error, naming it
+    with pytest.raises(clipmoe.ClipmoeError, match=f"^cannot read image {bad}: "):
+        clipmoe.encode_image([good] * 4 + [bad, good], model=path, batch_size=2)
     with pytest.raises(clipmoe.ClipmoeError, match="model not found"):
         clipmoe.encode_text(["a"], model=tmp_path / "none.safetensors")
     with pytest.raises(clipmoe.ClipmoeError, match=r"ViT-B-32 is an architecture, not a model file: "

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The device check on one GPU, about 7 minutes (an H200 took 4.5 before the train_step and quickstart_graphs
 # steps): the CUDA tests, the MoE layer benchmark (clipmoe vs DeepSpeed vs k dense passes, with a kernel profile
-# of every row), a training step eager vs with CUDA graphs, the zero-shot classifier benchmark and bf16
-# quickstarts (eager, and with train.cuda_graphs); a short table at the end. From the repository root on
-# the GPU machine:
+# of every row), a training step eager vs with CUDA graphs, the zero-shot classifier and image embedding
+# benchmarks and bf16 quickstarts (eager, and with train.cuda_graphs); a short table at the end. From the
+# repository root on the GPU machine:
 #   bash scripts/bench/gpu_check.sh
 # Packages that machine lacks (open-clip-torch, ftfy, webdataset, deepspeed and their needs) travel as
 # wheels in .whl/, made by scripts/bench/gpu_wheels.sh; they are installed to /tmp/site first. Logs go to
@@ -42,6 +42,7 @@ step moe_layer_b2b 150 env MASTER_PORT=29534 "$PY" scripts/bench/moe_layer.py --
 tar czf "$OUT/moe_profiles.tar.gz" -C /tmp moe_profiles 2>/dev/null
 step train_step 120 "$PY" scripts/bench/train_step.py
 step zeroshot 100 "$PY" scripts/bench/zeroshot.py --device cuda --classes 1000
+step encode_images 60 "$PY" scripts/bench/encode_images.py --device cuda --images 512
 step quickstart_bf16 200 "$PY" -m clipmoe.cli quickstart --out /tmp/quickstart --set train.precision=bf16
 step quickstart_graphs 200 "$PY" -m clipmoe.cli quickstart --out /tmp/quickstart_graphs --set train.precision=bf16 \
   --set train.cuda_graphs=true
@@ -52,6 +53,7 @@ for log in moe_layer moe_layer_b2b; do
   echo "-- $log"; grep -E "^ *[0-9]+ +(fp32|bf16)|kernels, device ms" "$OUT/$log.log" 2>/dev/null
 done | tee -a "$OUT/summary.txt"
 grep -h "train step ms" "$OUT/train_step.log" 2>/dev/null | tee -a "$OUT/summary.txt"
+grep -hE "^(clipmoe-micro|ViT-B-32) " "$OUT/encode_images.log" 2>/dev/null | tee -a "$OUT/summary.txt"
 for log in quickstart_bf16 quickstart_graphs; do
   [ -f "$OUT/$log.log" ] && { echo "-- $log"; grep -E "^(colour|background) |finished in" "$OUT/$log.log" | cut -c1-100; }
 done | tee -a "$OUT/summary.txt"
