@@ -404,6 +404,8 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
         restore_signals()
         if vote is not None:
             vote.close()
+        if waiting is not None:
+            dist.destroy_process_group(waiting)
         scope.close()
         bar.close()
         log.close()
