@@ -289,7 +289,8 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 1  # the newest this many are kept
     # continue a run exactly: "latest" (this run's newest checkpoint; a fresh start when there is none), a run
-    # folder, or a checkpoints/step_N folder
+    # folder, or a checkpoints/step_N folder; on other ranks, workers or shards, all but the data positions (the
+    # data goes on with a fresh epoch)
     resume: Optional[str] = None
     # expert parallelism (clipmoe.expert_parallel): each group of this many consecutive ranks splits every MoE
     # layer's experts among its ranks and exchanges tokens by all-to-all; 1: every rank holds all experts

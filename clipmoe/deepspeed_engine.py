@@ -253,13 +253,19 @@ def save(engine, folder: Path) -> None:
         del engine.module_state_dict  # the class's again
 
 
-def check_resumable(folder: Path, shared: dict, under_deepspeed: bool, expert_parallel: bool = False) -> None:
+def check_resumable(folder: Path, shared: dict, under_deepspeed: bool, expert_parallel: bool = False,
+                    world: int | None = None) -> None:
     """A checkpoint resumes under DeepSpeed only if written under it (the optimizer state is the engine's), and
     the other way round; under DeepSpeed, with expert parallelism only if written with it (the engine's state
-    then leaves out the experts): one error before any work."""
+    then leaves out the experts), and on as many ranks as wrote it (`world`; the engine does not re-partition its
+    optimizer state): one error before any work."""
     if under_deepspeed and not (folder / TAG).is_dir():
         raise ClipmoeError(f"train.resume: {folder} holds no DeepSpeed state ({folder / TAG}); it was written "
                            "without train.deepspeed")
+    if under_deepspeed and world is not None and shared["world_size"] != world:
+        raise ClipmoeError(f"train.resume: {folder} was written under train.deepspeed by {shared['world_size']} "
+                           f"ranks and this run has {world}; DeepSpeed's optimizer state is per rank, so resume "
+                           f"with {shared['world_size']}")
     if not under_deepspeed and shared.get("optimizer") is None:
         raise ClipmoeError(f"train.resume: {folder} was written under train.deepspeed (its optimizer state is "
                            "DeepSpeed's); resume with train.deepspeed")

@@ -209,13 +209,19 @@ def load_model(path: str | Path) -> CLIP:
     return model.eval()
 
 
-def load_checkpoint(folder: Path, rank: int, world: int) -> tuple[dict, dict]:
-    """(shared state, this rank's state) of a checkpoint folder, checked against this run's world size."""
+def load_checkpoint(folder: Path, rank: int) -> tuple[dict, Optional[dict]]:
+    """(shared state, this rank's state) of a checkpoint folder; the latter None where the ranks that wrote it were
+    fewer than `rank + 1`."""
     shared = _read_shared(folder)
-    if shared["world_size"] != world:
-        raise ClipmoeError(f"train.resume: {folder} was written by {shared['world_size']} ranks and this run has "
-                           f"{world}; the data positions are per rank, so resume with {shared['world_size']}")
-    return shared, _read(folder / f"rank{rank}.pt")
+    return shared, _read(folder / f"rank{rank}.pt") if rank < shared["world_size"] else None
+
+
+def fresh_data_epoch(folder: Path, world_size: int) -> int:
+    """The first epoch that no rank of a checkpoint had begun to read (its ranks may be an epoch apart): where a
+    run that cannot take up the saved data positions (another number of ranks or workers) continues the data."""
+    def after(loader: dict) -> int:
+        return loader["epoch"] + any(p["items"] for p in loader["workers"].values())
+    return max(after(_read(folder / f"rank{r}.pt")["loader"]) for r in range(world_size))
 
 
 def restore_model(model: torch.nn.Module, shared: dict, folder: Path) -> None:

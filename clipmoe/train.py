@@ -204,12 +204,12 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
     if cfg.loss.kind == "sigmoid" and model.logit_bias is None:
         raise ClipmoeError(SIGMOID_NEEDS_BIAS)
     if resume_from is not None:
-        shared, mine = resume.load_checkpoint(resume_from, rank, world)
+        shared, mine = resume.load_checkpoint(resume_from, rank)
         if shared["step"] > tc.steps:  # there is no going back from it
             raise ClipmoeError(f"train.resume: {resume_from} is at step {shared['step']}, past train.steps "
                                f"({tc.steps}); raise train.steps to train on from it")
         deepspeed_engine.check_resumable(resume_from, shared, tc.deepspeed is not None,
-                                         tc.expert_parallel_size > 1)
+                                         tc.expert_parallel_size > 1, world)
         resume.restore_model(model, shared, resume_from)
     if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -231,7 +231,17 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
         samples_per_epoch=cfg.data.samples_per_epoch, pin_memory=device.type == "cuda",
         draft_size=model.config.vision.image_size)
     if resume_from is not None:
-        loader.load_state_dict(mine["loader"])
+        layout = [f"world_size {shared['world_size']} -> {world}"] if mine is None else \
+            loader.layout_changes(mine["loader"])
+        if layout:  # the same on every rank: they share the config, and all or none see a new world size
+            epoch = resume.fresh_data_epoch(resume_from, shared["world_size"])
+            loader.restart(epoch, mine["loader"]["stats"] if mine is not None else None)
+            if rank == 0:
+                warnings.warn(f"train.resume: {resume_from} resumes the model, optimizer, schedule and step, but not "
+                              f"its data positions, which were saved for another layout ({', '.join(layout)}): the "
+                              f"data goes on with epoch {epoch}, which no rank had begun", stacklevel=2)
+        else:
+            loader.load_state_dict(mine["loader"])
     batches, graphed = _batches(loader, resuming=resume_from is not None), []
     if tc.cuda_graphs:  # the first batch shows the shapes to capture for, and is then trained on
         first = next(batches)
@@ -272,7 +282,11 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
         start, history, zeroshot_runs = shared["step"], shared["history"], shared["zeroshot"]
         validation_runs = shared.get("validation", [])  # checkpoints from before validation have none
         load_sums = {k: v.to(device) for k, v in shared["load_sums"].items()}
-        resume.restore_rng(mine["rng"])
+        if not layout:
+            resume.restore_rng(mine["rng"])
+        else:  # a random stream of its own for each rank and resume, not the start of the run's again
+            torch.manual_seed(tc.seed + rank + 1_000_003 * start)
+            random.seed(tc.seed + rank + 1_000_003 * start)
 
     saved = []  # the checkpoint folders written
 

@@ -248,15 +248,20 @@ class ImageTextLoader:
                 "num_workers": self.num_workers, "resampled": self.resampled, "shards": len(self.shards),
                 "workers": {w: dict(p) for w, p in self._progress.items()}, "stats": self.stats()}
 
+    def layout_changes(self, state: dict) -> list[str]:
+        """What differs between the layout `state` was saved under and this loader's ("num_workers 0 -> 2"): an
+        exact resume needs the same shards, seed, ranks and workers."""
+        mine = self.state_dict()
+        return [f"{k} {state.get(k)!r} -> {mine[k]!r}" for k in
+                ("seed", "rank", "world_size", "num_workers", "resampled", "shards") if state.get(k) != mine[k]]
+
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()`: the next pass starts with the first batch not yet delivered.
 
-        The same exactly-once guarantee needs the same shards, seed, ranks and workers; a change is
-        refused with an error naming it.
+        The same exactly-once guarantee needs the same layout (`layout_changes`); a change is refused with an
+        error naming it (`restart` continues without the guarantee).
         """
-        mine = self.state_dict()
-        changed = [f"{k} {state.get(k)!r} -> {mine[k]!r}" for k in
-                   ("seed", "rank", "world_size", "num_workers", "resampled", "shards") if state.get(k) != mine[k]]
+        changed = self.layout_changes(state)
         if changed:
             raise DataError(f"cannot resume this data position: {', '.join(changed)} changed since it was saved")
         self.epoch = state["epoch"]
@@ -265,6 +270,13 @@ class ImageTextLoader:
         self._counts = {(0, -1): Counter({"samples": state["stats"]["samples"], **skipped})}
         for w, p in self._resume.items():  # counted again by the workers as they resume
             self._counts[0, -1].subtract(p["counts"])
+
+    def restart(self, epoch: int, stats: Optional[dict] = None) -> None:
+        """Continue with a fresh pass of `epoch`, counting on from `stats` (a `stats()`): where a saved position
+        cannot carry over to this layout, a resume goes on with an epoch no reader had begun."""
+        self.epoch, self._resume = epoch, {}
+        stats = stats or {"samples": 0, "skipped": {}}
+        self._counts = {(0, -1): Counter({"samples": stats["samples"], **stats["skipped"]})}
 
     def __iter__(self) -> Iterator[dict]:
         self._passes += 1

@@ -61,13 +61,15 @@ def test_zero_1_with_expert_parallelism_trains_as_ddp_and_resumes_exactly(ddp_ba
             assert torch.equal(again[r]["state"][name], weight), (r, name)
         assert again[r]["losses"] == runs[0]["losses"][:2] + runs[r]["losses"][2:]
 
-    shared, _ = load_checkpoint(step2, 0, 2)
+    shared, _ = load_checkpoint(step2, 0)
     assert shared["optimizer"] is None and shared["expert_optimizer"] is not None
     check_resumable(step2, shared, under_deepspeed=True, expert_parallel=True)
     with pytest.raises(ClipmoeError, match="with expert parallelism .* resume with train.expert_parallel_size > 1"):
         check_resumable(step2, shared, under_deepspeed=True, expert_parallel=False)
     with pytest.raises(ClipmoeError, match="resume with train.deepspeed"):
         check_resumable(step2, shared, under_deepspeed=False, expert_parallel=True)
+    with pytest.raises(ClipmoeError, match="by 2 ranks and this run has 1; DeepSpeed's optimizer state is per rank"):
+        check_resumable(step2, shared, under_deepspeed=True, expert_parallel=True, world=1)
 
 
 def test_one_process_without_zero_and_checkpoint_mismatches(tiny_shards, tmp_path):

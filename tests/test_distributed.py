@@ -262,6 +262,45 @@ def test_ddp_training_on_two_ranks(tiny_shards, tmp_path):
         assert again[r]["losses"] == ranks[0]["losses"][:2] + ranks[r]["losses"][2:]
         assert again[r]["stats"] == ranks[r]["stats"]
 
+    # on one rank (a node lost): all but the data positions, which go on with epoch 1 (the 2 ranks read 64 of
+    # epoch 0's 256 samples); rank 0's counts go on
+    from clipmoe.config import RunConfig, from_dict
+    from clipmoe.train import train
+    alone = {**cfg, "data": {**cfg["data"], "batch_size": 32},
+             "train": {**cfg["train"], "out_dir": str(tmp_path / "alone"), "resume": str(step2)}}
+    with pytest.warns(UserWarning, match=r"\(world_size 2 -> 1\): the data goes on with epoch 1, which no rank"):
+        result = train(from_dict(RunConfig, alone), progress=False)
+    assert result.steps == 4 and [row["loss"] for row in result.history[:2]] == ranks[0]["losses"][:2]
+    assert result.data_stats["samples"] == 2 * 16 + 2 * 32
+    assert not any(torch.equal(result.model.state_dict()[name], w) for name, w in ranks[0]["state"].items()
+                   if name.endswith("patch_embed.weight"))  # other data, other steps
+
+
+def test_resume_on_more_ranks(tiny_shards, tmp_path):
+    """A one-process checkpoint resumed on 2 ranks (nodes added): both take up the model, optimizer, schedule and
+    step; rank 1, which has no saved data position, reads its share of the fresh epoch; one warning, on rank 0."""
+    from clipmoe.config import RunConfig, from_dict
+    from clipmoe.train import train
+
+    cfg = {"model": {"arch": "clipmoe-micro", "overrides": {"vision": {"moe": {"num_experts": 4, "top_k": 2}}}},
+           "data": {"train": tiny_shards["train"], "batch_size": 32},
+           "optim": {"lr": 2e-3, "warmup_steps": 1},
+           "train": {"steps": 2, "log_every": 1, "out_dir": str(tmp_path / "one"), "device": "cpu",
+                     "save_every": 2}}
+    first = train(from_dict(RunConfig, cfg), progress=False)
+    step2 = tmp_path / "one" / "checkpoints" / "step_00000002"
+    more = {**cfg, "data": {**cfg["data"], "batch_size": 16},
+            "train": {**cfg["train"], "steps": 4, "out_dir": str(tmp_path / "two"), "resume": str(step2)}}
+    ranks = run_training(more, tmp_path / "ranks")
+    for name, weight in ranks[0]["state"].items():
+        assert torch.equal(weight, ranks[1]["state"][name]), name
+    for r in range(WORLD):
+        assert ranks[r]["steps"] == 4 and ranks[r]["losses"][:2] == [row["loss"] for row in first.history]
+    said = [w for w in ranks[0]["warnings"] if "train.resume" in w]
+    assert len(said) == 1 and "(world_size 1 -> 2): the data goes on with epoch 1" in said[0]
+    assert not any("train.resume" in w for w in ranks[1]["warnings"])
+    assert [r["stats"]["samples"] for r in ranks] == [2 * 32 + 2 * 16, 2 * 16]
+
 
 @pytest.mark.parametrize("what, extra", [(signal.SIGTERM, {}), ("data", {}),
                                          (signal.SIGINT, {"expert_parallel_size": 2}),

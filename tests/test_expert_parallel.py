@@ -227,3 +227,13 @@ def test_training_with_expert_parallelism_equals_training_without(ddp_baseline, 
     for r in range(2):
         for name, weight in ep_runs[r]["state"].items():
             assert torch.equal(again[r]["state"][name], weight), (r, name)
+
+    # on one process without expert parallelism: the checkpoint's whole experts and whole optimizer state load
+    # into a plain optimizer; only the data positions are new
+    from clipmoe.config import RunConfig, from_dict
+    from clipmoe.train import train
+    alone = variant(sharded, tmp_path / "alone", resume=str(step2), expert_parallel_size=1)
+    with pytest.warns(UserWarning, match=r"\(world_size 2 -> 1\): the data goes on with epoch 1"):
+        result = train(from_dict(RunConfig, alone), progress=False)
+    assert result.steps == 4 and [row["loss"] for row in result.history[:2]] == ep_runs[0]["losses"][:2]
+    assert result.model.state_dict()["image.blocks.0.mlp.experts.w1"].shape[0] == 4

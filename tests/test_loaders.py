@@ -215,6 +215,27 @@ def test_resume_refuses_a_changed_layout(tiny_shards):
         make(2).load_state_dict(state)
 
 
+def test_restart_goes_on_with_a_fresh_epoch_and_counts_on(tiny_shards):
+    """What a resume does where the saved position cannot carry over: the next pass is the given epoch from its
+    start, as a new loader reads it, and the counts go on from the saved ones."""
+    def make(workers, epoch=0):
+        return loaders.image_text_loader(tiny_shards["train"], batch_size=10, transform=_tf,
+                                         tokenize=lambda t: torch.zeros(len(t), 2), num_workers=workers,
+                                         seed=5, epoch=epoch, shuffle_buffer=50)
+
+    first = make(0)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = first.state_dict()
+    del it
+    other = make(2)
+    assert other.layout_changes(state) == ["num_workers 0 -> 2"] and make(0).layout_changes(state) == []
+    other.restart(state["epoch"] + 1, {"samples": 30, "skipped": {"corrupt_image": 2}})
+    assert [b["key"] for b in other] == [b["key"] for b in make(2, epoch=1)]
+    assert other.epoch == 1 and other.stats() == {"samples": 30 + 256, "skipped": {"corrupt_image": 2}}
+
+
 def _write(path, n, start=0, caption=lambda i: f"caption {i}", **extra):
     with wds.TarWriter(str(path)) as w:
         for i in range(start, start + n):

@@ -527,6 +527,50 @@ def test_resume_is_exact(tiny_shards, tmp_path, num_workers):
     assert again.steps == 6 and torch.equal(again.model.logit_scale, straight.model.logit_scale)
 
 
+def test_resume_with_another_data_layout_goes_on_with_a_fresh_epoch(tiny_shards, tmp_path):
+    """A checkpoint whose data positions do not fit the resumed run (other loader workers; a shard list that grew)
+    resumes the model, optimizer, schedule, step and log, says so once, and reads the data from the first epoch no
+    rank had begun (256 samples an epoch in batches of 64: step 3 is in epoch 0, step 5 in epoch 1)."""
+    def cfg(out, workers, train_urls=tiny_shards["train"], steps=6, **train_kw):
+        d = _cfg_dict(tiny_shards, tmp_path, steps=steps, log_every=1, out_dir=str(tmp_path / out), **train_kw)
+        d["data"].update(batch_size=64, num_workers=workers, train=train_urls)
+        return from_dict(RunConfig, d)
+
+    straight = train(cfg("a", 0, save_every=3, keep_checkpoints=2), progress=False)
+    more = tiny_shards["train"] + "," + tiny_shards["eval"]
+    for step, workers, urls, change, epoch in [(3, 2, tiny_shards["train"], "num_workers 0 -> 2", 1),
+                                               (6, 0, more, "shards 4 -> 5", 2)]:
+        ckpt = tmp_path / "a" / "checkpoints" / f"step_0000000{step}"
+        steps = max(6, step + 2)
+        with pytest.warns(UserWarning) as caught:
+            resumed = train(cfg(f"b{step}", workers, urls, steps=steps, resume=str(ckpt)), progress=False)
+        said = [str(w.message) for w in caught if "train.resume" in str(w.message)]
+        assert said == [f"train.resume: {ckpt} resumes the model, optimizer, schedule and step, but not its data "
+                        f"positions, which were saved for another layout ({change}): the data goes on with epoch "
+                        f"{epoch}, which no rank had begun"]
+        assert resumed.steps == steps and _no_speed(resumed.history[:step]) == _no_speed(straight.history[:step])
+        # the schedule went on from the checkpoint's step (a fresh one would be warming up again)
+        assert [r["lr"] for r in resumed.history[step:6]] == [r["lr"] for r in straight.history[step:6]]
+        assert resumed.data_stats["samples"] == steps * 64
+        assert all(math.isfinite(r["loss"]) for r in resumed.history)
+
+
+def test_fresh_data_epoch_is_the_first_no_rank_had_begun(tmp_path):
+    from clipmoe.resume import fresh_data_epoch
+
+    def write(rank, epoch, items):
+        torch.save({"loader": {"epoch": epoch, "workers": {w: {"items": n} for w, n in enumerate(items)}}, "rng": {}},
+                   tmp_path / f"rank{rank}.pt")
+
+    write(0, 3, [2, 1])
+    write(1, 3, [0, 0])  # ended epoch 2 with the previous step, not yet read from epoch 3
+    assert fresh_data_epoch(tmp_path, 1) == fresh_data_epoch(tmp_path, 2) == 4
+    write(1, 4, [1, 0])  # a rank an epoch ahead of the others
+    assert fresh_data_epoch(tmp_path, 2) == 5
+    write(0, 3, [0, 0])
+    assert fresh_data_epoch(tmp_path, 1) == 3
+
+
 def test_a_new_run_does_not_write_over_another_runs_work(tiny_shards, tmp_path):
     d = _cfg_dict(tiny_shards, tmp_path, steps=4, save_every=2)
     first = train(from_dict(RunConfig, d), progress=False)
