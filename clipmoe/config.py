@@ -301,9 +301,18 @@ class TrainConfig:
     # how long the other ranks wait while rank 0 works alone (evaluating, writing a checkpoint), in a group of
     # their own: the training groups' timeouts (torch's 30 minutes for gloo, 10 for NCCL) would end the run
     wait_minutes: float = 360.0
+    # open_clip's --accum-freq: each step's gradient is that of this many loader batches (data.batch_size per rank
+    # each) as one batch of their total size, the contrastive loss over all of it (clipmoe.accumulation), for about
+    # one more forward per batch and the activations of one batch in memory
+    accum_freq: int = 1
 
     def __post_init__(self):
         _check(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        _check(self.accum_freq >= 1, "accum_freq", self.accum_freq, "must be >= 1")
+        _check(self.accum_freq == 1 or self.deepspeed is None, "accum_freq", self.accum_freq,
+               "is not supported under train.deepspeed (its engine steps once per backward)")
+        _check(self.accum_freq == 1 or not self.cuda_graphs, "accum_freq", self.accum_freq,
+               "cannot be combined with cuda_graphs (each batch is embedded twice, once without gradients)")
         _check(self.wait_minutes > 0, "wait_minutes", self.wait_minutes, "must be > 0")
         _check(self.expert_parallel_size >= 1, "expert_parallel_size", self.expert_parallel_size, "must be >= 1")
         _check(not (self.expert_parallel_size > 1 and self.cuda_graphs), "cuda_graphs", self.cuda_graphs,

@@ -31,6 +31,7 @@ from loaders.transforms import TrainTransform, normalize_batch
 
 from . import cuda_graphs, deepspeed_engine, resume
 from . import expert_parallel as ep
+from .accumulation import accumulated_backward
 from .architectures import canonical_name, get_model_config, list_architectures
 from .checkpoint import save
 from .config import ModelSection, OptimConfig, RunConfig, as_run_config, deep_merge, to_dict
@@ -325,26 +326,36 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
     scope = contextlib.ExitStack()  # what holds only while the loop runs (closed in the finally below)
     if engine is not None:
         deepspeed_engine.quiet_step_warnings(scope)
-    pace = _Pace(cfg.data.batch_size * world)
+    pace = _Pace(cfg.data.batch_size * world * tc.accum_freq)
     try:
         for step in range(start, tc.steps):
             pace.start_step()
-            batch = next(batches) if vote is None else vote.next_batch(batches, rank)
+            micro = [next(batches) if vote is None else vote.next_batch(batches, rank)
+                     for _ in range(tc.accum_freq)]
             pace.got_batch()
-            images = normalize_batch(batch["image"].to(device, non_blocking=True), MEAN, STD)
-            tokens = batch["text"].to(device, non_blocking=True)
-            # CUDA graphs cannot use autocast's cache of cast weights
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16",
-                                cache_enabled=not graphed):
-                out = net(images, tokens)
-            terms = total_loss(out, cfg.loss)
+            inputs = [(normalize_batch(b["image"].to(device, non_blocking=True), MEAN, STD),
+                       b["text"].to(device, non_blocking=True)) for b in micro]
+
+            def forward(j: int):
+                # CUDA graphs cannot use autocast's cache of cast weights
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16",
+                                    cache_enabled=not graphed):
+                    return net(*inputs[j])
+
             if engine is not None:
                 if expert_opt is not None:
                     expert_opt.zero_grad(set_to_none=True)
-                engine.backward(terms["loss"])
             else:
                 opt.zero_grad(set_to_none=True)
-                terms["loss"].backward()
+            backward = engine.backward if engine is not None else torch.Tensor.backward
+            if tc.accum_freq == 1:
+                outs = [forward(0)]
+                terms = total_loss(outs[0], cfg.loss)
+                backward(terms["loss"])
+            else:
+                terms, outs = accumulated_backward(forward, tc.accum_freq, cfg.loss, backward,
+                                                   getattr(net, "no_sync", contextlib.nullcontext), device)
+            out = outs[-1]
             if groups is not None:
                 ep.reduce_expert_grads(model)
             if engine is not None:  # clips only without ZeRO, whose step clips (the experts too)
@@ -368,7 +379,7 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
                 done = step + 1
                 if tc.save_every:  # this step's data position and RNG, for a checkpoint now or at Ctrl-C
                     snap = resume.snapshot(done, loader)
-            for a in out.aux:
+            for a in (a for o in outs for a in o.aux):
                 key = f"{a.tower}.{a.block}"
                 load_sums[key] = load_sums.get(key, 0) + a.tokens_per_expert.float()
             if step % tc.log_every == 0 or step == tc.steps - 1:

@@ -447,3 +447,23 @@ def test_launch_script_runs_the_ranks_and_a_resubmitted_job_continues(tiny_shard
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000004"]
     r = launch("missing.yaml")
     assert r.returncode == 2 and r.stderr.startswith("usage: bash scripts/launch.sh CONFIG.yaml"), r.stderr
+
+
+@pytest.mark.slow  # ~20 s: two 2-rank runs
+def test_accumulation_on_two_ranks_equals_the_whole_batch(tiny_shards, tmp_path):
+    """DDP on 2 gloo ranks, 2 batches of 8 a step (each rank's features of both, gathered across ranks, in each
+    pass; DDP's all-reduce held back to the last): the losses and weights of batches of 16."""
+    cfg = {
+        "model": {"arch": "clipmoe-micro", "overrides": {
+            "vision": {"moe": {"num_experts": 4, "top_k": 2, "every": 1, "capacity_factor": None}}}},
+        "data": {"train": tiny_shards["train"], "batch_size": 16},
+        "loss": {"balance_coef": 0.0, "z_coef": 0.0},
+        "optim": {"lr": 2e-3, "warmup_steps": 1},
+        "train": {"steps": 3, "log_every": 1, "out_dir": str(tmp_path / "whole"), "device": "cpu"},
+    }
+    whole = run_training(cfg, tmp_path / "whole_ranks")
+    halves = run_training({**cfg, "data": {**cfg["data"], "batch_size": 8},
+                           "train": {**cfg["train"], "out_dir": str(tmp_path / "halves"), "accum_freq": 2}},
+                          tmp_path / "halves_ranks")
+    assert_same_run(halves, whole)
+    assert [r["stats"]["samples"] for r in halves] == [3 * 16, 3 * 16]
