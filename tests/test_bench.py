@@ -44,3 +44,8 @@ def test_encode_images_bench_runs(tmp_path):
                     "--device", "cpu", "--root", str(tmp_path))
     row = [line.split() for line in stdout.splitlines() if line.startswith("clipmoe-micro")]
     assert len(row) == 1 and float(row[0][-1]) < 1e-5, stdout  # the same embeddings as the plain loop
+
+
+def test_accumulation_bench_runs():
+    stdout = _bench("accumulation.py", "--arch", "clipmoe-micro", "--batch", "8", "--accum", "2", "--reps", "1")
+    assert "one batch" in stdout and "2 x 4" in stdout
