@@ -105,3 +105,21 @@ def test_accum_freq_is_checked():
                      ({"accum_freq": 2, "cuda_graphs": True}, "cannot be combined with cuda_graphs")]:
         with pytest.raises(clipmoe.ConfigError, match=f"accum_freq.*{why}"):
             from_dict(RunConfig, {"train": bad})
+
+
+def test_accumulating_run_resumes_exactly(tiny_shards, tmp_path):
+    """4 steps of 2 x 16 with router jitter equal 2 steps, a checkpoint, and 2 more from it, bit for bit: the
+    checkpoint holds the data position after the step's last batch and the random state after its replays."""
+    def cfg(out, **train_kw):
+        return from_dict(RunConfig, {
+            "model": {"arch": "clipmoe-micro", "overrides": {
+                "vision": {"moe": {"num_experts": 4, "top_k": 2, "every": 1, "jitter": 0.1}}}},
+            "data": {"train": tiny_shards["train"], "batch_size": 16},
+            "optim": {"lr": 2e-3, "warmup_steps": 1},
+            "train": {"steps": 4, "log_every": 1, "out_dir": str(tmp_path / out), "accum_freq": 2, **train_kw}})
+
+    straight = train(cfg("a", save_every=2, keep_checkpoints=2), progress=False)
+    resumed = train(cfg("b", resume=str(tmp_path / "a" / "checkpoints" / "step_00000002")), progress=False)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert straight.data_stats == resumed.data_stats and straight.data_stats["samples"] == 4 * 2 * 16
