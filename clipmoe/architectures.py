@@ -29,10 +29,11 @@ _OWN = {
 
 # open_clip config keys we translate; any other key with a non-default value means an architecture
 # our towers do not implement (ResNet, timm or HF towers, attention pooling, SigLIP...).
-_VISION_KEYS = {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio", "ls_init_value"}
+_VISION_KEYS = {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio", "ls_init_value",
+                "patch_dropout"}
 _TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "ls_init_value"}
 _TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "custom_text"}
-_HARMLESS = {"output_tokens": False, "patch_dropout": 0.0, "proj_bias": False, "pool_type": None}
+_HARMLESS = {"output_tokens": False, "proj_bias": False, "pool_type": None}
 
 
 _LS_INIT = 1e-5  # the initial layer-scale gain given to weights of no known architecture (open_clip's default)
@@ -97,6 +98,7 @@ def _translate(name: str, oc: dict) -> dict:
             "ls_init_value": vis.get("ls_init_value"),
             "image_size": vis.get("image_size", 224),
             "patch_size": vis.get("patch_size", 16),
+            "patch_dropout": float(vis.get("patch_dropout") or 0.0),
         },
         "text": {
             "width": txt.get("width", 512),

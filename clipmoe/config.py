@@ -95,9 +95,13 @@ class VisionConfig:
     patch_size: int = 32
     moe: Optional[MoEConfig] = None
     ls_init_value: Optional[float] = None  # LayerScale (CaiT) on both residual branches, its initial gain; None: none
+    # FLIP: the fraction of patch tokens each image drops in training (open_clip's patch_dropout; 0.5-0.75 in the
+    # paper); evaluation and embeddings see every patch
+    patch_dropout: float = 0.0
 
     def __post_init__(self):
         _check_tower(self)
+        _check(0 <= self.patch_dropout < 1, "patch_dropout", self.patch_dropout, "must be in [0, 1)")
         _check(self.image_size % self.patch_size == 0, "image_size", self.image_size,
                f"must be a multiple of patch_size ({self.patch_size})")
 

@@ -129,9 +129,20 @@ def build_blocks(cfg, act_layer, tower: str) -> nn.ModuleList:
         for i in range(cfg.depth))
 
 
+def drop_patches(x: torch.Tensor, prob: float) -> torch.Tensor:
+    """FLIP's patch dropout (Li et al. 2023), as open_clip's PatchDropout: each image keeps its class token (first)
+    and a random max(1, int(N * (1 - prob))) of its N patch tokens (positions already added), drawn as open_clip
+    draws them. Fewer tokens: a cheaper image tower in training, and fewer tokens for its MoE layers to route."""
+    cls, patches = x[:, :1], x[:, 1:]
+    keep = max(1, int(patches.shape[1] * (1 - prob)))
+    idx = torch.randn(patches.shape[:2], device=x.device).topk(keep, dim=-1).indices
+    return torch.cat([cls, patches[torch.arange(x.shape[0], device=x.device).unsqueeze(1), idx]], dim=1)
+
+
 class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig, embed_dim: int, act_layer):
         super().__init__()
+        self.patch_dropout = cfg.patch_dropout
         grid = cfg.image_size // cfg.patch_size
         scale = cfg.width ** -0.5
         self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=False)
@@ -148,7 +159,10 @@ class VisionTower(nn.Module):
         images = images.to(self.patch_embed.weight.dtype)
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, L-1, D)
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = self.norm_pre(torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype))
+        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
+        if self.training and self.patch_dropout:
+            x = drop_patches(x, self.patch_dropout)
+        x = self.norm_pre(x)
         x, aux = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x[:, 0]) @ self.proj, aux
 

@@ -278,3 +278,34 @@ def test_pretrained_tag_from_the_local_hub_cache(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HF_HUB_CACHE": str(tmp_path)},
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == str(snap / "open_clip_model.safetensors")
+
+
+def test_patch_dropout_as_open_clip():
+    """FLIP's patch dropout (vision patch_dropout): in training, the same kept patches and features as open_clip's
+    model with its patch_dropout, from the same seed; in evaluation every patch; also from open_clip's config key."""
+    oc_cfg = open_clip.get_model_config("ViT-B-32")
+    oc_cfg["vision_cfg"] = {**oc_cfg["vision_cfg"], "patch_dropout": 0.5}
+    torch.manual_seed(0)
+    ref = open_clip.model.CLIP(**oc_cfg).train()
+    model = clipmoe.create_model("ViT-B-32", vision={"patch_dropout": 0.5}).train()
+    model.load_state_dict(adapter.from_open_clip(ref.state_dict()))
+    images, _ = _inputs("ViT-B-32")
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        theirs = ref.encode_image(images)
+        torch.manual_seed(seed)
+        ours = model.encode_image(images)
+        assert (ours - theirs).abs().max().item() < 1e-5
+    torch.manual_seed(5)  # another draw: other patches, other features
+    assert (model.encode_image(images) - theirs).abs().max().item() > 1e-3
+    ref.eval(), model.eval()
+    with torch.no_grad():
+        assert (model.encode_image(images) - ref.encode_image(images)).abs().max().item() < 1e-5
+    kept = []
+    model.image.blocks[0].register_forward_hook(lambda m, args, out: kept.append(args[0].shape[1]))
+    model.train()(images, clipmoe.get_tokenizer(model)(["a", "b"]))
+    model.eval()(images, clipmoe.get_tokenizer(model)(["a", "b"]))
+    assert kept == [1 + 24, 1 + 49]  # the class token and half of the 7 x 7 patches (rounded down), then all
+    assert clipmoe.architectures._translate("x", oc_cfg)["vision"]["patch_dropout"] == 0.5
+    with pytest.raises(clipmoe.ConfigError, match="patch_dropout: 1.0 must be in"):
+        clipmoe.create_model("clipmoe-micro", vision={"patch_dropout": 1.0})
