@@ -47,6 +47,7 @@ def analyze_routing(model: ModelRef, urls, out_dir: str | Path, num_batches: int
     if not any(isinstance(m, MoE) for m in model.modules()):
         raise ClipmoeError("the model has no MoE layers: there is no routing to analyse (upcycle it first)")
     out_dir = make_folder(out_dir, "out_dir")
+    was_training = model.training
     model.eval()
     _, eval_tf = create_transforms(model.config)
     tokenizer = get_tokenizer(model)
@@ -98,6 +99,7 @@ def analyze_routing(model: ModelRef, urls, out_dir: str | Path, num_batches: int
     finally:  # a bar ended by an error still ends its line
         if bar is not None:
             bar.close()
+        model.train(was_training)  # a model in training goes on training as it was
     stats = loader.stats()
     if not loads:
         raise ClipmoeError(f"no samples could be read from {urls!r} (skipped: {stats['skipped'] or 'none'})")

@@ -49,27 +49,32 @@ def zeroshot_eval(model: Union[str, Path, CLIP], datasets: Sequence[str], data_r
                 raise ClipmoeError(f"{flag}: {why if str(path) in why else f'{path}: {why}'}") from None
     if out:  # before the evaluation, which its results would otherwise be lost with
         make_folder(Path(out).parent, "out")
-    clip = _model(model, pretrained, device).eval()
+    clip = _model(model, pretrained, device)
+    was_training = clip.training
+    clip.eval()
     model_device = next(clip.parameters()).device
     _, transform = create_transforms(clip.config)
     tokenizer = get_tokenizer(clip)
     model_key = zeroshot.fingerprint(clip) if cache_dir else None
     name = str(model) if not isinstance(model, CLIP) else "model"
     results = []
-    for ds_name in datasets:
-        start = time.perf_counter()
-        try:
-            ds = zeroshot.open_dataset(ds_name, data_root, transform, split=split,
-                                       classnames_file=classnames_file, templates_file=templates_file)
-            res = zeroshot.evaluate(ds, clip.encode_image, clip.encode_text, tokenizer, batch_size=batch_size,
-                                    num_workers=num_workers, device=model_device, cache_dir=cache_dir,
-                                    model_key=model_key, progress=progress)
-        except (zeroshot.DatasetNotFound, zeroshot.UnknownDataset) as e:
-            res = {"dataset": ds_name, "error": str(e)}
-        except Exception as e:  # a broken file mid-run: this dataset fails, the others still run
-            res = {"dataset": ds_name, "error": error_line(e)}
-        res.update(model=name, pretrained=pretrained, split=split, seconds=round(time.perf_counter() - start, 2))
-        results.append(res)
+    try:
+        for ds_name in datasets:
+            start = time.perf_counter()
+            try:
+                ds = zeroshot.open_dataset(ds_name, data_root, transform, split=split,
+                                           classnames_file=classnames_file, templates_file=templates_file)
+                res = zeroshot.evaluate(ds, clip.encode_image, clip.encode_text, tokenizer, batch_size=batch_size,
+                                        num_workers=num_workers, device=model_device, cache_dir=cache_dir,
+                                        model_key=model_key, progress=progress)
+            except (zeroshot.DatasetNotFound, zeroshot.UnknownDataset) as e:
+                res = {"dataset": ds_name, "error": str(e)}
+            except Exception as e:  # a broken file mid-run: this dataset fails, the others still run
+                res = {"dataset": ds_name, "error": error_line(e)}
+            res.update(model=name, pretrained=pretrained, split=split, seconds=round(time.perf_counter() - start, 2))
+            results.append(res)
+    finally:
+        clip.train(was_training)  # a model in training goes on training as it was
     if out:
         Path(out).write_text(json.dumps(results, indent=2))
         if any("metrics" in r for r in results):

@@ -223,7 +223,8 @@ def test_analyze_routing_writes_heatmap_and_words(tmp_path, tiny_shards):
         for m in model.modules():
             if isinstance(m, MoE):
                 m.router.weight.normal_()
-    report = analyze_routing(model, tiny_shards["eval"], tmp_path, num_batches=2, batch_size=16)
+    report = analyze_routing(model.train(), tiny_shards["eval"], tmp_path, num_batches=2, batch_size=16)
+    assert model.training  # routed in eval mode (the saved model's report below is the same), left training
     assert set(report) == {"image.0", "image.1", "text.0", "text.1"}
     for name, entry in report.items():
         assert abs(sum(entry["load"]) - 1) < 1e-5

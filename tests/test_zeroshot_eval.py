@@ -69,6 +69,10 @@ def test_folder_accuracy_recomputed_independently(model_path, folder_root, tmp_p
                 hits += int((model.encode_image(x) @ w).argmax().item() == label)
     assert res["metrics"]["top1"] == pytest.approx(hits / 12)
     assert res["metrics"]["top5"] is None
+    # a model object in training is evaluated in eval mode (the same accuracy) and left training
+    training = model.train()
+    (again,) = clipmoe.zeroshot_eval(training, ["folder"], folder_root, progress=False)
+    assert again["metrics"] == res["metrics"] and training.training
 
 
 def _write_wds(root, samples, classnames=None, templates=None, kind=None, shards=2):
