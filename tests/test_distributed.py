@@ -28,8 +28,10 @@ def _loss(kind: str, img, txt):
     if kind.startswith("sigmoid"):
         return sigmoid_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), torch.tensor(10.0), torch.tensor(-5.0),
                             dist_impl="bidir" if kind == "sigmoid-bidir" else "gather")
-    return clip_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), torch.tensor(10.0), local_loss=True,
-                     gather_with_grad=True)
+    # "softmax-global": every rank scores the whole batch (local_loss false), whose gradients, summed back over the
+    # ranks by the gather, are the same
+    return clip_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), torch.tensor(10.0),
+                     local_loss=kind != "softmax-global", gather_with_grad=True)
 
 
 def _rank_main(rank: int, port: int, kind: str, out_dir: str, world: int):
@@ -54,8 +56,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("kind, world", [("softmax", 2), ("softmax", 4), ("sigmoid", 2), ("sigmoid-bidir", 2),
-                                         ("sigmoid-bidir", 4)])
+@pytest.mark.parametrize("kind, world", [("softmax", 2), ("softmax", 4), ("softmax-global", 2), ("sigmoid", 2),
+                                         ("sigmoid-bidir", 2), ("sigmoid-bidir", 4)])
 def test_gathered_loss_equals_full_batch(tmp_path, kind, world):
     """Each rank's loss on its rows of the batch (the other ranks' features gathered with gradients, or for the
     sigmoid loss's "bidir" exchanged point to point: with 2 ranks from the one other, with 4 from both sides and
