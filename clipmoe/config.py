@@ -260,6 +260,12 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_steps: int = 100
     grad_clip: Optional[float] = 1.0
+    # after the warmup (open_clip's --lr-scheduler): "cosine" to 0 at train.steps; "const"; "const-cooldown": const,
+    # then over the last cooldown_steps down to cooldown_end_lr, as (1 - t) ** cooldown_power
+    schedule: str = "cosine"
+    cooldown_steps: int = 0
+    cooldown_power: float = 1.0
+    cooldown_end_lr: float = 0.0
 
     def __post_init__(self):
         _check(self.lr > 0, "lr", self.lr, "must be > 0")
@@ -268,6 +274,13 @@ class OptimConfig:
         _check(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
         _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0")
+        _check(self.schedule in ("cosine", "const", "const-cooldown"), "schedule", self.schedule,
+               "must be 'cosine', 'const' or 'const-cooldown'")
+        _check((self.cooldown_steps >= 1) == (self.schedule == "const-cooldown"), "cooldown_steps",
+               self.cooldown_steps, "must be >= 1 with schedule const-cooldown, and 0 with another schedule")
+        _check(self.cooldown_power > 0, "cooldown_power", self.cooldown_power, "must be > 0")
+        _check(0 <= self.cooldown_end_lr <= self.lr, "cooldown_end_lr", self.cooldown_end_lr,
+               f"must be in [0, lr ({self.lr})]")
 
 
 @dataclass
@@ -358,6 +371,12 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        o, steps = self.optim, self.train.steps
+        if o.cooldown_steps and o.warmup_steps + o.cooldown_steps > steps:
+            raise ConfigError(f"optim.cooldown_steps: {o.cooldown_steps} after optim.warmup_steps ({o.warmup_steps}) "
+                              f"do not fit in train.steps ({steps})")
 
 
 # ---------------------------------------------------------------------------------------------------

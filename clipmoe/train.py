@@ -131,11 +131,18 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, steps: int, only: 
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
-    def schedule(step: int) -> float:
+    def schedule(step: int) -> float:  # the factor on optim.lr at `step`, as open_clip's schedulers compute it
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        cooldown_start = steps - cfg.cooldown_steps
+        if cfg.schedule == "const" or step < cooldown_start:
+            return 1.0
+        decay = (1 - min(1.0, (step - cooldown_start) / cfg.cooldown_steps)) ** cfg.cooldown_power
+        end = cfg.cooldown_end_lr / cfg.lr
+        return decay * (1 - end) + end
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 

@@ -2,9 +2,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 import clipmoe
 from clipmoe.config import RunConfig, from_dict, load_run_config
+from clipmoe.errors import ConfigError
 from clipmoe.moe import MoE
 from clipmoe.quickstart import QUICKSTART
 
@@ -165,3 +167,38 @@ def test_python_arguments_of_the_wrong_type_name_the_field():
         MoEConfig(min_capacity=2.0)
     with pytest.raises(clipmoe.ConfigError, match=r"^depth: 2.0 must be an integer$"):
         VisionConfig(width=64, depth=2.0, num_heads=2)
+
+
+@pytest.mark.parametrize("optim", [{"schedule": "cosine"}, {"schedule": "const"},
+                                   {"schedule": "const-cooldown", "cooldown_steps": 30},
+                                   {"schedule": "const-cooldown", "cooldown_steps": 30, "cooldown_power": 0.5,
+                                    "cooldown_end_lr": 1e-5}])
+def test_lr_schedules_are_open_clips(optim):
+    """Every step's learning rate equals what open_clip's scheduler of the same name assigns."""
+    from open_clip_train import scheduler
+
+    from clipmoe.train import build_optimizer
+
+    cfg = from_dict(RunConfig, {"optim": {"lr": 1e-3, "warmup_steps": 10, **optim}, "train": {"steps": 100}})
+    opt, sched = build_optimizer(torch.nn.Linear(2, 2), cfg.optim, cfg.train.steps)
+    ref_opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+    args = (ref_opt, 1e-3, 10, 100)
+    ref = {"cosine": lambda: scheduler.cosine_lr(*args), "const": lambda: scheduler.const_lr(*args),
+           "const-cooldown": lambda: scheduler.const_lr_cooldown(
+               *args, 30, optim.get("cooldown_power", 1.0), optim.get("cooldown_end_lr", 0.0))}[optim["schedule"]]()
+    for step in range(100):
+        assert sched.get_last_lr()[0] == pytest.approx(ref(step), rel=1e-9, abs=1e-15), step
+        opt.step()
+        sched.step()
+
+
+def test_lr_schedule_errors():
+    for optim, train, why in [({"schedule": "linear"}, {}, "optim.schedule: 'linear' must be"),
+                              ({"schedule": "const-cooldown"}, {}, "cooldown_steps: 0 must be >= 1 with schedule"),
+                              ({"cooldown_steps": 5}, {}, "cooldown_steps: 5 must be >= 1 with schedule const-cooldown, "
+                                                          "and 0 with another"),
+                              ({"schedule": "const-cooldown", "cooldown_steps": 95, "warmup_steps": 10},
+                               {"steps": 100}, r"cooldown_steps: 95 after optim.warmup_steps \(10\) do not fit"),
+                              ({"cooldown_end_lr": 1.0, "lr": 0.1}, {}, r"cooldown_end_lr: 1.0 must be in \[0, lr")]:
+        with pytest.raises(ConfigError, match=why):
+            from_dict(RunConfig, {"optim": optim, "train": train})
