@@ -166,7 +166,8 @@ def _validate(args) -> None:
         make_folder(Path(args.out).parent, "--out")
     model = _model(args).to(resolve_device(args.device))
     metrics = validate(model, args.data, batch_size=args.batch_size, loss_kind=args.loss, precision=args.precision,
-                       num_workers=args.workers, max_samples=args.max_samples, progress=True)
+                       num_workers=args.workers, max_samples=args.max_samples, caption_key=args.caption_key,
+                       progress=True)
     print(_held_out(metrics).replace("(data.eval, ", "("))
     if metrics["skipped"]:
         print(f"  skipped {sum(metrics['skipped'].values())} unreadable samples: {metrics['skipped']}")
@@ -322,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--loss", choices=["softmax", "sigmoid"], default="softmax", help="the training loss's kind")
     v.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     v.add_argument("--max-samples", type=int, help="stop after this many pairs (whole batches)")
+    v.add_argument("--caption-key", default="txt", help="the caption: txt (default) or a field of key.json")
     v.add_argument("--workers", type=int, default=0, help="data loader workers")
     v.add_argument("--device", help="default: cuda if available, else cpu")
     v.add_argument("--out", help="write the metrics JSON here")

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -204,9 +204,17 @@ class DataConfig:
     samples_per_epoch: Optional[int] = None
     shuffle: bool = True
     strict: bool = False
+    # the caption: "txt" (key.txt), a field of key.json ("caption"; a list value: its first), or a list of these,
+    # one drawn at random per sample (several captions per image)
+    caption_key: Union[str, list[str]] = "txt"
+    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop's area range (open_clip)
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        keys = [self.caption_key] if isinstance(self.caption_key, str) else self.caption_key
+        _check(bool(keys) and all(keys), "caption_key", self.caption_key, "must be a key or a list of keys")
+        _check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale",
+               self.crop_scale, "must be [low, high] with 0 < low <= high <= 1")
         _check(not self.resampled or (self.samples_per_epoch or 0) >= 1, "samples_per_epoch",
                self.samples_per_epoch, "must be >= 1 with resampled: true")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
@@ -461,7 +469,13 @@ def _coerce(tp, value: Any, path: str):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(args[0], value, path)
+        first = None
+        for alternative in args:  # the first type that takes the value (str | list[str]); else the first's error
+            try:
+                return _coerce(alternative, value, path)
+            except ConfigError as e:
+                first = first or e
+        raise first
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if origin is list:

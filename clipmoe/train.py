@@ -231,13 +231,13 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
     if groups is not None:  # each rank keeps its share of the experts
         ep.shard_experts(model, groups)
     # the workers' fast path: uint8 crops, normalised below on the device (open_clip's train transform)
-    train_tf = TrainTransform(model.config.vision.image_size, mean=MEAN, std=STD)
+    train_tf = TrainTransform(model.config.vision.image_size, scale=cfg.data.crop_scale, mean=MEAN, std=STD)
     loader = loaders.image_text_loader(
         cfg.data.train, batch_size=cfg.data.batch_size, transform=train_tf, tokenize=get_tokenizer(model),
         num_workers=cfg.data.num_workers, rank=rank, world_size=world, resampled=cfg.data.resampled,
         seed=tc.seed, shuffle=cfg.data.shuffle, strict=cfg.data.strict, drop_last=True,
         samples_per_epoch=cfg.data.samples_per_epoch, pin_memory=device.type == "cuda",
-        draft_size=model.config.vision.image_size)
+        draft_size=model.config.vision.image_size, caption_key=cfg.data.caption_key)
     if resume_from is not None:
         layout = [f"world_size {shared['world_size']} -> {world}"] if mine is None else \
             loader.layout_changes(mine["loader"])
@@ -537,7 +537,8 @@ def _validate(model: CLIP, cfg: RunConfig, step: int, history: list[dict]) -> di
     that cannot be read is an `error` entry and a warning: the training goes on."""
     try:
         metrics = validate(model, cfg.data.eval, batch_size=cfg.data.batch_size, loss_kind=cfg.loss.kind,
-                           precision=cfg.train.precision, num_workers=cfg.data.num_workers)
+                           precision=cfg.train.precision, num_workers=cfg.data.num_workers,
+                           caption_key=cfg.data.caption_key)
     except (loaders.DataError, ValueError, OSError) as e:
         warnings.warn(f"data.eval at step {step}: {e}; training goes on", stacklevel=2)
         return {"step": step, "error": str(e)}

@@ -19,7 +19,7 @@ from .loss import batch_loss
 @torch.no_grad()
 def validate(model: ModelRef, urls: Union[str, list], *, batch_size: int = 256, loss_kind: str = "softmax",
              precision: str = "fp32", num_workers: int = 0, max_samples: Optional[int] = None,
-             progress: bool = False) -> dict:
+             caption_key: Union[str, list] = "txt", progress: bool = False) -> dict:
     """Metrics of `model` (in eval mode, on its device; or a `clipmoe.save` file or training checkpoint, loaded on
     the CPU) on the held-out shards `urls`.
 
@@ -27,7 +27,8 @@ def validate(model: ModelRef, urls: Union[str, list], *, batch_size: int = 256, 
     `batch_size`, since the contrastive loss depends on how many negatives a batch holds), recall@1/5/10 both
     ways over all the pairs read (`image_retrieval_recall@k`: captions whose image ranks in the top k;
     `text_retrieval_recall@k`: images whose caption does), `num_samples` and `skipped` (the loader's counts of
-    samples it could not read). `max_samples` stops after that many (whole batches).
+    samples it could not read). `max_samples` stops after that many (whole batches). `caption_key`: as the loader's
+    (a key.json field, or several drawn from per sample).
     """
     if loss_kind not in ("softmax", "sigmoid"):
         raise ClipmoeError(f"loss_kind must be 'softmax' or 'sigmoid', not {loss_kind!r}")
@@ -43,7 +44,7 @@ def validate(model: ModelRef, urls: Union[str, list], *, batch_size: int = 256, 
     workers = min(num_workers, len(loaders.expand_shards(urls)))
     loader = loaders.image_text_loader(urls, batch_size=batch_size, transform=transform,
                                        tokenize=get_tokenizer(model), num_workers=workers, shuffle=False,
-                                       drop_last=False)
+                                       drop_last=False, caption_key=caption_key)
     images, texts, loss_sum, n = [], [], 0.0, 0
     bar = tqdm(desc="validation", unit="img", disable=not progress)
     try:

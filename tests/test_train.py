@@ -921,3 +921,30 @@ log.close()
     assert kept.split()[0] == "1" and int(kept.split()[1]) < 200  # the part of row 2 that fit was taken back
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": i, "note": "x" * 100}
                                                                           for i in range(4)]
+
+
+def test_caption_key_and_crop_scale_reach_the_loader(tiny_shards, tmp_path, monkeypatch):
+    """data.caption_key (a key.json field, or several) and data.crop_scale go to the training loader and its
+    transform, and the caption key to the held-out loader; a field the shards lack is said, not trained on."""
+    made = []
+
+    def spy(urls, **kw):
+        made.append(kw)
+        return real(urls, **kw)
+
+    real = loaders.image_text_loader
+    monkeypatch.setattr(loaders, "image_text_loader", spy)
+    d = _cfg_dict(tiny_shards, tmp_path, steps=2)
+    d["data"].update(caption_key=["colour", "shape"], crop_scale=[0.5, 0.8], eval=tiny_shards["eval"])
+    result = train(from_dict(RunConfig, d), progress=False)
+    assert result.data_stats["skipped"] == {}
+    assert [kw["caption_key"] for kw in made] == [["colour", "shape"]] * 2  # training, then validation
+    assert made[0]["transform"].scale == (0.5, 0.8)
+    d["data"].update(caption_key="no_such_field", eval=None)
+    d["train"]["out_dir"] = str(tmp_path / "other")
+    with pytest.raises(loaders.DataError, match="were bad"):
+        train(from_dict(RunConfig, d), progress=False)
+    for bad, why in [({"crop_scale": [0.9]}, "crop_scale: .* must be"), ({"crop_scale": [0.9, 0.5]}, "crop_scale"),
+                     ({"caption_key": []}, "caption_key: .* must be a key"), ({"caption_key": 3}, "caption_key")]:
+        with pytest.raises(ConfigError, match=f"data.{why}"):
+            from_dict(RunConfig, {"data": bad})
