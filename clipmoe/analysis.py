@@ -21,7 +21,8 @@ from .plots import plot_routing
 
 @torch.no_grad()
 def analyze_routing(model: ModelRef, urls, out_dir: str | Path, num_batches: int = 4, batch_size: int = 64,
-                    top_words: int = 10, min_count: int = 3, top_patches: int = 8, progress: bool = False) -> dict:
+                    top_words: int = 10, min_count: int = 3, top_patches: int = 8, caption_key="txt",
+                    progress: bool = False) -> dict:
     """Routes `num_batches` batches of shards through `model` (or a `clipmoe.save` file or training checkpoint,
     loaded on the CPU) and writes `routing.json` and `routing.png`.
 
@@ -36,8 +37,8 @@ def analyze_routing(model: ModelRef, urls, out_dir: str | Path, num_batches: int
     or for image layers `patch_map` per expert (fraction of its tokens at each grid position, CLS first) and
     `top_patches` per expert: [sample key, patch index (row-major, CLS not counted), router probability] of the
     `top_patches` image patches it computed with the highest probability for it (shown as pixels in the PNG).
-    Samples or shards the loader skipped (corrupt, missing) are counted and named in a warning. `progress`: a
-    progress bar over the batches.
+    Samples or shards the loader skipped (corrupt, missing) are counted and named in a warning. `caption_key`: as
+    the loader's (a key.json field). `progress`: a progress bar over the batches.
     """
     for name, value, least in (("num_batches", num_batches, 1), ("batch_size", batch_size, 1),
                                ("top_words", top_words, 0), ("top_patches", top_patches, 0)):
@@ -52,7 +53,7 @@ def analyze_routing(model: ModelRef, urls, out_dir: str | Path, num_batches: int
     _, eval_tf = create_transforms(model.config)
     tokenizer = get_tokenizer(model)
     loader = loaders.image_text_loader(urls, batch_size=batch_size, transform=eval_tf, tokenize=tokenizer,
-                                       shuffle=False)
+                                       shuffle=False, caption_key=caption_key)
     device = next(model.parameters()).device
     patch_size = model.config.vision.patch_size
     grid_tokens = (model.config.vision.image_size // patch_size) ** 2 + 1

@@ -142,7 +142,7 @@ def _analyze_routing(args) -> None:
 
     report = analyze_routing(_model(args), args.data, args.out, num_batches=args.batches,
                              batch_size=args.batch_size, top_words=args.top_words, top_patches=args.top_patches,
-                             progress=True)
+                             caption_key=args.caption_key, progress=True)
     for name, entry in report.items():
         load = " ".join(f"{x:.2f}" for x in entry["load"])
         print(f"{name:<9} load {load}")
@@ -312,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=64, help="samples per batch (default: 64)")
     a.add_argument("--top-words", type=int, default=10, help="words listed per text expert (default: 10)")
     a.add_argument("--top-patches", type=int, default=8, help="patches shown per image expert (default: 8)")
+    a.add_argument("--caption-key", default="txt", help="the caption: txt (default) or a field of key.json")
     a.set_defaults(func=_analyze_routing)
 
     v = sub.add_parser("validate", help="held-out loss and image<->text recall@k on image-text shards")

@@ -253,6 +253,14 @@ def test_analyze_routing_writes_heatmap_and_words(tmp_path, tiny_shards):
     assert all(len(top) <= 3 for top in cli["image.0"]["top_patches"])
     assert all(len(top) <= 2 for top in cli["text.0"]["top_words"])
     assert sum(sum(count for _, count, _ in top) for top in cli["text.0"]["top_words"]) > 0
+    # the captions from a field of key.json: only shape names are routed words
+    from loaders.synthetic import SHAPES
+    r = _run("analyze-routing", "--model", str(path), "--data", tiny_shards["eval"], "--out", str(tmp_path / "shape"),
+             "--batches", "1", "--batch-size", "16", "--caption-key", "shape")
+    assert r.returncode == 0, r.stderr
+    shaped = json.loads((tmp_path / "shape" / "routing.json").read_text())
+    words = {w for top in shaped["text.0"]["top_words"] for w, _, _ in top}
+    assert words and words <= set(SHAPES)
 
 
 def test_analyze_routing_names_an_expert_that_took_no_words(tmp_path, tiny_shards):
