@@ -14,8 +14,10 @@ from clipmoe.train import train
 
 
 def _model(**overrides):
+    """An MoE CLIP whose image tower draws random numbers in training: router jitter and patch dropout."""
     torch.manual_seed(0)
-    return clipmoe.create_model("clipmoe-micro", vision={"moe": {"num_experts": 4, "top_k": 2, "jitter": 0.2}},
+    return clipmoe.create_model("clipmoe-micro", vision={"moe": {"num_experts": 4, "top_k": 2, "jitter": 0.2},
+                                                         "patch_dropout": 0.5},
                                 text={"moe": {"num_experts": 4, "top_k": 1, "capacity_factor": 1.0}},
                                 **overrides).train()
 
@@ -35,31 +37,25 @@ def _grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
-def test_accumulated_gradient_is_the_whole_batch_gradient(kind):
-    """3 micro-batches of 4, MoE in both towers with router jitter (random draws), capacity drops, balance, z and
-    entropy losses: the summed gradients of the accumulated passes equal those of one backward through all three
-    micro-batches (drawing the same jitter in the same order) of the contrastive loss over all 12 pairs plus each
-    micro-batch's auxiliary terms averaged; the logged terms are that loss's."""
-    model = _model(init_logit_bias=-5.0) if kind == "sigmoid" else _model()
-    cfg = LossConfig(kind=kind, balance_coef=0.1, z_coef=0.01,
-                     image_entropy=EntropyLossConfig(local_coef=0.1, global_coef=0.1))
-    inputs = _inputs(model, 3, 4)
-
+def check_accumulation(model, inputs, cfg, device):
+    """The summed gradients of `accumulated_backward` over `inputs` (micro-batches) equal those of one backward
+    through all of them (drawing the same random numbers in the same order) of the contrastive loss over all pairs
+    plus each micro-batch's auxiliary terms averaged; the logged terms are that loss's."""
+    n = len(inputs)
     torch.manual_seed(7)
     outs = [model(*x) for x in inputs]
     whole = CLIPOutput(torch.cat([o.image_features for o in outs]), torch.cat([o.text_features for o in outs]),
                        outs[0].logit_scale, logit_bias=outs[0].logit_bias)
     contrastive = total_loss(whole, cfg)["contrastive"]
     parts = [total_loss(o, cfg) for o in outs]
-    aux = sum(p["loss"] - p["contrastive"] for p in parts) / 3
+    aux = sum(p["loss"] - p["contrastive"] for p in parts) / n
     (contrastive + aux).backward()
     expected, after = _grads(model), torch.get_rng_state()
     model.zero_grad(set_to_none=True)
 
     torch.manual_seed(7)
-    terms, got_outs = accumulated_backward(lambda j: model(*inputs[j]), 3, cfg, torch.Tensor.backward,
-                                           contextlib.nullcontext, torch.device("cpu"))
+    terms, got_outs = accumulated_backward(lambda j: model(*inputs[j]), n, cfg, torch.Tensor.backward,
+                                           contextlib.nullcontext, device)
     got = _grads(model)
     assert got.keys() == expected.keys() and "logit_scale" in got and "image.blocks.1.mlp.router.weight" in got
     for name, grad in expected.items():
@@ -68,8 +64,19 @@ def test_accumulated_gradient_is_the_whole_batch_gradient(kind):
     assert terms["contrastive"].item() == pytest.approx(contrastive.item(), rel=1e-6)
     assert terms["loss"].item() == pytest.approx((contrastive + aux).item(), rel=1e-6)
     for name in ("balance", "z", "image_local_entropy", "image_global_entropy"):
-        assert terms[name].item() == pytest.approx(sum(p[name].item() for p in parts) / 3, rel=1e-5), name
-    assert len(got_outs) == 3 and all(len(o.aux) == len(outs[0].aux) for o in got_outs)
+        assert terms[name].item() == pytest.approx(sum(p[name].item() for p in parts) / n, rel=1e-5), name
+    assert len(got_outs) == n and all(len(o.aux) == len(outs[0].aux) for o in got_outs)
+
+
+LOSS = dict(balance_coef=0.1, z_coef=0.01, image_entropy=EntropyLossConfig(local_coef=0.1, global_coef=0.1))
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_accumulated_gradient_is_the_whole_batch_gradient(kind):
+    """3 micro-batches of 4, MoE in both towers with router jitter and patch dropout (random draws), capacity drops,
+    balance, z and entropy losses, as one batch of 12 (check_accumulation)."""
+    model = _model(init_logit_bias=-5.0) if kind == "sigmoid" else _model()
+    check_accumulation(model, _inputs(model, 3, 4), LossConfig(kind=kind, **LOSS), torch.device("cpu"))
 
 
 def _run(tiny_shards, tmp_path, name, batch_size, accum_freq):

@@ -271,3 +271,15 @@ def test_deepspeed_zero2_training_on_one_gpu(tiny_shards, tmp_path):
                       tmp_path / "z2_ranks", world=1)
     assert z2[0]["losses"] == pytest.approx(plain[0]["losses"], rel=2e-2)
     assert all(math.isfinite(x) for x in z2[0]["losses"])
+
+
+def test_accumulation_on_cuda(no_tf32):
+    """Gradient accumulation on the GPU, where router jitter and patch dropout draw from the device's generator,
+    which each micro-batch's second pass must replay: as one batch (test_accumulation.check_accumulation)."""
+    from test_accumulation import LOSS, _inputs, _model, check_accumulation
+
+    from clipmoe.config import LossConfig
+
+    model = _model().cuda()
+    inputs = [(images.cuda(), tokens.cuda()) for images, tokens in _inputs(model, 3, 4)]
+    check_accumulation(model, inputs, LossConfig(**LOSS), torch.device("cuda"))
