@@ -36,7 +36,7 @@ class TarEnd:
         self._head = b""
         self._total = 0
         self._zeros = 0  # zero bytes at the end of what was read
-        self._codec = None  # the decompressor of a compressed stream, chosen at the first read
+        self._make = self._codec = None  # a compressed stream's decompressor (and its maker), from the first read
         self._started = False
         self._decoded, self._pos = b"", 0  # decompressed bytes not yet handed out: self._decoded[self._pos:]
         self._raw_end = False
@@ -64,8 +64,7 @@ class TarEnd:
             if make is None:  # a plain tar: read through
                 self._decoded = first
             else:
-                self._make = make
-                self._codec = make()
+                self._make, self._codec = make, make()
                 self._decoded = self._decompress(first)
         while self._codec is not None and not self._raw_end and (size < 0 or len(self._decoded) - self._pos < size):
             raw = self.stream.read(_RAW_CHUNK)
