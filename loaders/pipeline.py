@@ -353,17 +353,23 @@ class ImageTextLoader:
             failed = False  # resampled mode may draw a shard again: each read counts its own failure
             opened = []
             members = tariterators.tar_file_expander(kept(url, opened), handler=handler, select_files=_wanted)
-            n = 0
+            n, last = 0, None
             try:
+                # each sample goes out once the next has begun: the last one, which a cut leaves without some of
+                # its members, only after the end is checked, so that strict mode names the cut, not the sample
                 for sample in tariterators.group_by_keys(members, handler=handler):
                     n += 1
-                    yield sample
+                    if last is not None:
+                        yield last
+                    last = sample
                 problem = None if failed else next(filter(None, (stream.problem() for stream in opened)), None)
                 if problem:  # tarfile ended quietly on a cut or a damaged header
                     if self.strict:
                         raise DataError(f"truncated_shard: {url}: {problem}")
                     failed = True
                     counts["truncated_shard"] += 1
+                if last is not None:
+                    yield last
             finally:  # also when training ends mid-shard (this generator is closed)
                 for stream in opened:
                     try:
