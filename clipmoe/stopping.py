@@ -1,9 +1,11 @@
-"""How training stops early. Ctrl-C and SIGTERM become exceptions between steps, never in the middle of an
-optimizer update; on several processes the ranks agree at every step's start and stop at the same step, so that
-they can write a checkpoint together (`StopVote`)."""
+"""How training stops early. Ctrl-C and SIGTERM become exceptions, never in the middle of an optimizer update: at
+once in one process (`StopNow`); on several, the ranks agree at every step's start and stop at the same step, so
+that they can write a checkpoint together (`StopVote`). The loader's workers leave both signals to the training
+process (`loaders.workers`)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Callable, Optional
@@ -24,43 +26,75 @@ class Terminated(KeyboardInterrupt):
         super().__init__(message)
 
 
-def raise_terminated(signum, frame):
-    raise Terminated
+def _stop_with(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-def terminate_as_interrupt() -> Callable[[], None]:
-    """Makes SIGTERM raise `Terminated` until the returned function is called; only where the signal's default
-    action (to die at once, writing nothing) is installed, in the main thread: a handler someone else set stays
-    theirs."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return lambda: None
-    signal.signal(signal.SIGTERM, raise_terminated)
-    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-STOPPING = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: raise_terminated}
-
-
-@contextlib.contextmanager
-def held_interrupt():
-    """Holds Ctrl-C (SIGINT) and SIGTERM until the block ends, so that they never leave the parameters half-updated
-    (the optimizer updates them one tensor at a time). Only signals that Python's or clipmoe's own handler turns
-    into an exception, in the main thread: a handler someone else set stays theirs."""
-    held = [s for s, handler in STOPPING.items() if signal.getsignal(s) is handler]
-    if threading.current_thread() is not threading.main_thread() or not held:
-        yield
-        return
-    pending = []
-    for s in held:
-        signal.signal(s, lambda signum, frame: pending.append(signum))
+def _next_or_stop(batches, signals: list):
+    """The next batch, or None where the loader failed after this process got a signal: a `pipe:` shard's command
+    (curl, aws) gets the job's signal too, and its death is the signal's doing, not the data's."""
     try:
-        yield
-    finally:
-        for s in held:
-            signal.signal(s, STOPPING[s])
-    if pending:
-        raise Terminated if pending[0] == signal.SIGTERM else KeyboardInterrupt
+        return next(batches)
+    except Exception:
+        if not signals:
+            raise
+        return None
+
+
+class StopNow:
+    """Stopping one training process. Ctrl-C and SIGTERM raise at once (KeyboardInterrupt, `Terminated`), but not in
+    the middle of an update (`held`, around the optimizer's step, which updates the parameters one tensor at a
+    time): there they are raised when it ends. Each signal is also noted, and the next step's start raises it
+    again: Python drops an exception raised in a finalizer, an at-fork hook or a weakref callback ("Exception
+    ignored in ..."), and the DataLoader runs such code as it starts and ends its workers; without the note a
+    signal caught there would be lost and the run go on.
+
+    Only signals whose handler is Python's or the default, in the main thread: a handler someone else set stays
+    theirs. Once training stops (`restore`), a second signal acts as it would without clipmoe."""
+
+    agreed = True  # one process: it stopped at the step it is at
+
+    def __init__(self):
+        self.signals, self._replaced, self._holding, self._pid = [], {}, False, os.getpid()
+
+    def install(self) -> Callable[[], None]:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
+                    self._replaced[s] = signal.signal(s, self._raise)
+        return self.restore
+
+    def restore(self) -> None:
+        for s, handler in self._replaced.items():
+            signal.signal(s, handler)
+        self._replaced.clear()
+
+    def _raise(self, signum, frame):
+        if os.getpid() != self._pid:  # a child forked with this handler: the signal is this process's to act on
+            return
+        self.signals.append(signum)
+        if not self._holding:
+            raise _stop_with(signum)
+
+    @contextlib.contextmanager
+    def held(self):
+        """Signals noted, not raised, until the block ends; then the first of them is raised."""
+        noted, self._holding = len(self.signals), True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if len(self.signals) > noted:
+            raise _stop_with(self.signals[noted])
+
+    def next_batch(self, batches, rank: int):
+        batch = None if self.signals else _next_or_stop(batches, self.signals)
+        if self.signals:  # raised once already, and lost where it was raised; or raised while the loader failed
+            raise _stop_with(self.signals[0])
+        return batch
+
+    def close(self) -> None:
+        self.restore()
 
 
 class StopVote:
@@ -83,11 +117,11 @@ class StopVote:
         return cls(None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
 
     def install(self) -> Callable[[], None]:
-        """Notes SIGINT and SIGTERM instead of raising them, where their handler is Python's, clipmoe's or the
-        default (in the main thread); returns the function that puts the previous handlers back."""
+        """Notes SIGINT and SIGTERM instead of raising them, where their handler is Python's or the default (in
+        the main thread); returns the function that puts the previous handlers back."""
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(s) in (STOPPING[s], signal.SIG_DFL, signal.default_int_handler):
+                if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
                     self._replaced[s] = signal.getsignal(s)
                     signal.signal(s, self._note)
         return self.restore
@@ -103,16 +137,15 @@ class StopVote:
             raise SystemExit(128 + signum)
         self.signals.append(signum)
 
+    def held(self):
+        return contextlib.nullcontext()  # signals are only noted, never raised mid-step
+
     def next_batch(self, batches, rank: int):
         """The step's batch once every rank can go on; else raises, on every rank alike, what they stop with."""
         try:
-            batch, data_error = next(batches), None
+            batch, data_error = _next_or_stop(batches, self.signals), None
         except loaders.DataError as e:
             batch, data_error = None, e
-        except Exception:  # the loader's workers got the job's signal too and ended (the loader's
-            if not self.signals:  # _end_quietly_on_sigterm): this rank stops for the signal
-                raise
-            batch, data_error = None, None
         stop = self.agree(rank, data_error)
         if stop is not None:
             self.agreed = True

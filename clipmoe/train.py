@@ -43,7 +43,7 @@ from .model import CLIP
 from .moe import MoE, moe_report
 from .plots import plot_expert_load, plot_losses, plot_moe_history, plot_zeroshot
 from .progress import bar_intervals
-from .stopping import StopVote, Terminated, held_interrupt, terminate_as_interrupt
+from .stopping import StopNow, StopVote, Terminated
 from .validation import validate
 from .zeroshot_eval import check_datasets, zeroshot_eval
 
@@ -326,10 +326,10 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
                **bar_intervals(sys.stderr))
     done = start  # steps taken
     snap = resume.snapshot(start, loader) if tc.save_every else None  # as of the last finished step
-    vote = StopVote.for_world() if world > 1 else None  # several processes stop together (see StopVote)
+    stopper = StopVote.for_world() if world > 1 else StopNow()  # several processes stop together (see StopVote)
     evaluating = bool(cfg.eval.zeroshot or cfg.data.eval)
     waiting = _waiting_group(tc.wait_minutes) if world > 1 else None
-    restore_signals = vote.install() if vote is not None else terminate_as_interrupt()
+    stopper.install()
     scope = contextlib.ExitStack()  # what holds only while the loop runs (closed in the finally below)
     if engine is not None:
         deepspeed_engine.quiet_step_warnings(scope)
@@ -337,8 +337,7 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
     try:
         for step in range(start, tc.steps):
             pace.start_step()
-            micro = [next(batches) if vote is None else vote.next_batch(batches, rank)
-                     for _ in range(tc.accum_freq)]
+            micro = [stopper.next_batch(batches, rank) for _ in range(tc.accum_freq)]
             pace.got_batch()
             inputs = [(normalize_batch(b["image"].to(device, non_blocking=True), MEAN, STD),
                        b["text"].to(device, non_blocking=True)) for b in micro]
@@ -371,7 +370,7 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
                 ep.clip_grad_norm_(model, cfg.optim.grad_clip)
             elif cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            with held_interrupt():
+            with stopper.held():
                 if engine is not None:
                     engine.step()  # clips, steps the optimizer and the schedule, zeroes the gradients
                     if expert_opt is not None and engine.was_step_applied():
@@ -419,11 +418,11 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
         # Ctrl-C, SIGTERM, or data the loader cannot go on with (strict mode, too many bad samples): the steps done
         # are a shorter run, written out like a finished one (never lost work); a second signal stops the writing,
         # as it would without clipmoe
-        restore_signals()
+        stopper.restore()
         if done == start:
             raise
         stopped_by = e
-        together = vote is None or vote.agreed  # every rank stopped at this same step
+        together = stopper.agreed  # every rank stopped at this same step
         log.write(history)
         # resumable where every rank stopped at this step (one process, or agreed: a rank that stopped alone may
         # have left the others mid-step); unless this step's checkpoint is already written
@@ -433,9 +432,7 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
     else:
         stopped_by, together = None, True
     finally:
-        restore_signals()
-        if vote is not None:
-            vote.close()
+        stopper.close()
         if waiting is not None:
             dist.destroy_process_group(waiting)
         scope.close()

@@ -11,7 +11,6 @@ import io
 import json
 import random
 import re
-import signal
 import tarfile
 import warnings
 from collections import Counter, deque
@@ -24,6 +23,7 @@ from webdataset import tariterators
 from .sources import Source, SpecError, expected_count, parse_sources
 from .tarend import TarEnd
 from .transforms import TrainTransform
+from .workers import leave_signals_to_the_parent, started
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _MEMBERS = set(IMAGE_EXTS) | {"txt", "json"}
@@ -33,14 +33,6 @@ MAX_CAPTION_CHARS = 10_000
 
 def _wanted(name: str) -> bool:  # the tar members read; others (e.g. .pyd, which webdataset would unpickle) are not
     return name.rsplit(".", 1)[-1].lower() in _MEMBERS
-
-
-def _end_quietly_on_sigterm(worker_id: int) -> None:
-    """SIGTERM to a whole job (SLURM's at its time limit, `kill -- -PGID`) reaches the loader's workers too.
-    Killed by it, they would fail the training process ("DataLoader worker is killed by signal") before it can
-    write out what it has done; as at Ctrl-C, they end quietly instead (torch's worker loop takes a
-    KeyboardInterrupt as the end), and the training process, which got the signal too, stops."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 class DataError(Exception):
@@ -288,9 +280,9 @@ class ImageTextLoader:
             # the workers' base seed from a generator of our own: drawing it from torch's global RNG would shift
             # the training process's random stream (router jitter) by one draw per pass
             seeds = torch.Generator().manual_seed(self._rng(-1, "workers").getrandbits(63))
-            source = _one_line_errors(iter(torch.utils.data.DataLoader(
+            source = _one_line_errors(started(torch.utils.data.DataLoader(
                 _Stream(self, resume), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                generator=seeds, worker_init_fn=_end_quietly_on_sigterm)))
+                generator=seeds, worker_init_fn=leave_signals_to_the_parent)))
         for batch in source:
             worker, counts, position = batch.pop("__stats__")
             if batch.pop("__replayed__", False):

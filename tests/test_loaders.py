@@ -2,7 +2,9 @@
 import functools
 import io
 import json
+import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -465,3 +467,47 @@ def test_caption_table_columns_by_name_and_urls_are_for_img2dataset(tmp_path):
                                          r"https://example.com/b.jpg\); .* img2dataset \(--input_format csv "
                                          r"--url_col url --caption_col caption --output_format webdataset\)"):
         records_from_table(tmp_path / "u.csv", image_col="url")
+
+
+class _Pids(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        import os
+        import time
+
+        while True:
+            time.sleep(0.01)
+            yield torch.tensor(os.getpid())
+
+
+def _blocked_signals(pid: int) -> int:
+    """The signal mask of a process's main thread (/proc's SigBlk: bit n-1 for signal n)."""
+    status = open(f"/proc/{pid}/status").read()
+    return int(status.split("SigBlk:")[1].split()[0], 16)
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="Linux's sigwaitinfo (macOS spawns its workers)")
+def test_loader_workers_leave_the_jobs_signals_to_the_training_process():
+    """SIGTERM and SIGINT to a whole job (SLURM, torchrun, Ctrl-C) reach the loader's workers too: they keep working
+    (the training process stops on its own and ends them), and end quietly only when their parent ends them
+    (the loader's terminate of a worker that did not end in time). Blocked from birth: no moment in which the
+    signal kills the worker or raises in torch's worker loop (where it once left the loader's lock held and the
+    training process waiting on it forever)."""
+    import os
+    import subprocess
+
+    it = loaders.started(torch.utils.data.DataLoader(_Pids(), batch_size=None, num_workers=1,
+                                                     worker_init_fn=loaders.leave_signals_to_the_parent))
+    try:
+        term_int = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
+        assert not signal.pthread_sigmask(signal.SIG_BLOCK, []) & {signal.SIGTERM, signal.SIGINT}  # put back here
+        pid = int(next(it))
+        assert _blocked_signals(pid) & term_int == term_int
+        for name in ("TERM", "INT", "TERM"):  # from another process, as the job's signal comes
+            subprocess.run(["kill", f"-{name}", str(pid)], check=True)
+        time.sleep(0.3)
+        assert [int(next(it)) for _ in range(3)] == [pid] * 3 and it._workers[0].is_alive()
+        os.kill(pid, signal.SIGTERM)  # from its parent
+        it._workers[0].join(10)
+        assert it._workers[0].exitcode == 0
+    finally:
+        it._shutdown_workers()

@@ -217,38 +217,70 @@ def test_ctrl_c_before_the_first_step_is_a_plain_interrupt(tiny_shards, tmp_path
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
-def testheld_interrupt_raises_when_the_block_ends():
-    from clipmoe.stopping import Terminated, held_interrupt, raise_terminated, terminate_as_interrupt
+def test_stop_now_raises_at_once_holds_during_the_update_and_again_at_the_next_step():
+    """One process (StopNow): Ctrl-C and SIGTERM raise at once, are held during the optimizer's update and raised
+    when it ends, and are raised again at the next step's start where the first raise was lost (Python drops an
+    exception raised in a finalizer: it once let a run go on after the DataLoader's shutdown swallowed it)."""
+    from clipmoe.stopping import StopNow, Terminated
 
-    ran = []
-    with pytest.raises(KeyboardInterrupt):
-        with held_interrupt():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # the signal would have been delivered here
-            ran.append("after")
-    assert ran == ["after"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    restore = terminate_as_interrupt()  # SIGTERM as training has it: held too, then raised as Terminated
+    def signal_and_wait(signum):
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)  # the signal would have been delivered here
+
+    batches = iter(range(5))
+    stopper = StopNow()
+    stopper.install()
     try:
-        # else the signal below would end the test run itself
-        assert signal.getsignal(signal.SIGTERM) is raise_terminated
-        with pytest.raises(Terminated):
-            with held_interrupt():
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.05)
-                ran.append("after SIGTERM")
-        assert ran[-1] == "after SIGTERM" and signal.getsignal(signal.SIGTERM) is raise_terminated
+        assert signal.getsignal(signal.SIGINT) == stopper._raise == signal.getsignal(signal.SIGTERM)
+        assert stopper.next_batch(batches, 0) == 0
+        with pytest.raises(KeyboardInterrupt) as caught:
+            signal_and_wait(signal.SIGINT)
+        assert type(caught.value) is KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):  # noted: the next step stops too, taking no batch
+            stopper.next_batch(batches, 0)
+        assert next(batches) == 1
     finally:
-        restore()
+        stopper.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    with held_interrupt():  # no Ctrl-C: nothing raised
-        pass
-    mine = signal.signal(signal.SIGINT, lambda *a: ran.append("mine"))  # someone else's handler stays theirs
+
+    ran, stopper = [], StopNow()
+    stopper.install()
     try:
-        with held_interrupt():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-        assert ran == ["after", "after SIGTERM", "mine"]
+        with pytest.raises(Terminated):
+            with stopper.held():
+                signal_and_wait(signal.SIGTERM)
+                ran.append("after SIGTERM")
+        assert ran == ["after SIGTERM"]
+        with stopper.held():  # nothing new: nothing raised
+            pass
     finally:
+        stopper.restore()
+
+    class Finalized:
+        def __del__(self):
+            signal_and_wait(signal.SIGTERM)
+
+    stopper, unraisable = StopNow(), []
+    stopper.install()
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        Finalized()  # its finalizer gets the signal: Python drops the Terminated raised there
+        assert [type(u.exc_value) for u in unraisable] == [Terminated]
+        with pytest.raises(Terminated):
+            stopper.next_batch(batches, 0)
+    finally:
+        sys.unraisablehook = hook
+        stopper.restore()
+
+    mine = signal.signal(signal.SIGINT, lambda *a: ran.append("mine"))  # someone else's handler stays theirs
+    stopper = StopNow()
+    stopper.install()
+    try:
+        signal_and_wait(signal.SIGINT)
+        assert ran[-1] == "mine" and stopper.signals == []
+    finally:
+        stopper.restore()
         signal.signal(signal.SIGINT, mine)
 
 
@@ -737,8 +769,9 @@ def test_progress_bar_redraws_rarely_in_a_log_file(tiny_shards, tmp_path, capsys
 
 def test_sigterm_to_the_whole_job_with_loader_workers(tiny_shards, tmp_path):
     """SLURM, at a job's time limit, signals every process of the job: the training process and its loader workers.
-    The workers end quietly, and the training process writes out the steps done with a checkpoint and exits 143
-    (killed by the signal, the workers used to fail it first: "DataLoader worker is killed by signal")."""
+    The workers leave the signal to the training process, which writes out the steps done with a checkpoint, ends
+    them and exits 143 (killed by the signal, the workers used to fail it first: "DataLoader worker is killed by
+    signal"; ended by it at any line, they once left it waiting forever on a lock of the loader)."""
     import re
     import subprocess
     import sys

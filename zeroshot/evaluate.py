@@ -9,15 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from loaders import leave_signals_to_the_parent, started
+
 from .classifier import build_classifier
 from .datasets import EvalDataset, Unreadable, collate
 from .metrics import classification_metrics, multilabel_metrics, retrieval_metrics
 
 
 def _loader(ds: EvalDataset, batch_size: int, num_workers: int) -> DataLoader:
-    # in order, nothing dropped; a WebDataset export is split by shard across workers
+    # in order, nothing dropped; a WebDataset export is split by shard across workers, which leave the job's
+    # signals to the process that evaluates (during training: it stops and writes a checkpoint)
     return DataLoader(ds.data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                      shuffle=False, pin_memory=torch.cuda.is_available())
+                      shuffle=False, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=leave_signals_to_the_parent if num_workers else None)
 
 
 def _bar(enabled: bool, desc: str, total: Optional[int]):
@@ -92,7 +96,7 @@ def _check_labels(ds: EvalDataset, target: torch.Tensor) -> None:
 
 def _readable(loader: DataLoader, bar, unreadable: list[Unreadable]):
     """The loader's (images, targets) batches; its unreadable images go to `unreadable`, and on the bar."""
-    for images, targets, broken in loader:
+    for images, targets, broken in started(loader):
         unreadable += broken
         bar.update(len(broken))
         if images is not None:  # None: every image of the batch was unreadable
