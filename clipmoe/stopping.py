@@ -41,27 +41,19 @@ def _next_or_stop(batches, signals: list):
         return None
 
 
-class StopNow:
-    """Stopping one training process. Ctrl-C and SIGTERM raise at once (KeyboardInterrupt, `Terminated`), but not in
-    the middle of an update (`held`, around the optimizer's step, which updates the parameters one tensor at a
-    time): there they are raised when it ends. Each signal is also noted, and the next step's start raises it
-    again: Python drops an exception raised in a finalizer, an at-fork hook or a weakref callback ("Exception
-    ignored in ..."), and the DataLoader runs such code as it starts and ends its workers; without the note a
-    signal caught there would be lost and the run go on.
-
-    Only signals whose handler is Python's or the default, in the main thread: a handler someone else set stays
-    theirs. Once training stops (`restore`), a second signal acts as it would without clipmoe."""
-
-    agreed = True  # one process: it stopped at the step it is at
+class _SignalHandling:
+    """SIGINT and SIGTERM taken by `_handle` from `install` until `restore`: only where their handler is Python's
+    or the default, in the main thread (a handler someone else set stays theirs)."""
 
     def __init__(self):
-        self.signals, self._replaced, self._holding, self._pid = [], {}, False, os.getpid()
+        self.signals, self._replaced = [], {}
 
     def install(self) -> Callable[[], None]:
+        """Returns the function that puts the previous handlers back."""
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
-                    self._replaced[s] = signal.signal(s, self._raise)
+                    self._replaced[s] = signal.signal(s, self._handle)
         return self.restore
 
     def restore(self) -> None:
@@ -69,8 +61,28 @@ class StopNow:
             signal.signal(s, handler)
         self._replaced.clear()
 
-    def _raise(self, signum, frame):
-        if os.getpid() != self._pid:  # a child forked with this handler: the signal is this process's to act on
+    def _handle(self, signum, frame):
+        raise NotImplementedError
+
+
+class StopNow(_SignalHandling):
+    """Stopping one training process. Ctrl-C and SIGTERM raise at once (KeyboardInterrupt, `Terminated`), but not in
+    the middle of an update (`held`, around the optimizer's step, which updates the parameters one tensor at a
+    time): there they are raised when it ends. Each signal is also noted, and the next step's start raises it
+    again: Python drops an exception raised in a finalizer, an at-fork hook or a weakref callback ("Exception
+    ignored in ..."), and the DataLoader runs such code as it starts and ends its workers; without the note a
+    signal caught there would be lost and the run go on.
+
+    Once training stops (`restore`), a second signal acts as it would without clipmoe."""
+
+    agreed = True  # one process: it stopped at the step it is at
+
+    def __init__(self):
+        super().__init__()
+        self._holding, self._pid = False, os.getpid()
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self._pid:  # a child forked with this handler, before its own: the signal is for training
             return
         self.signals.append(signum)
         if not self._holding:
@@ -97,7 +109,7 @@ class StopNow:
         self.restore()
 
 
-class StopVote:
+class StopVote(_SignalHandling):
     """Stopping together on several processes. A rank that stops alone leaves the others waiting in the next
     collective (DDP's gradient all-reduce) until the launcher kills them, and no checkpoint can be written. So
     here a rank's first Ctrl-C or SIGTERM is only noted, and every step starts with `agree`: one all-reduce of
@@ -108,7 +120,8 @@ class StopVote:
     without clipmoe."""
 
     def __init__(self, group=None):
-        self.group, self.signals, self._replaced = group, [], {}
+        super().__init__()
+        self.group = group
         self.agreed = False  # whether the ranks agreed to stop (so every rank stopped at the same step)
 
     @classmethod
@@ -116,22 +129,7 @@ class StopVote:
         # gloo's all-reduce of a CPU tensor; under NCCL a side group (every rank creates it, in the same order)
         return cls(None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
 
-    def install(self) -> Callable[[], None]:
-        """Notes SIGINT and SIGTERM instead of raising them, where their handler is Python's or the default (in
-        the main thread); returns the function that puts the previous handlers back."""
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
-                    self._replaced[s] = signal.getsignal(s)
-                    signal.signal(s, self._note)
-        return self.restore
-
-    def restore(self) -> None:
-        for s, handler in self._replaced.items():
-            signal.signal(s, handler)
-        self._replaced.clear()
-
-    def _note(self, signum, frame):
+    def _handle(self, signum, frame):
         if self.signals:  # the second: now, without writing (mid-update weights must not be saved)
             self.restore()
             raise SystemExit(128 + signum)

@@ -231,7 +231,7 @@ def test_stop_now_raises_at_once_holds_during_the_update_and_again_at_the_next_s
     stopper = StopNow()
     stopper.install()
     try:
-        assert signal.getsignal(signal.SIGINT) == stopper._raise == signal.getsignal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) == stopper._handle == signal.getsignal(signal.SIGTERM)
         assert stopper.next_batch(batches, 0) == 0
         with pytest.raises(KeyboardInterrupt) as caught:
             signal_and_wait(signal.SIGINT)
@@ -292,7 +292,7 @@ def test_stop_vote_notes_the_first_signal_and_exits_at_the_second():
     vote = StopVote()
     restore = vote.install()
     try:
-        assert signal.getsignal(signal.SIGINT) == vote._note and signal.getsignal(signal.SIGTERM) == vote._note
+        assert signal.getsignal(signal.SIGINT) == vote._handle and signal.getsignal(signal.SIGTERM) == vote._handle
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)  # delivered here: noted, nothing raised
         assert vote.signals == [signal.SIGTERM]
