@@ -46,14 +46,14 @@ class _SignalHandling:
     or the default, in the main thread (a handler someone else set stays theirs)."""
 
     def __init__(self):
-        self.signals, self._replaced = [], {}
+        self.signals, self._replaced, self._pid = [], {}, os.getpid()
 
     def install(self) -> Callable[[], None]:
         """Returns the function that puts the previous handlers back."""
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
-                    self._replaced[s] = signal.signal(s, self._handle)
+                    self._replaced[s] = signal.signal(s, self._take)
         return self.restore
 
     def restore(self) -> None:
@@ -61,7 +61,11 @@ class _SignalHandling:
             signal.signal(s, handler)
         self._replaced.clear()
 
-    def _handle(self, signum, frame):
+    def _take(self, signum, frame):
+        if os.getpid() == self._pid:  # not a child forked with this handler, before its own: the signal is for training
+            self._handle(signum)
+
+    def _handle(self, signum: int) -> None:
         raise NotImplementedError
 
 
@@ -79,11 +83,9 @@ class StopNow(_SignalHandling):
 
     def __init__(self):
         super().__init__()
-        self._holding, self._pid = False, os.getpid()
+        self._holding = False
 
-    def _handle(self, signum, frame):
-        if os.getpid() != self._pid:  # a child forked with this handler, before its own: the signal is for training
-            return
+    def _handle(self, signum: int) -> None:
         self.signals.append(signum)
         if not self._holding:
             raise _stop_with(signum)
@@ -129,7 +131,7 @@ class StopVote(_SignalHandling):
         # gloo's all-reduce of a CPU tensor; under NCCL a side group (every rank creates it, in the same order)
         return cls(None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int) -> None:
         if self.signals:  # the second: now, without writing (mid-update weights must not be saved)
             self.restore()
             raise SystemExit(128 + signum)

@@ -231,7 +231,7 @@ def test_stop_now_raises_at_once_holds_during_the_update_and_again_at_the_next_s
     stopper = StopNow()
     stopper.install()
     try:
-        assert signal.getsignal(signal.SIGINT) == stopper._handle == signal.getsignal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) == stopper._take == signal.getsignal(signal.SIGTERM)
         assert stopper.next_batch(batches, 0) == 0
         with pytest.raises(KeyboardInterrupt) as caught:
             signal_and_wait(signal.SIGINT)
@@ -273,6 +273,20 @@ def test_stop_now_raises_at_once_holds_during_the_update_and_again_at_the_next_s
         sys.unraisablehook = hook
         stopper.restore()
 
+    stopper = StopNow()  # a child forked with the handler (a loader worker before its own): not its signal
+    stopper.install()
+    try:
+        child = os.fork()
+        if child == 0:
+            try:
+                signal_and_wait(signal.SIGTERM)
+                os._exit(3 if stopper.signals else 0)
+            except BaseException:
+                os._exit(4)
+        assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
+    finally:
+        stopper.restore()
+
     mine = signal.signal(signal.SIGINT, lambda *a: ran.append("mine"))  # someone else's handler stays theirs
     stopper = StopNow()
     stopper.install()
@@ -292,7 +306,7 @@ def test_stop_vote_notes_the_first_signal_and_exits_at_the_second():
     vote = StopVote()
     restore = vote.install()
     try:
-        assert signal.getsignal(signal.SIGINT) == vote._handle and signal.getsignal(signal.SIGTERM) == vote._handle
+        assert signal.getsignal(signal.SIGINT) == vote._take and signal.getsignal(signal.SIGTERM) == vote._take
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)  # delivered here: noted, nothing raised
         assert vote.signals == [signal.SIGTERM]
