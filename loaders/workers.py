@@ -1,7 +1,7 @@
 """Loader worker processes and the job's signals.
 
 SLURM (at a job's time limit), torchrun's shutdown and `kill -- -PGID` signal every process of a job, the loader's
-workers included. The training process stops on such a signal at a step's end and writes out what it has done; its
+workers included. The training process stops on such a signal and writes out what it has done; its
 workers must neither die of it (torch's loader would fail the training process first: "DataLoader worker is killed
 by signal") nor end with an exception raised at whatever line they are on: one raised while a worker holds the
 lock of the loader's shared done-event leaves the training process waiting on that lock forever when it ends the
