@@ -2,9 +2,11 @@
 import functools
 import io
 import json
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -471,9 +473,6 @@ def test_caption_table_columns_by_name_and_urls_are_for_img2dataset(tmp_path):
 
 class _Pids(torch.utils.data.IterableDataset):
     def __iter__(self):
-        import os
-        import time
-
         while True:
             time.sleep(0.01)
             yield torch.tensor(os.getpid())
@@ -481,7 +480,7 @@ class _Pids(torch.utils.data.IterableDataset):
 
 def _blocked_signals(pid: int) -> int:
     """The signal mask of a process's main thread (/proc's SigBlk: bit n-1 for signal n)."""
-    status = open(f"/proc/{pid}/status").read()
+    status = Path(f"/proc/{pid}/status").read_text()
     return int(status.split("SigBlk:")[1].split()[0], 16)
 
 
@@ -492,7 +491,6 @@ def test_loader_workers_leave_the_jobs_signals_to_the_training_process():
     (the loader's terminate of a worker that did not end in time). Blocked from birth: no moment in which the
     signal kills the worker or raises in torch's worker loop (where it once left the loader's lock held and the
     training process waiting on it forever)."""
-    import os
     import subprocess
 
     it = loaders.started(torch.utils.data.DataLoader(_Pids(), batch_size=None, num_workers=1,

@@ -91,6 +91,14 @@ def _write_wds(root, samples, classnames=None, templates=None, kind=None, shards
         (root / "dataset_type.txt").write_text(kind + "\n")
 
 
+def test_loader_workers_give_the_same_metrics(model_path, folder_root):
+    """Evaluation with loader workers (they leave the job's signals to the evaluating process: see
+    test_loader_workers_leave_the_jobs_signals_to_the_training_process) gives what one process gives."""
+    runs = [clipmoe.zeroshot_eval(model_path, ["folder"], folder_root, progress=False, device="cpu", batch_size=4,
+                                  num_workers=workers)[0] for workers in (0, 2)]
+    assert runs[0]["metrics"] == runs[1]["metrics"] and runs[1]["num_samples"] == 12
+
+
 def test_webdataset_export_classification_uses_its_own_files(model_path, tmp_path):
     names = list(COLOURS)
     samples = [{"png": _image(COLOURS[c], i), "cls": k} for k, c in enumerate(names) for i in range(3)]

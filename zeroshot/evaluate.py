@@ -21,7 +21,7 @@ def _loader(ds: EvalDataset, batch_size: int, num_workers: int) -> DataLoader:
     # signals to the process that evaluates (during training: it stops and writes a checkpoint)
     return DataLoader(ds.data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                       shuffle=False, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=leave_signals_to_the_parent if num_workers else None)
+                      worker_init_fn=leave_signals_to_the_parent)
 
 
 def _bar(enabled: bool, desc: str, total: Optional[int]):
