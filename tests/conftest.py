@@ -65,8 +65,10 @@ def emulated_grouped_mm(monkeypatch):
     import clipmoe.experts as experts
 
     asked = []
-    monkeypatch.setattr(experts, "_grouped_mm",
-                        lambda x, dtype: asked.append(dtype) or (lambda a, b, offs: _PoisonedGroupedMM.apply(a, b, offs)))
+    def poisoned(a, b, offs):
+        return _PoisonedGroupedMM.apply(a, b, offs)
+
+    monkeypatch.setattr(experts, "_grouped_mm", lambda x, dtype: asked.append(dtype) or poisoned)
     return asked
 
 

@@ -158,7 +158,8 @@ def test_upcycle_open_clip_weights_without_arch(tmp_path):
     # the same weights embed through --pretrained; given as a model file, the error names those flags
     r = _run("encode", "--model", "clipmoe-micro", "--pretrained", str(path), "--text", "a red square")
     assert r.returncode == 0, r.stderr
-    assert max(abs(a - b) for a, b in zip(json.loads(r.stdout)[0], clipmoe.encode_text("a red square", dense)[0])) < 1e-5
+    expected = clipmoe.encode_text("a red square", dense)[0]
+    assert max(abs(a - b) for a, b in zip(json.loads(r.stdout)[0], expected)) < 1e-5
     r = _run("encode", "--model", str(path), "--text", "a red square")
     assert r.returncode == 2 and r.stderr.endswith(f"or --model clipmoe-micro --pretrained {path}\n")
     # ... and upcycle through the same flags, with no warning: the architecture is named
@@ -202,8 +203,9 @@ def test_upcycle_placement_and_capacity_flags(tmp_path):
         assert r.returncode == 0 and clipmoe.load(target).config.vision.moe.num_experts == 3, r.stderr
     for paths in ([str(dense)], ["--model", str(dense)], [str(dense), "a", "--out", "b"]):
         r = _run("upcycle", *paths)
-        assert r.returncode == 2 and r.stderr == ("clipmoe upcycle: error: give the dense checkpoint and the file to "
-                                                  "write: clipmoe upcycle INPUT OUTPUT (or --model INPUT --out OUTPUT)\n")
+        assert r.returncode == 2 and r.stderr == (
+            "clipmoe upcycle: error: give the dense checkpoint and the file to write: clipmoe upcycle INPUT OUTPUT "
+            "(or --model INPUT --out OUTPUT)\n")
 
 
 def test_errors_are_one_line(tmp_path):  # in a process of its own: whatever reaches its stderr, from C too, counts
@@ -424,8 +426,9 @@ def test_shards_from_folder_and_table_then_check(tmp_path):
     assert r.returncode == 0 and r.stdout.count(" ok") >= 3, r.stdout
     import loaders
 
-    loader = loaders.image_text_loader(f"{tmp_path}/out/{{00000..00002}}.tar", batch_size=8, transform=lambda im: torch.zeros(1),
-                                       tokenize=lambda t: torch.zeros(len(t), 2), shuffle=False)
+    loader = loaders.image_text_loader(f"{tmp_path}/out/{{00000..00002}}.tar", batch_size=8,
+                                       transform=lambda im: torch.zeros(1), tokenize=lambda t: torch.zeros(len(t), 2),
+                                       shuffle=False)
     assert sum(len(b["key"]) for b in loader) == 25
     # a table of the same images, its columns named as open_clip's CsvDataset names them
     (tmp_path / "t.tsv").write_text("filepath\ttitle\n" + "".join(f"src/{p.name}\tcap {i}\n" for i, p in

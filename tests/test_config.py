@@ -49,7 +49,8 @@ def test_create_model_from_a_run_configs_model_section():
 def test_base_derivation_and_overrides(tmp_path):
     (tmp_path / "a.yaml").write_text("train: {steps: 5, seed: 3}\noptim: {lr: 0.1}\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {steps: 7}\n")
-    cfg = load_run_config(tmp_path / "b.yaml", ["optim.lr=2e-3", "data.batch_size=4", "model.overrides.quick_gelu=true"])
+    cfg = load_run_config(tmp_path / "b.yaml",
+                          ["optim.lr=2e-3", "data.batch_size=4", "model.overrides.quick_gelu=true"])
     assert (cfg.train.steps, cfg.train.seed, cfg.optim.lr, cfg.data.batch_size) == (7, 3, 2e-3, 4)
     assert clipmoe.get_model_config("clipmoe-micro", cfg.model.overrides).quick_gelu is True
 
@@ -195,8 +196,8 @@ def test_lr_schedules_are_open_clips(optim):
 def test_lr_schedule_errors():
     for optim, train, why in [({"schedule": "linear"}, {}, "optim.schedule: 'linear' must be"),
                               ({"schedule": "const-cooldown"}, {}, "cooldown_steps: 0 must be >= 1 with schedule"),
-                              ({"cooldown_steps": 5}, {}, "cooldown_steps: 5 must be >= 1 with schedule const-cooldown, "
-                                                          "and 0 with another"),
+                              ({"cooldown_steps": 5}, {},
+                               "cooldown_steps: 5 must be >= 1 with schedule const-cooldown, and 0 with another"),
                               ({"schedule": "const-cooldown", "cooldown_steps": 95, "warmup_steps": 10},
                                {"steps": 100}, r"cooldown_steps: 95 after optim.warmup_steps \(10\) do not fit"),
                               ({"cooldown_end_lr": 1.0, "lr": 0.1}, {}, r"cooldown_end_lr: 1.0 must be in \[0, lr")]:

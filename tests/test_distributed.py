@@ -381,9 +381,10 @@ def test_ddp_with_a_logit_bias_and_moe_layers(tiny_shards, tmp_path, kind):
 
 def test_torchrun_shutdown_stops_every_rank_with_a_checkpoint(tiny_shards, tmp_path):
     """SIGTERM to torchrun (as SLURM or a scheduler stops a job): torchrun sends it on to each rank's process group,
-    loader workers included (they leave it to their rank, which ends them); the ranks stop together at the next step and write the steps done
-    and a checkpoint of them (resumed exactly: test_ranks_stop_together_and_the_checkpoint_resumes_exactly), and
-    end on their own, before torchrun's 30 s grace runs out."""
+    loader workers included (they leave it to their rank, which ends them); the ranks stop together at the next
+    step and write the steps done and a checkpoint of them (resumed exactly:
+    test_ranks_stop_together_and_the_checkpoint_resumes_exactly), and end on their own, before torchrun's 30 s
+    grace runs out."""
     import re
     import subprocess
     import sys

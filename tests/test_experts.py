@@ -187,7 +187,8 @@ def test_grouped_mm_path_matches_loop(emulated_grouped_mm, counts):
     counts_E = torch.tensor(counts)
     x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
     y = ex(x, counts_E)
-    assert emulated_grouped_mm == ([torch.float64] if sum(counts) else [])  # the grouped path ran, except with no tokens
+    # the grouped path ran, except with no tokens
+    assert emulated_grouped_mm == ([torch.float64] if sum(counts) else [])
     assert_equals_loop(ex, x, counts_E, y)
 
 

@@ -53,7 +53,8 @@ def dirty_shard(tmp_path):
 
 def test_bad_samples_skipped_and_counted(dirty_shard):
     path, good = dirty_shard
-    loader = loaders.image_text_loader(path, batch_size=4, transform=_tf, tokenize=clipmoe.get_tokenizer("clipmoe-micro"))
+    loader = loaders.image_text_loader(path, batch_size=4, transform=_tf,
+                                       tokenize=clipmoe.get_tokenizer("clipmoe-micro"))
     keys = [k for b in loader for k in b["key"]]
     assert sorted(keys) == sorted(good)
     stats = loader.stats()
@@ -93,7 +94,8 @@ def test_truncated_shard_counted(tmp_path):
             w.write({"__key__": f"k{i}", "jpg": _jpeg(size=(64, 64)), "txt": "c"})
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2 + 100])
-    loader = loaders.image_text_loader(str(path), batch_size=4, transform=_tf, tokenize=lambda t: torch.zeros(len(t), 2))
+    loader = loaders.image_text_loader(str(path), batch_size=4, transform=_tf,
+                                       tokenize=lambda t: torch.zeros(len(t), 2))
     n = sum(len(b["key"]) for b in loader)
     assert 0 < n < 20
     assert loader.stats()["skipped"].get("truncated_shard", 0) == 1
@@ -437,7 +439,8 @@ def test_draft_decoding_keeps_the_image_content():
 def test_caption_table_rows_without_image_or_caption_are_left_out_and_bad_json_names_its_line(tmp_path):
     from loaders.shards import records_from_table
 
-    (tmp_path / "t.jsonl").write_text('{"image": "a.jpg", "caption": " a cat "}\n\n{"image": "b.jpg", "caption": null}\n'
+    (tmp_path / "t.jsonl").write_text('{"image": "a.jpg", "caption": " a cat "}\n\n'
+                                      '{"image": "b.jpg", "caption": null}\n'
                                       '{"image": null, "caption": "x"}\n{"image": "c.jpg", "caption": 7}\n')
     with pytest.warns(UserWarning, match=r"2 rows of .*t.jsonl have no image or no caption .*data row 2\)"):
         rows = records_from_table(tmp_path / "t.jsonl")

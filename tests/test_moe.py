@@ -191,7 +191,8 @@ def test_jitter_only_in_training_and_shared_expert_always_on():
 
     shared = Mlp(8, 16, nn.GELU)
     with_shared = MoE(8, 16, MoEConfig(num_experts=4, top_k=2, capacity_factor=None), nn.GELU, shared=shared)
-    with_shared.load_state_dict({**make_layer(E=4, K=2).state_dict(), **{"shared." + k: v for k, v in shared.state_dict().items()}})
+    shared_sd = {"shared." + k: v for k, v in shared.state_dict().items()}
+    with_shared.load_state_dict({**make_layer(E=4, K=2).state_dict(), **shared_sd})
     plain = make_layer(E=4, K=2)
     torch.testing.assert_close(with_shared(x)[0], plain(x)[0] + shared(x)[0])
 

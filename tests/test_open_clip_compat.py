@@ -168,7 +168,8 @@ def test_a_checkpoint_given_for_the_architecture_names_the_call_to_make(tmp_path
     with pytest.raises(clipmoe.ClipmoeError, match="^run is a folder with no model file in it$"):
         clipmoe.create_model("run")
     clipmoe.save(clipmoe.create_model("clipmoe-micro"), "run/model.safetensors")
-    with pytest.raises(clipmoe.ClipmoeError, match="^run is a folder; give the model file in it: run/model.safetensors$"):
+    with pytest.raises(clipmoe.ClipmoeError,
+                       match="^run is a folder; give the model file in it: run/model.safetensors$"):
         clipmoe.create_model("run")
 
 

@@ -161,7 +161,8 @@ def test_upcycle_reads_the_architecture_from_open_clip_weights(tmp_path):
     assert same_as(clipmoe.upcycle(tmp_path / "m.pt", **kw), ref)
     # a state dict file does not say: GELU, open_clip's default, with a warning that says what to do
     torch.save(ref.state_dict(), tmp_path / "m.bin")
-    with pytest.warns(UserWarning, match=r"m.bin: .*taken to be GELU.*create_model\('clipmoe-micro', .*quick_gelu=True"):
+    with pytest.warns(UserWarning,
+                      match=r"m.bin: .*taken to be GELU.*create_model\('clipmoe-micro', .*quick_gelu=True"):
         from_file = clipmoe.upcycle(tmp_path / "m.bin", **kw)
     assert from_file.config.name == "clipmoe-micro" and not from_file.config.quick_gelu
     assert not same_as(from_file, ref)

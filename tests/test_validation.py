@@ -12,6 +12,7 @@ from PIL import Image
 import clipmoe
 from clipmoe.config import RunConfig, from_dict
 from clipmoe.train import train
+
 validate = clipmoe.validate
 
 

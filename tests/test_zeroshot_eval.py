@@ -172,7 +172,8 @@ def test_cli_folder_with_user_files(model_path, folder_root, tmp_path, capsys):
     (tmp_path / "t.txt").write_text("a photo of {x}\n")
     for flag, path, said in (("--templates", tmp_path / "none.txt", "templates_file: .*none.txt: No such file"),
                              ("--classnames", tmp_path / "none.txt", "classnames_file: .*none.txt: No such file"),
-                             ("--templates", tmp_path / "t.txt", r"templates_file: .*t.txt: template 'a photo of \{x\}'")):
+                             ("--templates", tmp_path / "t.txt",
+                              r"templates_file: .*t.txt: template 'a photo of \{x\}'")):
         code = main(["zeroshot", "--model", str(model_path), "--datasets", "folder,cifar10", "--data-root",
                      str(folder_root), flag, str(path)])
         captured = capsys.readouterr()
@@ -191,8 +192,8 @@ def test_class_names_that_do_not_fit_the_labels_are_one_error(model_path, folder
     samples = [{"png": _image(COLOURS[c], i), "cls": k + 1} for k, c in enumerate(names) for i in range(2)]  # 1..3
     _write_wds(tmp_path / "wds_vtab-cifar10", samples, names, ["a {c} photo."])
     (res,) = clipmoe.zeroshot_eval(model_path, ["cifar10"], tmp_path, progress=False, device="cpu", batch_size=2)
-    assert res["error"] == (f"ValueError: cifar10: label 3 for 3 class names (webdataset {tmp_path / 'wds_vtab-cifar10'}"
-                            "): the class names do not match the labels")
+    assert res["error"] == ("ValueError: cifar10: label 3 for 3 class names "
+                            f"(webdataset {tmp_path / 'wds_vtab-cifar10'}): the class names do not match the labels")
 
 
 def test_unreadable_images_are_left_out_and_counted(model_path, folder_root, tmp_path):
