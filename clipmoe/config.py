@@ -30,7 +30,7 @@ class MoEConfig:
     num_experts: int = 8
     top_k: int = 2
     # Placement: exactly one of `every` (blocks every-1, 2*every-1, ...), `last` (the last n blocks)
-    # or `blocks` (explicit indices) decides; `blocks` wins over `last`, `last` over `every`.
+    # or `blocks` (explicit indices) decides; `last` or `blocks` (not both) wins over `every`.
     every: int = 2
     last: Optional[int] = None
     blocks: Optional[list[int]] = None
@@ -62,6 +62,8 @@ class MoEConfig:
                f"must be in 1..num_experts ({self.num_experts})")
         _check(self.every >= 1, "every", self.every, "must be >= 1")
         _check(self.last is None or self.last >= 1, "last", self.last, "must be >= 1")
+        _check(self.last is None or self.blocks is None, "blocks", self.blocks,
+               f"and last ({self.last}) both place the MoE layers: give one, the other null")
         for name in ("capacity_factor", "eval_capacity_factor"):
             v = getattr(self, name)
             _check(v is None or v > 0, name, v, "must be > 0 or null (dropless)")

@@ -152,6 +152,11 @@ def test_moe_placement_options():
         clipmoe.create_model("clipmoe-micro", text={"moe": {"last": 3}})
     with pytest.raises(clipmoe.ClipmoeError, match="more than the tower's 2 blocks"):
         clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), last=3)
+    # two placements that disagree are an error, not one of them silently
+    with pytest.raises(clipmoe.ConfigError, match=r"^model.overrides.text.moe.blocks: \[0\] and last \(1\) both"):
+        clipmoe.create_model("clipmoe-micro", text={"moe": {"last": 1, "blocks": [0]}})
+    with pytest.raises(clipmoe.ClipmoeError, match=r"blocks: \[1\] and last \(2\) both place the MoE layers"):
+        clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), last=2, blocks=[1])
 
 
 def test_python_arguments_of_the_wrong_type_name_the_field():
