@@ -101,7 +101,8 @@ def _upcycle(args) -> None:
         if args.arch:
             raise ClipmoeError("--pretrained names the weights of the architecture given as INPUT; drop --arch")
         source = create_model(source, pretrained=args.pretrained)
-    model = upcycle(source, num_experts=args.experts, top_k=args.top_k, every=args.every, towers=towers,
+    every = 2 if args.every is None else args.every
+    model = upcycle(source, num_experts=args.experts, top_k=args.top_k, every=every, towers=towers,
                     last=args.last, blocks=blocks, router=args.router, capacity_factor=args.capacity_factor,
                     eval_capacity_factor=args.eval_capacity_factor, batch_priority=args.batch_priority,
                     eval_router=args.eval_router, min_capacity=args.min_capacity, jitter=args.jitter,
@@ -263,9 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   "from the weights' shapes, with GELU")
     u.add_argument("--experts", "--num-experts", dest="experts", type=int, default=8)
     u.add_argument("--top-k", type=int, default=2)
-    u.add_argument("--every", type=int, default=2, help="MoE in every n-th block (unless --last / --blocks)")
-    u.add_argument("--last", type=int, help="MoE in the last n blocks of each tower")
-    u.add_argument("--blocks", help="MoE in these blocks, comma-separated (e.g. 1,3,5)")
+    place = u.add_mutually_exclusive_group()  # one placement: a second one would be silently ignored
+    place.add_argument("--every", type=int, help="MoE in every n-th block (default: 2)")
+    place.add_argument("--last", type=int, help="MoE in the last n blocks of each tower")
+    place.add_argument("--blocks", help="MoE in these blocks, comma-separated (e.g. 1,3,5)")
     u.add_argument("--towers", default="image,text", help="image, text, or image,text (default)")
     u.add_argument("--router", choices=["topk", "expert_choice"], default="topk")
     u.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")

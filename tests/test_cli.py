@@ -195,6 +195,14 @@ def test_upcycle_placement_and_capacity_flags(tmp_path):
     for bad in (["--blocks", "7"], ["--blocks", "one"]):
         r = _run("upcycle", str(dense), str(tmp_path / "x.safetensors"), *bad)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "blocks" in r.stderr, r.stderr
+    # one placement: a second one is an error naming both, not silently ignored (--every 2 is the default)
+    for both in (["--every", "2", "--blocks", "1"], ["--every", "3", "--last", "1"], ["--last", "1", "--blocks", "0"]):
+        r = _run("upcycle", str(dense), str(tmp_path / "x.safetensors"), *both)
+        assert r.returncode == 2 and both[0] in r.stderr and both[2] in r.stderr, r.stderr
+        assert not (tmp_path / "x.safetensors").exists()
+    r = _run("upcycle", str(dense), str(out), "--towers", "image")
+    assert r.returncode == 0, r.stderr
+    assert clipmoe.load(out).config.vision.moe.every == 2
     # input and output also as --model / --out, the names the other commands use
     for i, paths in enumerate([["--model", str(dense), "--out", "{}"], [str(dense), "--out", "{}"],
                                ["--model", str(dense), "{}"]]):
