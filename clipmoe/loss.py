@@ -184,6 +184,8 @@ def entropy_terms(aux: list[MoEAux], tower: str, threshold: Optional[float] = No
 
 def total_loss(output: CLIPOutput, cfg: LossConfig) -> dict[str, torch.Tensor]:
     """Named loss terms and their weighted sum under "loss". MoE terms are summed over layers."""
+    if output.image_features is None or output.text_features is None:
+        raise ClipmoeError("the contrastive loss needs both towers' features: call the model with images and tokens")
     image, text, scale = output.image_features.float(), output.text_features.float(), output.logit_scale.float()
     if cfg.kind == "sigmoid":
         if output.logit_bias is None:

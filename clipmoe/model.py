@@ -200,8 +200,8 @@ class TextTower(nn.Module):
 class CLIPOutput:
     """What `CLIP.forward` returns, always: L2-normalised features, the exp'd scale and MoE reports."""
 
-    image_features: torch.Tensor  # (B, P)
-    text_features: torch.Tensor  # (B, P)
+    image_features: Optional[torch.Tensor]  # (B, P); None when forward got no images (as in open_clip)
+    text_features: Optional[torch.Tensor]  # (B, P); None when forward got no tokens
     logit_scale: torch.Tensor  # scalar, exp(log scale)
     aux: list[MoEAux] = field(default_factory=list)  # one per MoE layer, image tower first
     logit_bias: Optional[torch.Tensor] = None  # scalar, where the model has one (sigmoid loss)
@@ -249,15 +249,17 @@ class CLIP(nn.Module):
         features, _ = self.text(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> CLIPOutput:
-        image_features, image_aux = self.image(images)
-        text_features, text_aux = self.text(tokens)
+    def forward(self, images: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None) -> CLIPOutput:
+        """Either input may be None (open_clip's convention): that tower does not run, its features are None."""
+        image_features, image_aux = self.image(images) if images is not None else (None, [])
+        text_features, text_aux = self.text(tokens) if tokens is not None else (None, [])
         # the bias as a view, not the parameter itself: DDP (find_unused_parameters) walks the graph from the
         # outputs' grad_fns, and a bare parameter has none, so it would be taken as unused and then its gradient
         # would arrive "a second time" in backward
         bias = None if self.logit_bias is None else self.logit_bias.view(())
-        return CLIPOutput(F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1),
-                          self.logit_scale.exp(), image_aux + text_aux, bias)
+        image_features, text_features = (None if f is None else F.normalize(f, dim=-1)
+                                          for f in (image_features, text_features))
+        return CLIPOutput(image_features, text_features, self.logit_scale.exp(), image_aux + text_aux, bias)
 
 
 def _init_linear(m: nn.Module) -> None:

@@ -366,6 +366,26 @@ def test_aux_terms_weighted_by_config():
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_forward_with_one_tower_as_open_clip():
+    """model(images, None) / model(None, tokens): only that tower runs (its features, its MoE reports), the
+    other's features are None, as open_clip's forward does; the loss, which needs both, says so in one line."""
+    torch.manual_seed(0)
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=2, every=1).eval()
+    images, tokens = torch.randn(3, 3, 16, 16), clipmoe.get_tokenizer(model)(["a", "b c", "d"])
+    both = model(images, tokens)
+    image_only, text_only = model(images), model(tokens=tokens)
+    assert image_only.text_features is None and text_only.image_features is None
+    torch.testing.assert_close(image_only.image_features, both.image_features, rtol=0, atol=0)
+    torch.testing.assert_close(text_only.text_features, both.text_features, rtol=0, atol=0)
+    assert {a.tower for a in image_only.aux} == {"image"} and {a.tower for a in text_only.aux} == {"text"}
+    assert len(image_only.aux) + len(text_only.aux) == len(both.aux)
+    assert [r["tower"] for r in clipmoe.moe_report(text_only)] == ["text"] * len(text_only.aux)
+    cfg = from_dict(RunConfig, {}).loss
+    for out in (image_only, text_only):
+        with pytest.raises(ClipmoeError, match="needs both towers' features"):
+            total_loss(out, cfg)
+
+
 def test_expert_choice_layers_train_without_the_balance_loss():
     """Expert choice is balanced by construction (Zhou et al. 2022): its layers report a balance term but the loss
     leaves it out, its router gets no gradient from it; token-choice layers keep theirs."""
