@@ -351,17 +351,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# OpenMP threads that finished an op keep spinning on their cores for a few ms (libgomp's default); the
-# CPU experts' second lane (a Python thread, see experts._run_lanes) then waits for a core, up to 5 ms per
-# call measured. Passive waiting frees the core at once: clipmoe / dense x k for the MoE layer's forward +
-# backward at 4,096 tokens fell 7% in bf16 and 3% in fp32 (2 cores); no change for the quickstart
-# (BENCHMARKS.md). Read when torch loads, so set here, before any import of torch; as torchrun sets
-# OMP_NUM_THREADS, only where the user has not.
-CPU_RUNTIME_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+def cpu_runtime_defaults(environ=os.environ) -> dict[str, str]:
+    """Environment settings the clipmoe command gives the OpenMP runtime, where the user has set none: libgomp's
+    spin after each parallel op cut from its default ~3 ms to ~0.1 ms (GOMP_SPINCOUNT=10000, ~100,000 spins per
+    ms by its own estimate). Why: a thread still spinning keeps the CPU experts' second lane (a Python thread,
+    see experts._run_lanes) off its core, up to 5 ms per call measured; waiting passively (no spin) frees the
+    core but then every small op pays for waking its threads (the router's ~50 small ops per step). On
+    2 cores, bf16, 4,096 tokens, clipmoe / dense x k over 5 alternated processes: 1.13 (k = 1, cf 1.25),
+    0.99 (k = 1, dropless), 1.06 (k = 2, cf 1.25) against 1.21, 1.11 and 1.12 with OMP_WAIT_POLICY=PASSIVE;
+    fp32 and 16,384 tokens level or better (BENCHMARKS.md). GOMP_SPINCOUNT overrides OMP_WAIT_POLICY, so a
+    user's wait policy leaves both unset. Read when torch loads OpenMP: set before any import of torch."""
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return {}
+    return {"GOMP_SPINCOUNT": "10000"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    for key, value in {**CPU_RUNTIME_DEFAULTS, **log_file_defaults(sys.stderr)}.items():
+    for key, value in {**cpu_runtime_defaults(), **log_file_defaults(sys.stderr)}.items():
         os.environ.setdefault(key, value)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -288,8 +288,8 @@ def _run_lanes(run: Callable[[int], None], splits: list[int], lanes: int) -> Non
     thread count, so the bits can differ from those of one lane on all threads). Caveat: once the
     process has called torch.set_num_threads(n), MKL (fp32) ignores the per-lane count and each lane's
     products use n threads; oneDNN (bf16) keeps to it. The second lane starts late (up to 5 ms) while OpenMP
-    threads spin after the op before, unless OMP_WAIT_POLICY=PASSIVE (the clipmoe command's default: see
-    cli.CPU_RUNTIME_DEFAULTS)."""
+    threads spin after the op before (libgomp's default: ~3 ms); the clipmoe command shortens the spin to
+    ~0.1 ms (cli.cpu_runtime_defaults)."""
     todo = _largest_first(splits)
     lanes = min(lanes, len(todo))
     if lanes <= 1:

@@ -83,7 +83,8 @@ def main():
             model.zero_grad(set_to_none=True)
 
     print(f"# {date.today()} {platform.node()} {platform.processor() or platform.machine()} torch {torch.__version__}"
-          f" threads {torch.get_num_threads()} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}")
+          f" threads {torch.get_num_threads()} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}"
+          f" GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '')}")
     print(f"# {args.arch} upcycled: 8 experts, top-2, every 2nd block, dropless; batch {args.batch}; "
           f"median of {args.reps} steps (forward, loss, backward)")
     base = statistics.median(times["one batch"])

@@ -18,9 +18,9 @@ import statistics
 import time
 from datetime import date
 
-from clipmoe.cli import CPU_RUNTIME_DEFAULTS
+from clipmoe.cli import cpu_runtime_defaults
 
-for _key, _value in CPU_RUNTIME_DEFAULTS.items():  # as the clipmoe command runs; before torch loads OpenMP
+for _key, _value in cpu_runtime_defaults().items():  # as the clipmoe command runs; before torch loads OpenMP
     os.environ.setdefault(_key, _value)
 
 import torch  # noqa: E402

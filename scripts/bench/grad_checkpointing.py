@@ -55,7 +55,8 @@ def main():
             torch.cuda.synchronize()
 
     print(f"# {date.today()} {platform.node()} {platform.processor() or platform.machine()} torch {torch.__version__}"
-          f" threads {torch.get_num_threads()} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}")
+          f" threads {torch.get_num_threads()} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}"
+          f" GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '')}")
     print(f"# {args.arch} upcycled: 8 experts, top-2, every 2nd block, capacity 1.25; batch {args.batch}")
     saved, times = {}, {False: [], True: []}
     for flag in (False, True):

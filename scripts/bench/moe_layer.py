@@ -20,9 +20,9 @@ import time
 from datetime import date
 from pathlib import Path
 
-from clipmoe.cli import CPU_RUNTIME_DEFAULTS
+from clipmoe.cli import cpu_runtime_defaults
 
-for _key, _value in CPU_RUNTIME_DEFAULTS.items():  # as the clipmoe command runs; before torch loads OpenMP
+for _key, _value in cpu_runtime_defaults().items():  # as the clipmoe command runs; before torch loads OpenMP
     os.environ.setdefault(_key, _value)
 
 import torch  # noqa: E402
@@ -155,6 +155,7 @@ def main():
     # the allocator moves the CPU numbers (page faults of fresh temporaries; see BENCHMARKS.md)
     malloc = os.environ.get("LD_PRELOAD") or os.environ.get("GLIBC_TUNABLES") or "glibc defaults"
     print(f"# malloc: {malloc}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; "
           + ("back to back (throughput)" if args.back_to_back else "one step per timing"))
     if no_bf16:
         print("# no bf16 rows: this CPU has no bf16 matmul kernels (AVX-512 or AMX); --dtypes bf16 runs them")
