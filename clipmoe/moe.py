@@ -336,7 +336,8 @@ class _RouterLogits(torch.autograd.Function):
     """fp32 logits x W^T for a bf16/fp16 x, by blocks of rows: the same numbers as F.linear(x.float(),
     W.float()), without an (N, D) fp32 copy of x in the forward or an (N, D) fp32 gradient in the backward.
     With E = 8 the product is a few MFLOPs and those copies were all of its cost on CPU (4,096 tokens:
-    router forward + backward 7.5 -> 5.6 ms; 16,384: 37 -> 21 ms, on 2 cores). Not used on GPUs, where
+    router forward + backward 7.5 -> 5.6 ms; 16,384: 37 -> 21 ms, on 2 cores; 2.6 and 8.7 ms with the clipmoe
+    command's short OpenMP spin, cli.cpu_runtime_defaults, against 4.3 and 35 ms unblocked). Not used on GPUs, where
     the copies are cheap and the blocks would be many small kernels."""
 
     BLOCK = 512  # rows: a 512 x 512 fp32 block (1 MiB) stays in cache
