@@ -47,13 +47,13 @@ def analyze_routing(model: ModelRef, urls, out_dir: str | Path, num_batches: int
     model = resolve_model(model)
     if not any(isinstance(m, MoE) for m in model.modules()):
         raise ClipmoeError("the model has no MoE layers: there is no routing to analyse (upcycle it first)")
-    out_dir = make_folder(out_dir, "out_dir")
-    was_training = model.training
-    model.eval()
     _, eval_tf = create_transforms(model.config)
     tokenizer = get_tokenizer(model)
     loader = loaders.image_text_loader(urls, batch_size=batch_size, transform=eval_tf, tokenize=tokenizer,
                                        shuffle=False, caption_key=caption_key)
+    out_dir = make_folder(out_dir, "out_dir")  # after the loader, which names missing shards: no empty folder then
+    was_training = model.training
+    model.eval()
     device = next(model.parameters()).device
     patch_size = model.config.vision.patch_size
     grid_tokens = (model.config.vision.image_size // patch_size) ** 2 + 1

@@ -275,6 +275,15 @@ def test_analyze_routing_writes_heatmap_and_words(tmp_path, tiny_shards):
     assert words and words <= set(SHAPES)
 
 
+def test_analyze_routing_missing_shards_leave_no_folder_and_the_model_as_it_was(tmp_path):
+    from clipmoe.analysis import analyze_routing
+
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=2, every=1).train()
+    with pytest.raises(loaders.DataError, match="none of the shards"):
+        analyze_routing(model, str(tmp_path / "missing-{0..1}.tar"), tmp_path / "out")
+    assert model.training and not (tmp_path / "out").exists()
+
+
 def test_analyze_routing_names_an_expert_that_took_no_words(tmp_path, tiny_shards):
     model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=3, top_k=1, every=1)
     with torch.no_grad():
