@@ -36,8 +36,6 @@ def validate(model: ModelRef, urls: Union[str, list], *, batch_size: int = 256, 
     if loss_kind == "sigmoid" and model.logit_bias is None:
         raise ClipmoeError("the sigmoid loss needs a model with a logit bias, and this one has none: validate it "
                            "with the softmax loss")
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     _, transform = create_transforms(model.config)
     # a reader per shard at most: epoch mode refuses workers that would have no shard
@@ -45,6 +43,8 @@ def validate(model: ModelRef, urls: Union[str, list], *, batch_size: int = 256, 
     loader = loaders.image_text_loader(urls, batch_size=batch_size, transform=transform,
                                        tokenize=get_tokenizer(model), num_workers=workers, shuffle=False,
                                        drop_last=False, caption_key=caption_key)
+    was_training = model.training  # after the loader, whose errors (missing shards) leave the model as it was
+    model.eval()
     images, texts, loss_sum, n = [], [], 0.0, 0
     bar = tqdm(desc="validation", unit="img", disable=not progress)
     try:

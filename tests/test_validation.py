@@ -124,3 +124,10 @@ def test_validate_command(tiny_shards, tmp_path, capsys):
     assert "the sigmoid loss needs a model with a logit bias" in capsys.readouterr().err
     assert main(["validate", "--model", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "{0..3}.tar")]) == 2
     assert capsys.readouterr().err.startswith("clipmoe validate: error: --data: none of the shards")
+
+
+def test_validate_missing_shards_leave_a_training_model_training(tmp_path):
+    model = _micro().train()
+    with pytest.raises(ValueError, match="none of the shards"):  # loaders.sources.SpecError
+        validate(model, str(tmp_path / "missing-{0..1}.tar"))
+    assert model.training
