@@ -50,14 +50,14 @@ def zeroshot_eval(model: Union[str, Path, CLIP], datasets: Sequence[str], data_r
     if out:  # before the evaluation, which its results would otherwise be lost with
         make_folder(Path(out).parent, "out")
     clip = _model(model, pretrained, device)
-    was_training = clip.training
-    clip.eval()
     model_device = next(clip.parameters()).device
     _, transform = create_transforms(clip.config)
     tokenizer = get_tokenizer(clip)
     model_key = zeroshot.fingerprint(clip) if cache_dir else None
     name = str(model) if not isinstance(model, CLIP) else "model"
     results = []
+    was_training = clip.training
+    clip.eval()
     try:
         for ds_name in datasets:
             start = time.perf_counter()
