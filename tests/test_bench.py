@@ -17,9 +17,10 @@ def _bench(script: str, *args: str) -> str:
 
 def test_moe_layer_bench_runs_and_profiles(tmp_path):
     stdout = _bench("moe_layer.py", "--tokens", "64", "--dtypes", "fp32", "--ks", "2", "--cfs", "1.25", "--reps", "1",
-                    "--inputs", "1", "--back-to-back", "--profile", str(tmp_path))
+                    "--inputs", "1", "--back-to-back", "--profile", str(tmp_path), "--parts")
     rows = [line for line in stdout.splitlines() if line.split()[:2] == ["64", "fp32"]]
     assert len(rows) == 1 and "back to back" in stdout
+    assert stdout.count("#   parts: experts alone ") == 1
     assert "== ours" in (tmp_path / "64_fp32_k2_1.25.txt").read_text()
 
 

@@ -1,7 +1,7 @@
 """MoE layer benchmark: clipmoe's layer vs DeepSpeed's `deepspeed.moe.layer.MoE` vs k passes of one dense
 MLP (the compute no top-k layer can avoid), forward + backward, same process, same shapes.
 
-    python scripts/bench/moe_layer.py [--tokens 4096 16384] [--dtypes fp32 bf16] [--reps 8] [--device cpu]
+    python scripts/bench/moe_layer.py [--tokens 4096 16384] [--dtypes fp32 bf16] [--reps 8] [--device cpu] [--parts]
 
 Prints one row per setting with median times in ms (the implementations interleaved, inputs cycled so
 that routing changes every step) and the ratios clipmoe / dense-k and DeepSpeed / clipmoe. On a GPU, where
@@ -111,6 +111,30 @@ def deepspeed_loss(out):
     return y.float().sum() + 0.01 * l_aux
 
 
+def experts_step(layer, x, loss_of=dense_loss):
+    """A step of `layer.experts` alone (forward + backward) on the rows and per-expert counts the layer gave
+    them for x: the part of the layer that no routing scheme can avoid. `--parts` times it beside the layer, so
+    that the rest (router, routing, dispatch, combine, auxiliary terms) is the difference."""
+    seen = []
+    hook = layer.experts.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append((args[0].shape[0], args[1].detach().clone(), dict(kwargs))),
+        with_kwargs=True)
+    try:
+        layer(x)
+    finally:
+        hook.remove()
+    rows, counts_E, kwargs = seen[0]
+    x_SD = torch.randn(rows, x.shape[1], device=x.device, dtype=x.dtype, requires_grad=True)
+    params = list(layer.experts.parameters())
+
+    def step(_):  # the same rows every time: the counts are those of one routing
+        x_SD.grad = None
+        for p in params:
+            p.grad = None
+        loss_of((layer.experts(x_SD, counts_E, **kwargs),)).backward()
+    return step
+
+
 def deepspeed_layer(k: int, cf, device, dtype):
     """DeepSpeed's MoE on one process (expert-parallel size 1); None when DeepSpeed is missing."""
     try:
@@ -145,6 +169,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--back-to-back", action="store_true",
                    help="time steps back to back, one synchronisation per rep (throughput rather than latency)")
+    p.add_argument("--parts", action="store_true",
+                   help="also time clipmoe's experts alone on the layer's own counts (the rest is routing)")
     p.add_argument("--profile", metavar="DIR", help="also profile one step per row: tables to DIR, kernel counts")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -177,6 +203,8 @@ def main():
                     ds = deepspeed_layer(k, cf, device, dtype)
                     if ds is not None:
                         steps["ds"] = fwd_bwd(ds, deepspeed_loss, batched=True)
+                    if args.parts:
+                        steps["experts"] = experts_step(ours, xs[0])
                     if device.type == "cuda" and ours.sync_free(xs[0]):  # the same layer, CUDA-graphed
                         graphed = cuda_graphs.capture(copy.deepcopy(ours), torch.randn_like(xs[0]).requires_grad_())
                         steps["graphed"] = fwd_bwd(graphed, clipmoe_loss)
@@ -186,6 +214,10 @@ def main():
                     print(f"{tokens:>6} {dt:>5} {k:>2} {cf_s:>8} | {t_dense:>9.1f} {t_ours:>9.1f} {t_ds:>9.1f} "
                           f"{t_g:>9.1f} | {t_ours / t_dense:>10.2f} {t_ds / t_ours:>8.2f} {t_ds / t_g:>10.2f}",
                           flush=True)
+                    if args.parts:
+                        t_e, rest = t["experts"], t_ours - t["experts"]
+                        print(f"#   parts: experts alone {t_e:.1f} ms ({t_e / t_dense:.2f} x dense xk), "
+                              f"the rest of the layer {rest:.1f} ms ({rest / t_dense:.2f})", flush=True)
                     if args.profile:
                         out = Path(args.profile) / f"{tokens}_{dt}_k{k}_{cf_s}.txt"
                         out.parent.mkdir(parents=True, exist_ok=True)
