@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .experts import expert_of_rows
 from .first_order import first_order
@@ -68,6 +69,11 @@ def gather_sum(src_PD: torch.Tensor, slots: Slots, weight_NK: Optional[torch.Ten
         kept_NK = slot_NK >= 0
         weight_NK = kept_NK.to(src_PD.dtype) if weight_NK is None else weight_NK * kept_NK
         slot_NK = slot_NK.clamp(min=0)
+    if src_PD.device.type == "cpu" and (K > 1 or weight_NK is not None):
+        # one pass, summed in fp32 (bf16 too), where the loop below makes 3K - 1 passes over (N, D) in src's dtype:
+        # bf16, 4,096 x 512, 2 threads: 0.43 against ~1.4 ms at K = 2, 0.29 against 0.5 at K = 1 (a plain gather
+        # stays index_select, 0.21 against 0.27). Not on GPUs, where it is not measured.
+        return F.embedding_bag(slot_NK, src_PD, mode="sum", per_sample_weights=weight_NK)
     out_ND = None
     for k in range(K):
         rows_ND = src_PD.index_select(0, slot_NK[:, k])
