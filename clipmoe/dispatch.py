@@ -59,8 +59,10 @@ class Slots:
         return w_S.new_zeros(self.token_P.shape).index_copy_(0, self.real_S, w_S)
 
 
-def gather_sum(src_PD: torch.Tensor, slots: Slots, weight_NK: Optional[torch.Tensor]) -> torch.Tensor:
-    """out[n] = sum_k weight[n, k] * src[slot[n, k]], over the assignments that were kept."""
+def gather_sum(src_PD: torch.Tensor, slots: Slots, weight_NK: Optional[torch.Tensor],
+               fused: Optional[bool] = None) -> torch.Tensor:
+    """out[n] = sum_k weight[n, k] * src[slot[n, k]], over the assignments that were kept. `fused`: one
+    `F.embedding_bag` pass or a gather per choice; None: fused on CPU wherever that is faster (see below)."""
     slot_NK = slots.slot_NK
     N, K = slot_NK.shape
     if src_PD.shape[0] == 0:
@@ -69,7 +71,9 @@ def gather_sum(src_PD: torch.Tensor, slots: Slots, weight_NK: Optional[torch.Ten
         kept_NK = slot_NK >= 0
         weight_NK = kept_NK.to(src_PD.dtype) if weight_NK is None else weight_NK * kept_NK
         slot_NK = slot_NK.clamp(min=0)
-    if src_PD.device.type == "cpu" and (K > 1 or weight_NK is not None):
+    if fused is None:
+        fused = src_PD.device.type == "cpu" and (K > 1 or weight_NK is not None)
+    if fused:
         # one pass, summed in fp32 (bf16 too), where the loop below makes 3K - 1 passes over (N, D) in src's dtype:
         # bf16, 4,096 x 512, 2 threads: 0.43 against ~1.4 ms at K = 2, 0.29 against 0.5 at K = 1 (a plain gather
         # stays index_select, 0.21 against 0.27). Not on GPUs, where it is not measured.

@@ -559,3 +559,38 @@ def test_idle_experts_still_get_a_gradient(kw, lanes):
         assert p.grad is not None, name
     if idle.any():
         assert layer.experts.w1.grad[idle].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K", [1, 2, 3])
+@pytest.mark.parametrize("dropped", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gather_sum_fused_and_per_choice_match_a_loop(dtype, K, dropped, weighted):
+    """combine's gather (and dispatch's backward): one embedding_bag pass (CPU default) and a gather per choice
+    (GPU default) against a plain loop, padding slots and dropped assignments included."""
+    from clipmoe.dispatch import Slots, gather_sum
+
+    torch.manual_seed(K)
+    N, E = 24, 4
+    experts_NK = torch.stack([torch.randperm(E)[:K] for _ in range(N)])  # distinct choices per token
+    expert_A = experts_NK.t().reshape(-1)
+    order = torch.argsort(expert_A, stable=True)
+    counts = torch.bincount(expert_A, minlength=E)
+    if dropped:  # keep at most 4 per expert, in slot order
+        rank = torch.arange(order.numel()) - (counts.cumsum(0) - counts)[expert_A[order]]
+        order, counts = order[rank < 4], counts.clamp(max=4)
+    slots = Slots.arrange(order, counts, N, K, align=8)  # padding slots between the groups
+    src = torch.randn(int(slots.counts_E.sum()), 16).to(dtype)
+    w = torch.rand(N, K).to(dtype) if weighted else None
+    want = torch.zeros(N, 16)
+    for n in range(N):
+        for k in range(K):
+            s = int(slots.slot_NK[n, k])
+            if s >= 0:
+                want[n] += (1.0 if w is None else float(w[n, k])) * src[s].float()
+    assert slots.dropless != dropped
+    tol = 1e-6 if dtype == torch.float32 else 3e-2
+    for fused in (None, True, False):
+        got = gather_sum(src, slots, w, fused=fused)
+        assert got.dtype == dtype and got.shape == (N, 16)
+        assert (got.float() - want).abs().max() < tol, fused
