@@ -67,9 +67,9 @@ def upcycle(
         reinit_fraction: Drop-Upcycling (Nakamura et al. 2025): this fraction of each expert's hidden
             units is re-initialised from the dense weights' statistics, a different subset per expert.
         With noise_std = reinit_fraction = 0 and no dropped token, the result computes what `model` did.
-        The zero router makes every token's choice a tie, which top-k breaks the same way for all tokens:
-        at first every token goes to the same k experts, so with a capacity factor most are dropped until
-        the router learns; dropless (the default) keeps them, and noise_std / reinit_fraction give the
+        The zero router makes every token's choice a tie (k = 1: it goes to expert 0; k > 1: as torch's topk
+        breaks it): at first nearly every token goes to the same k experts, so with a capacity factor most are
+        dropped until the router learns; dropless (the default) keeps them, and noise_std / reinit_fraction give the
         router a signal from the first step (identical experts give it none: their outputs are equal).
     """
     towers = (towers,) if isinstance(towers, str) else tuple(towers)  # towers="image" means that tower only

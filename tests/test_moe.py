@@ -594,3 +594,18 @@ def test_gather_sum_fused_and_per_choice_match_a_loop(dtype, K, dropped, weighte
         got = gather_sum(src, slots, w, fused=fused)
         assert got.dtype == dtype and got.shape == (N, 16)
         assert (got.float() - want).abs().max() < tol, fused
+
+
+def test_k1_ties_go_to_the_first_expert():
+    """A zero router (a fresh upcycle) ties every token; at k = 1 the tie goes to expert 0, as argmax, so capacity
+    keeps exactly the first C tokens there and drops the rest."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=8, top_k=1, capacity_factor=1.25, min_capacity=0)
+    moe = MoE(16, 32, cfg, nn.GELU).train()
+    nn.init.zeros_(moe.router.weight)
+    x = torch.randn(64, 16)
+    y, aux = moe(x)
+    C = capacity(64, 8, 1, 1.25, 0)
+    assert aux.tokens_per_expert.tolist() == [64] + [0] * 7
+    assert aux.dropped_fraction.item() == pytest.approx(1 - C / 64)
+    assert (y[C:] == 0).all() and (y[:C] != 0).any(dim=1).all()  # position order: the first C tokens kept
