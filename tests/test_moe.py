@@ -589,11 +589,11 @@ def test_gather_sum_fused_and_per_choice_match_a_loop(dtype, K, dropped, weighte
             if s >= 0:
                 want[n] += (1.0 if w is None else float(w[n, k])) * src[s].float()
     assert slots.dropless != dropped
-    tol = 1e-6 if dtype == torch.float32 else 3e-2
+    tol = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: the per-choice path rounds after every product and sum
     for fused in (None, True, False):
         got = gather_sum(src, slots, w, fused=fused)
         assert got.dtype == dtype and got.shape == (N, 16)
-        assert (got.float() - want).abs().max() < tol, fused
+        assert torch.allclose(got.float(), want, rtol=tol, atol=tol), fused
 
 
 def test_k1_ties_go_to_the_first_expert():
