@@ -120,7 +120,8 @@ def experts_step(layer, x, loss_of=dense_loss):
         lambda _, args, kwargs: seen.append((args[0].shape[0], args[1].detach().clone(), dict(kwargs))),
         with_kwargs=True)
     try:
-        layer(x)
+        with torch.no_grad():  # only the counts are wanted
+            layer(x)
     finally:
         hook.remove()
     rows, counts_E, kwargs = seen[0]
