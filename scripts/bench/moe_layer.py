@@ -136,6 +136,27 @@ def experts_step(layer, x, loss_of=dense_loss):
     return step
 
 
+def hot_and_cold(steps: dict, x, reps: int, device, flush_mib: int = 512) -> dict:
+    """Median ms of each step with cold caches (after writing a `flush_mib` MiB buffer, more than the CPU's
+    caches or a GPU's L2) and hot (the same step again right after: its weights still cached), the steps
+    interleaved rep by rep. Cold minus hot is what a step pays for fetching its weights (and activations)
+    from memory: E experts hold E times the dense layer's weights, which the k dense passes never fetch."""
+    junk = torch.empty(flush_mib * 2 ** 18, device=device)  # float32
+    times = {name: ([], []) for name in steps}
+    for step in steps.values():
+        step(x)
+    for _ in range(reps):
+        for name, step in steps.items():
+            junk.add_(1.0)
+            for kept in times[name]:  # cold, then hot
+                _sync(device)
+                t = time.perf_counter()
+                step(x)
+                _sync(device)
+                kept.append(time.perf_counter() - t)
+    return {name: tuple(statistics.median(v) * 1e3 for v in pair) for name, pair in times.items()}
+
+
 def deepspeed_layer(k: int, cf, device, dtype):
     """DeepSpeed's MoE on one process (expert-parallel size 1); None when DeepSpeed is missing."""
     try:
@@ -171,7 +192,8 @@ def main():
     p.add_argument("--back-to-back", action="store_true",
                    help="time steps back to back, one synchronisation per rep (throughput rather than latency)")
     p.add_argument("--parts", action="store_true",
-                   help="also time clipmoe's experts alone on the layer's own counts (the rest is routing)")
+                   help="also time clipmoe's experts alone on the layer's own counts (the rest is routing), and "
+                        "it and the dense layer with cold and hot caches")
     p.add_argument("--profile", metavar="DIR", help="also profile one step per row: tables to DIR, kernel counts")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -219,6 +241,10 @@ def main():
                         t_e, rest = t["experts"], t_ours - t["experts"]
                         print(f"#   parts: experts alone {t_e:.1f} ms ({t_e / t_dense:.2f} x dense xk), "
                               f"the rest of the layer {rest:.1f} ms ({rest / t_dense:.2f})", flush=True)
+                        hc = hot_and_cold({"dense": steps["dense"], "experts": steps["experts"]}, xs[0], args.reps,
+                                          device)
+                        print("#   caches (cold, hot ms; dense once): " + ", ".join(
+                            f"{name} {cold:.1f}, {hot:.1f}" for name, (cold, hot) in hc.items()), flush=True)
                     if args.profile:
                         out = Path(args.profile) / f"{tokens}_{dt}_k{k}_{cf_s}.txt"
                         out.parent.mkdir(parents=True, exist_ok=True)
