@@ -141,7 +141,7 @@ def hot_and_cold(steps: dict, x, reps: int, device, flush_mib: int = 512) -> dic
     caches or a GPU's L2) and hot (the same step again right after: its weights still cached), the steps
     interleaved rep by rep. Cold minus hot is what a step pays for fetching its weights (and activations)
     from memory: E experts hold E times the dense layer's weights, which the k dense passes never fetch."""
-    junk = torch.empty(flush_mib * 2 ** 18, device=device)  # float32
+    junk = torch.zeros(flush_mib * 2 ** 18, device=device)  # float32
     times = {name: ([], []) for name in steps}
     for step in steps.values():
         step(x)
