@@ -101,7 +101,7 @@ def _upcycle(args) -> None:
         if args.arch:
             raise ClipmoeError("--pretrained names the weights of the architecture given as INPUT; drop --arch")
         source = create_model(source, pretrained=args.pretrained)
-    every = 2 if args.every is None else args.every
+    every = 2 if args.every is None else args.every  # None in the parser: see --every there
     model = upcycle(source, num_experts=args.experts, top_k=args.top_k, every=every, towers=towers,
                     last=args.last, blocks=blocks, router=args.router, capacity_factor=args.capacity_factor,
                     eval_capacity_factor=args.eval_capacity_factor, batch_priority=args.batch_priority,
@@ -265,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--experts", "--num-experts", dest="experts", type=int, default=8)
     u.add_argument("--top-k", type=int, default=2)
     place = u.add_mutually_exclusive_group()  # one placement: a second one would be silently ignored
+    # default None, not 2: argparse takes `--every 2` (the default's value) as not given, so it would pass with --last
     place.add_argument("--every", type=int, help="MoE in every n-th block (default: 2)")
     place.add_argument("--last", type=int, help="MoE in the last n blocks of each tower")
     place.add_argument("--blocks", help="MoE in these blocks, comma-separated (e.g. 1,3,5)")
