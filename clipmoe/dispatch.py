@@ -87,18 +87,39 @@ def gather_sum(src_PD: torch.Tensor, slots: Slots, weight_NK: Optional[torch.Ten
     return out_ND
 
 
+class GradSink:
+    """Dispatch's gradient of x, handed to the router's backward, which adds its own into it in place: autograd
+    would sum the two in a third (N, D) pass. The router arms the sink by setting `after` to its output; Dispatch
+    takes that as an input, so autograd runs Dispatch's backward first (a node runs once every user of its
+    outputs has). Unarmed, Dispatch returns its gradient as usual."""
+
+    def __init__(self):
+        self.after: Optional[torch.Tensor] = None
+        self.grad: Optional[torch.Tensor] = None
+
+    def take(self) -> Optional[torch.Tensor]:
+        grad, self.grad = self.grad, None
+        return grad
+
+
 class Dispatch(torch.autograd.Function):
-    """x_PD = x_ND[token_P]."""
+    """x_PD = x_ND[token_P]. With an armed `sink` (its `after` given), x's gradient goes to the sink."""
 
     @staticmethod
-    def forward(ctx, x_ND, slots: Slots):
-        ctx.slots = slots
+    def forward(ctx, x_ND, slots: Slots, sink: Optional[GradSink] = None, after: Optional[torch.Tensor] = None):
+        ctx.slots, ctx.sink = slots, sink if after is not None else None
         return x_ND.index_select(0, slots.token_P)
 
     @staticmethod
     @first_order
     def backward(ctx, g_PD):
-        return gather_sum(g_PD.contiguous(), ctx.slots, None), None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        g_ND = gather_sum(g_PD.contiguous(), ctx.slots, None)
+        if ctx.sink is None:
+            return g_ND, None, None, None
+        ctx.sink.grad = g_ND
+        return None, None, None, None
 
 
 class Combine(torch.autograd.Function):

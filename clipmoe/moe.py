@@ -12,7 +12,6 @@ S assignments kept after capacity (S <= A).
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from typing import Callable, Optional
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
-from .dispatch import Combine, Dispatch, Slots
+from .dispatch import Combine, Dispatch, GradSink, Slots
 from .experts import Experts
 from .first_order import first_order
 
@@ -166,21 +165,26 @@ class MoE(nn.Module):
             return min(num_tokens, max(cfg.min_capacity, math.ceil(num_tokens * factor / cfg.num_experts)))
         return capacity(num_tokens, cfg.num_experts, cfg.top_k, factor, cfg.min_capacity)
 
-    def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x_ND: torch.Tensor, sink: Optional[GradSink] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits (N, E) and probabilities (N, E) in fp32 (fp64 for fp64 inputs or weights), under any
-        autocast."""
+        autocast. On CPU both are views of (E, N) tensors: torch's CPU softmax over a last dimension of E = 8 is
+        slow (4,096 tokens: 0.26 ms, against 0.03 over the first dimension of the (E, N) layout; its backward,
+        max and logsumexp gain too). `sink`: armed (see dispatch.GradSink) where the router's backward adds its
+        input gradient into Dispatch's."""
         w_ED = self.router.weight
         dt = torch.promote_types(torch.promote_types(x_ND.dtype, w_ED.dtype), torch.float32)
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
             jitter = self.training and self.cfg.jitter > 0
-            if x_ND.device.type == "cpu" and x_ND.dtype in (torch.bfloat16, torch.float16) and not jitter \
+            if x_ND.device.type == "cpu" and x_ND.dtype in _RouterLogits.DTYPES and not jitter \
                     and dt == torch.float32:
-                logits_NE = _RouterLogits.apply(x_ND, w_ED)  # fp32 maths, no fp32 copy of x
-            else:
-                x_ND = x_ND.to(dt)
-                if jitter:
-                    x_ND = x_ND * torch.empty_like(x_ND).uniform_(1 - self.cfg.jitter, 1 + self.cfg.jitter)
-                logits_NE = F.linear(x_ND, w_ED.to(dt))
+                logits_EN = _RouterLogits.apply(x_ND, w_ED, sink)
+                if sink is not None:
+                    sink.after = logits_EN
+                return logits_EN.t(), logits_EN.softmax(dim=0).t()
+            x_ND = x_ND.to(dt)
+            if jitter:
+                x_ND = x_ND * torch.empty_like(x_ND).uniform_(1 - self.cfg.jitter, 1 + self.cfg.jitter)
+            logits_NE = F.linear(x_ND, w_ED.to(dt))
         return logits_NE, logits_NE.softmax(dim=-1)
 
     def top_k(self, probs_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,7 +233,8 @@ class MoE(nn.Module):
             return order_A[torch.argsort((~kept_A).to(torch.uint8), stable=True)], counts_E.clamp(max=cap), counts_E
         return order_A[kept_A], counts_E.clamp(max=cap), counts_E
 
-    def _token_choice(self, x_ND: torch.Tensor, probs_NE: torch.Tensor, cap: Optional[int]):
+    def _token_choice(self, x_ND: torch.Tensor, probs_NE: torch.Tensor, cap: Optional[int],
+                      sink: Optional[GradSink] = None):
         N, A = probs_NE.shape[0], probs_NE.shape[0] * self.cfg.top_k
         gates_NK, experts_NK = self.top_k(probs_NE)
         priority_N = probs_NE.max(dim=-1).values.detach() if self.cfg.batch_priority else None
@@ -238,7 +243,10 @@ class MoE(nn.Module):
         align = 1 if tail else self.experts.align(x_ND)  # padding slots are for the CPU's per-expert products
         slots = Slots.arrange(order_S, kept_E, N, self.cfg.top_k, align)
         # dispatch -> experts -> combine; under expert parallelism the experts' call is where the all-to-alls run
-        h_PD = self.experts(Dispatch.apply(x_ND, slots), slots.counts_E, tail=tail, capacity=cap if tail else None)
+        x_PD = Dispatch.apply(x_ND, slots, sink, None if sink is None else sink.after)
+        if sink is not None:  # the router's output, held no longer: its autograd node holds the sink
+            sink.after = None
+        h_PD = self.experts(x_PD, slots.counts_E, tail=tail, capacity=cap if tail else None)
         y_ND = Combine.apply(h_PD, gates_NK, slots)
         # dropped: computed on the device when only the device knows how many were kept
         dropped = 1.0 - kept_E.sum() / max(1, A) if tail else 1.0 - order_S.numel() / max(1, A)
@@ -303,9 +311,13 @@ class MoE(nn.Module):
             x_ND = x_ND.index_select(0, keep_N)
         N = x_ND.shape[0]
 
-        logits_NE, probs_NE = self.route(x_ND)
-        choose = self._expert_choice if self.routing == "expert_choice" else self._token_choice
-        y_ND, counts_E, top1_N, dropped, assign = choose(x_ND, probs_NE, self.capacity(N))
+        if self.routing == "expert_choice":
+            logits_NE, probs_NE = self.route(x_ND)
+            y_ND, counts_E, top1_N, dropped, assign = self._expert_choice(x_ND, probs_NE, self.capacity(N))
+        else:
+            sink = GradSink()
+            logits_NE, probs_NE = self.route(x_ND, sink)
+            y_ND, counts_E, top1_N, dropped, assign = self._token_choice(x_ND, probs_NE, self.capacity(N), sink)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)[0].to(y_ND.dtype)
 
@@ -337,40 +349,57 @@ def _counts(ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class _RouterLogits(torch.autograd.Function):
-    """fp32 logits x W^T for a bf16/fp16 x, by blocks of rows: the same numbers as F.linear(x.float(),
-    W.float()), without an (N, D) fp32 copy of x in the forward or an (N, D) fp32 gradient in the backward.
-    With E = 8 the product is a few MFLOPs and those copies were all of its cost on CPU (4,096 tokens:
-    router forward + backward 7.5 -> 5.6 ms; 16,384: 37 -> 21 ms, on 2 cores; 2.6 and 8.7 ms with the clipmoe
-    command's short OpenMP spin, cli.cpu_runtime_defaults, against 4.3 and 35 ms unblocked). Not used on GPUs, where
-    the copies are cheap and the blocks would be many small kernels."""
+    """The CPU router's fp32 logits W x^T as an (E, N) tensor, for x in fp32, bf16 or fp16. Low-precision x is
+    multiplied by blocks of rows: the same numbers as F.linear(x.float(), W.float()), without an (N, D) fp32
+    copy of x. With E = 8 the product is a few MFLOPs and such copies were all of its cost (4,096 tokens: router
+    forward + backward 7.5 -> 5.6 ms; 16,384: 37 -> 21 ms, on 2 cores).
+
+    The backward gives a bf16 x its gradient as autocast's backward of a bf16 linear computes it (bf16 operands,
+    fp32 sums, rounded once) and, with an armed `sink`, adds it into Dispatch's in place: one bf16 addmm, 0.27 ms
+    at 4,096 x 512, against 0.80 for an fp32 product, its rounding to bf16 and autograd's sum of the two
+    gradients. fp16 x keeps fp32 maths (a small logit gradient could underflow in fp16 operands). The weight's
+    gradient is fp32 maths."""
 
     BLOCK = 512  # rows: a 512 x 512 fp32 block (1 MiB) stays in cache
+    DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
     @staticmethod
-    def forward(ctx, x_ND, w_ED):
+    def forward(ctx, x_ND, w_ED, sink: Optional[GradSink] = None):
         w_ED32 = w_ED.float()
-        logits_NE = x_ND.new_empty(x_ND.shape[0], w_ED.shape[0], dtype=torch.float32)
-        for x_bD, l_bE in zip(x_ND.split(_RouterLogits.BLOCK), logits_NE.split(_RouterLogits.BLOCK)):
-            torch.mm(x_bD.float(), w_ED32.t(), out=l_bE)
+        if x_ND.dtype == torch.float32:  # (N, E) then transposed: 0.29 + 0.02 ms against 0.44 for W x^T directly
+            logits_EN = torch.mm(x_ND, w_ED32.t()).t().contiguous()
+        else:  # here the (E, b) products by block are faster: 0.46 ms against 0.65 for (b, E) ones
+            logits_EN = x_ND.new_empty(w_ED.shape[0], x_ND.shape[0], dtype=torch.float32)
+            for l_Eb, x_bD in zip(logits_EN.split(_RouterLogits.BLOCK, dim=1), x_ND.split(_RouterLogits.BLOCK)):
+                l_Eb.copy_(torch.mm(w_ED32, x_bD.float().t()))
         ctx.save_for_backward(x_ND, w_ED)
-        return logits_NE
+        ctx.sink = sink
+        return logits_EN
 
     @staticmethod
     @first_order
-    def backward(ctx, g_NE):
+    def backward(ctx, g_EN):
         x_ND, w_ED = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad
-        w_ED32 = w_ED.float()
-        gx_ND = torch.empty_like(x_ND) if need_x else None
-        gw_ED = torch.zeros_like(w_ED32) if need_w else None
+        need_x, need_w = ctx.needs_input_grad[:2]
+        into_ND = ctx.sink.take() if ctx.sink is not None else None  # Dispatch's gradient of x, if any
+        g_EN, w_ED32 = g_EN.contiguous(), w_ED.float()
+        gx_ND = gw_ED = None
         B = _RouterLogits.BLOCK
-        gx_blocks = gx_ND.split(B) if need_x else itertools.repeat(None)
-        for x_bD, g_bE, gx_bD in zip(x_ND.split(B), g_NE.split(B), gx_blocks):
-            if need_x:
-                gx_bD.copy_(torch.mm(g_bE, w_ED32))
-            if need_w:
-                gw_ED.addmm_(g_bE.t(), x_bD.float())
-        return gx_ND, gw_ED.to(w_ED.dtype) if need_w else None
+        if need_x and x_ND.dtype == torch.float16:
+            gx_ND = torch.empty_like(x_ND)
+            for g_Eb, gx_bD in zip(g_EN.split(B, dim=1), gx_ND.split(B)):
+                gx_bD.copy_(torch.mm(g_Eb.t(), w_ED32))
+            gx_ND = gx_ND if into_ND is None else into_ND.add_(gx_ND)
+        elif need_x:
+            g_NE, w = g_EN.t().to(x_ND.dtype), w_ED.to(x_ND.dtype)
+            gx_ND = torch.mm(g_NE, w) if into_ND is None else into_ND.addmm_(g_NE, w)
+        if need_w and x_ND.dtype == torch.float32:
+            gw_ED = torch.mm(g_EN, x_ND)
+        elif need_w:
+            gw_ED = torch.zeros_like(w_ED32)
+            for g_Eb, x_bD in zip(g_EN.split(B, dim=1), x_ND.split(B)):
+                gw_ED.addmm_(g_Eb, x_bD.float())
+        return gx_ND, None if gw_ED is None else gw_ED.to(w_ED.dtype), None
 
 
 def moe_report(output) -> list[dict]:
