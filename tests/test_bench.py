@@ -24,6 +24,15 @@ def test_moe_layer_bench_runs_and_profiles(tmp_path):
     assert "== ours" in (tmp_path / "64_fp32_k2_1.25.txt").read_text()
 
 
+def test_moe_layer_bench_against_another_version():
+    """--against imports another checkout's package under its own name and times its layer beside this one's; here
+    the same package, so the two layers compute the same thing."""
+    package = str(ROOT / "clipmoe")
+    stdout = _bench("moe_layer.py", "--tokens", "64", "--dtypes", "fp32", "--ks", "1", "--cfs", "dropless", "--reps",
+                    "1", "--inputs", "1", "--against", package)
+    assert stdout.count(f"#   against {package}: ") == 1, stdout
+
+
 def test_train_step_bench_runs():
     stdout = _bench("train_step.py", "--arch", "clipmoe-micro", "--batch", "4", "--steps", "1", "--device", "cpu")
     assert "train step ms: eager" in stdout

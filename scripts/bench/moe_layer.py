@@ -2,12 +2,17 @@
 MLP (the compute no top-k layer can avoid), forward + backward, same process, same shapes.
 
     python scripts/bench/moe_layer.py [--tokens 4096 16384] [--dtypes fp32 bf16] [--reps 8] [--device cpu] [--parts]
+        [--against OTHER_CHECKOUT/clipmoe]
 
 Prints one row per setting with median times in ms (the implementations interleaved, inputs cycled so
 that routing changes every step) and the ratios clipmoe / dense-k and DeepSpeed / clipmoe. On a GPU, where
 the layer can be captured (`MoE.sync_free`: bf16, or a capacity factor in fp32), the same layer replayed as
 CUDA graphs is a fourth column ("graphed"). Each step backpropagates what training does: the output's sum
 plus the layer's auxiliary losses (clipmoe: 0.01 balance + 0.001 z-loss; DeepSpeed: 0.01 l_aux).
+
+`--against` times the layer of another version of clipmoe beside this one, interleaved in the same process with
+the same weights (its package directory, e.g. from `git worktree add /tmp/base HEAD~1`): on a shared machine,
+where separate runs drift by more than most changes, the one way to measure a change.
 """
 from __future__ import annotations
 
@@ -157,6 +162,20 @@ def hot_and_cold(steps: dict, x, reps: int, device, flush_mib: int = 512) -> dic
     return {name: tuple(statistics.median(v) * 1e3 for v in pair) for name, pair in times.items()}
 
 
+def other_clipmoe(package_dir: str):
+    """The `clipmoe` package at `package_dir` (another checkout's), imported as `clipmoe_against`."""
+    import importlib.util
+    import sys
+
+    init = Path(package_dir) / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--against: no clipmoe package at {package_dir} (expected {init})")
+    spec = importlib.util.spec_from_file_location("clipmoe_against", init, submodule_search_locations=[package_dir])
+    sys.modules[spec.name] = package = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(package)
+    return importlib.import_module("clipmoe_against.moe"), importlib.import_module("clipmoe_against.config")
+
+
 def deepspeed_layer(k: int, cf, device, dtype):
     """DeepSpeed's MoE on one process (expert-parallel size 1); None when DeepSpeed is missing."""
     try:
@@ -195,8 +214,11 @@ def main():
                    help="also time clipmoe's experts alone on the layer's own counts (the rest is routing), and "
                         "it and the dense layer with cold and hot caches")
     p.add_argument("--profile", metavar="DIR", help="also profile one step per row: tables to DIR, kernel counts")
+    p.add_argument("--against", metavar="DIR", help="also time the MoE layer of the clipmoe package in DIR (another "
+                                                    "version), interleaved with this one, with the same weights")
     args = p.parse_args()
     device = torch.device(args.device)
+    against = other_clipmoe(args.against) if args.against else None
     no_bf16 = args.dtypes is None and device.type == "cpu" and cpu_bf16_matmul_is_slow()
     if args.dtypes is None:  # without bf16 kernels one dense bf16 step takes ~100 s at 4,096 tokens
         args.dtypes = ["fp32"] if no_bf16 else ["fp32", "bf16"]
@@ -228,6 +250,12 @@ def main():
                         steps["ds"] = fwd_bwd(ds, deepspeed_loss, batched=True)
                     if args.parts:
                         steps["experts"] = experts_step(ours, xs[0])
+                    if against is not None:
+                        other_moe, other_config = against
+                        theirs = other_moe.MoE(D, F_, other_config.MoEConfig(
+                            num_experts=E, top_k=k, capacity_factor=cf, eval_capacity_factor=cf), nn.GELU)
+                        theirs.load_state_dict(ours.state_dict())
+                        steps["against"] = fwd_bwd(theirs.to(device=device, dtype=dtype).train(), clipmoe_loss)
                     if device.type == "cuda" and ours.sync_free(xs[0]):  # the same layer, CUDA-graphed
                         graphed = cuda_graphs.capture(copy.deepcopy(ours), torch.randn_like(xs[0]).requires_grad_())
                         steps["graphed"] = fwd_bwd(graphed, clipmoe_loss)
@@ -237,6 +265,10 @@ def main():
                     print(f"{tokens:>6} {dt:>5} {k:>2} {cf_s:>8} | {t_dense:>9.1f} {t_ours:>9.1f} {t_ds:>9.1f} "
                           f"{t_g:>9.1f} | {t_ours / t_dense:>10.2f} {t_ds / t_ours:>8.2f} {t_ds / t_g:>10.2f}",
                           flush=True)
+                    if against is not None:
+                        t_a = t["against"]
+                        print(f"#   against {args.against}: {t_a:.1f} ms ({t_a / t_dense:.2f} x dense xk); "
+                              f"this one {t_ours - t_a:+.2f} ms", flush=True)
                     if args.parts:
                         t_e, rest = t["experts"], t_ours - t["experts"]
                         print(f"#   parts: experts alone {t_e:.1f} ms ({t_e / t_dense:.2f} x dense xk), "
