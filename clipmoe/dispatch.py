@@ -8,9 +8,10 @@ slot of assignment (n, k), -1 when capacity dropped it).
 
 Dispatch gathers rows by token_P, and its backward gathers each token's K slot gradients by slot_NK;
 combine gathers each token's K expert outputs by slot_NK, weighted by their gates, and its backward
-gathers by token_P. Autograd's default for the same maths (index_select / index_add_) zero-fills an
-(N, D) buffer and scatter-adds into it in both passes; here every pass is one read of its rows. Padding
-slots get zero output gradient, so they add nothing to any parameter's gradient.
+gathers by token_P (on CPU weighted in the same pass, the gates' gradients as row dot products that read
+their rows where they lie: `gathered_dots`). Autograd's default for the same maths (index_select /
+index_add_) zero-fills an (N, D) buffer and scatter-adds into it in both passes; here every pass is one
+read of its rows. Padding slots get zero output gradient, so they add nothing to any parameter's gradient.
 """
 from __future__ import annotations
 
@@ -87,6 +88,21 @@ def gather_sum(src_PD: torch.Tensor, slots: Slots, weight_NK: Optional[torch.Ten
     return out_ND
 
 
+# torch's kernel for the gradient of embedding_bag's per-sample weights: out[i] = grad[bag[i]] . weight[indices[i]]
+_EMBEDDING_BAG_DOTS = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
+
+
+def gathered_dots(g_ND: torch.Tensor, h_PD: torch.Tensor, slot_NK: torch.Tensor) -> torch.Tensor:
+    """(N, K): g[n] . h[slot[n, k]], 0 where slot is -1 (dropped), in one pass that reads each row where it lies,
+    summed in fp32 for bf16 (torch's kernel for embedding_bag's per-sample-weight gradient; the product and row
+    sums it replaces wrote an (S, D) temporary and rounded each product to bf16)."""
+    N, K = slot_NK.shape
+    rows = torch.arange(N, device=slot_NK.device)
+    bag_A = rows.repeat_interleave(K) if K > 1 else rows
+    dots_A = _EMBEDDING_BAG_DOTS(g_ND, h_PD, slot_NK.reshape(-1), rows * K, bag_A, 0, -1)  # mode 0: sum
+    return dots_A.view(N, K)
+
+
 class GradSink:
     """Dispatch's gradient of x, handed to the router's backward, which adds its own into it in place: autograd
     would sum the two in a third (N, D) pass. The router arms the sink by setting `after` to its output; Dispatch
@@ -137,6 +153,15 @@ class Combine(torch.autograd.Function):
     def backward(ctx, g_ND):
         h_PD, w_NK = ctx.saved_tensors
         slots = ctx.slots
+        if g_ND.device.type == "cpu" and _EMBEDDING_BAG_DOTS is not None and g_ND.shape[0] and h_PD.shape[0]:
+            g_ND = g_ND.to(h_PD.dtype).contiguous()  # the kernels' operands share a dtype
+            # two fused passes where the loop below makes four: the gates' gradients as row dot products that read
+            # the rows where they lie, and the experts' as one weighted gather (bf16, 4,096 x 512 at k = 1: 0.32 + 0.20
+            # ms against 0.55 + 0.44; at 16,384 tokens 1.4 + 1.3 against 3.1 + 2.1). Not on GPUs, where unmeasured.
+            g_gate_NK = gathered_dots(g_ND, h_PD, slots.slot_NK).to(ctx.gate_dtype)  # dropped: 0
+            w_P = slots.per_slot(w_NK).unsqueeze(1)  # padding slots: weight 0, so gradient 0
+            g_PD = F.embedding_bag(slots.token_P.unsqueeze(1), g_ND, mode="sum", per_sample_weights=w_P)
+            return g_PD, g_gate_NK, None
         g_PD = g_ND.index_select(0, slots.token_P)
         dot_P = (g_PD * h_PD).sum(1)
         g_gate_NK = torch.zeros(w_NK.shape, dtype=ctx.gate_dtype, device=w_NK.device)  # dropped: 0

@@ -672,6 +672,30 @@ def test_gather_sum_fused_and_per_choice_match_a_loop(dtype, K, dropped, weighte
         assert torch.allclose(got.float(), want, rtol=tol, atol=tol), fused
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_gathered_dots_against_a_loop(dtype, K):
+    """combine's backward on CPU: g[n] . h[slot[n, k]] by torch's fused kernel, 0 for dropped assignments (slot -1),
+    against a loop in float64; bf16 within its rounding of the result (the sums are fp32)."""
+    from clipmoe.dispatch import gathered_dots
+
+    torch.manual_seed(K)
+    N, P = 30, 30 * K + 10
+    g, h = torch.randn(N, 40, dtype=dtype), torch.randn(P, 40, dtype=dtype)
+    slot = torch.randperm(P)[:N * K].view(K, N).t()  # as Slots lays them out: (N, K) view of a (K, N) tensor
+    slot[torch.rand(N, K) < 0.3] = -1
+    want = torch.zeros(N, K, dtype=torch.float64)
+    for n in range(N):
+        for k in range(K):
+            if slot[n, k] >= 0:
+                want[n, k] = g[n].double() @ h[slot[n, k]].double()
+    got = gathered_dots(g, h, slot)
+    assert got.dtype == dtype and got.shape == (N, K)
+    assert (got[slot < 0] == 0).all()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2 ** -8}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
 def test_k1_ties_go_to_the_first_expert():
     """A zero router (a fresh upcycle) ties every token; at k = 1 the tie goes to expert 0, as argmax, so capacity
     keeps exactly the first C tokens there and drops the rest."""
