@@ -12,7 +12,8 @@ plus the layer's auxiliary losses (clipmoe: 0.01 balance + 0.001 z-loss; DeepSpe
 
 `--against` times the layer of another version of clipmoe beside this one, interleaved in the same process with
 the same weights (its package directory, e.g. from `git worktree add /tmp/base HEAD~1`): on a shared machine,
-where separate runs drift by more than most changes, the one way to measure a change.
+where separate runs drift by more than most changes, a way to measure one. At 16,384 tokens the five layers in one
+process perturbed one another (BENCHMARKS.md): there, time the changed part alone.
 """
 from __future__ import annotations
 
