@@ -21,6 +21,7 @@ def test_moe_layer_bench_runs_and_profiles(tmp_path):
     rows = [line for line in stdout.splitlines() if line.split()[:2] == ["64", "fp32"]]
     assert len(rows) == 1 and "back to back" in stdout
     assert stdout.count("#   parts: experts alone ") == 1 and stdout.count("#   caches (cold, hot ms") == 1
+    assert stdout.count("#   experts reading one expert's weights ") == 1
     assert "== ours" in (tmp_path / "64_fp32_k2_1.25.txt").read_text()
 
 

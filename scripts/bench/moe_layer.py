@@ -117,10 +117,14 @@ def deepspeed_loss(out):
     return y.float().sum() + 0.01 * l_aux
 
 
-def experts_step(layer, x, loss_of=dense_loss):
+def experts_step(layer, x, loss_of=dense_loss, shared_weights=False):
     """A step of `layer.experts` alone (forward + backward) on the rows and per-expert counts the layer gave
     them for x: the part of the layer that no routing scheme can avoid. `--parts` times it beside the layer, so
-    that the rest (router, routing, dispatch, combine, auxiliary terms) is the difference."""
+    that the rest (router, routing, dispatch, combine, auxiliary terms) is the difference.
+
+    `shared_weights`: a copy of the experts in which every expert reads expert 0's weight matrices (the same
+    products, shapes and gradients written, 1/E of the weight bytes fetched): what the experts would cost if their
+    E-fold weights were as cheap to fetch as the dense layer's."""
     seen = []
     hook = layer.experts.register_forward_pre_hook(
         lambda _, args, kwargs: seen.append((args[0].shape[0], args[1].detach().clone(), dict(kwargs))),
@@ -132,13 +136,20 @@ def experts_step(layer, x, loss_of=dense_loss):
         hook.remove()
     rows, counts_E, kwargs = seen[0]
     x_SD = torch.randn(rows, x.shape[1], device=x.device, dtype=x.dtype, requires_grad=True)
-    params = list(layer.experts.parameters())
+    experts = layer.experts
+    if shared_weights:
+        experts = copy.deepcopy(experts)
+        with torch.no_grad():
+            for name in ("w1", "w2"):  # stride 0 over the experts: one expert's memory
+                w = getattr(experts, name)
+                setattr(experts, name, nn.Parameter(w[:1].expand_as(w)))
+    params = list(experts.parameters())
 
     def step(_):  # the same rows every time: the counts are those of one routing
         x_SD.grad = None
         for p in params:
             p.grad = None
-        loss_of((layer.experts(x_SD, counts_E, **kwargs),)).backward()
+        loss_of((experts(x_SD, counts_E, **kwargs),)).backward()
     return step
 
 
@@ -251,6 +262,8 @@ def main():
                         steps["ds"] = fwd_bwd(ds, deepspeed_loss, batched=True)
                     if args.parts:
                         steps["experts"] = experts_step(ours, xs[0])
+                        if device.type == "cpu":  # the CPU's question: what fetching E experts' weights costs
+                            steps["shared"] = experts_step(ours, xs[0], shared_weights=True)
                     if against is not None:
                         other_moe, other_config = against
                         theirs = other_moe.MoE(D, F_, other_config.MoEConfig(
@@ -274,6 +287,10 @@ def main():
                         t_e, rest = t["experts"], t_ours - t["experts"]
                         print(f"#   parts: experts alone {t_e:.1f} ms ({t_e / t_dense:.2f} x dense xk), "
                               f"the rest of the layer {rest:.1f} ms ({rest / t_dense:.2f})", flush=True)
+                        if "shared" in t:
+                            t_s = t["shared"]
+                            print(f"#   experts reading one expert's weights {t_s:.1f} ms ({t_s / t_dense:.2f} x dense "
+                                  f"xk): fetching the E experts' weights costs {t_e - t_s:.1f} ms", flush=True)
                         hc = hot_and_cold({"dense": steps["dense"], "experts": steps["experts"]}, xs[0], args.reps,
                                           device)
                         print("#   caches (cold, hot ms; dense once): " + ", ".join(
