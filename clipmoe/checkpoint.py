@@ -17,9 +17,15 @@ from .config import ModelConfig, to_dict
 from .errors import ClipmoeError
 from .model import CLIP
 
-FORMAT = "clipmoe/2"
-# clipmoe/1 stored experts.w1 as (E, width, hidden); clipmoe/2 as (E, hidden, width), like experts.w2
-_FORMAT_1 = "clipmoe/1"
+FORMAT = "clipmoe/3"  # experts.w1 and experts.w2 both (E, width, hidden)
+# the expert matrices that earlier formats stored transposed, as (E, hidden, width): read into today's layout
+_TRANSPOSED = {"clipmoe/1": (".experts.w2",), "clipmoe/2": (".experts.w1", ".experts.w2")}
+
+
+def upgrade_experts(state: dict, fmt: str) -> dict:
+    """A state dict written in format `fmt` (clipmoe/1 or /2) in today's layout of the expert matrices."""
+    ends = _TRANSPOSED.get(fmt, ())
+    return {k: v.transpose(-2, -1) if k.endswith(ends) else v for k, v in state.items()}
 
 
 def save(model: CLIP, path: str | Path) -> Path:
@@ -62,7 +68,7 @@ def read_safetensors(path: str | Path) -> tuple[dict, dict]:
 
 
 def _config_from_metadata(path, meta: dict) -> ModelConfig:
-    if meta.get("format") not in (FORMAT, _FORMAT_1) or "config" not in meta:
+    if meta.get("format") not in (FORMAT, *_TRANSPOSED) or "config" not in meta:
         raise ClipmoeError(f"{path}: not a clipmoe checkpoint (no clipmoe config in its metadata); "
                            "open_clip weights load with clipmoe.create_model(ARCH, pretrained=PATH)")
     try:
@@ -87,7 +93,7 @@ def read_config(path: str | Path) -> ModelConfig:
 
 def is_clipmoe_file(path: str | Path) -> bool:
     """Whether `path` is a safetensors file `clipmoe.save` wrote (else: open_clip weights, or unreadable)."""
-    return Path(path).suffix == ".safetensors" and read_metadata(path).get("format") in (FORMAT, _FORMAT_1)
+    return Path(path).suffix == ".safetensors" and read_metadata(path).get("format") in (FORMAT, *_TRANSPOSED)
 
 
 MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -128,13 +134,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> CLIP:
     if path.is_file() and path.suffix != ".safetensors":
         raise open_clip_weights_error(path)
     tensors, meta = read_safetensors(path)
-    if meta.get("format") not in (FORMAT, _FORMAT_1) and adapter.is_open_clip_state_dict(tensors):
+    if meta.get("format") not in (FORMAT, *_TRANSPOSED) and adapter.is_open_clip_state_dict(tensors):
         raise open_clip_weights_error(path)
     model = CLIP(_config_from_metadata(path, meta))
-    if meta["format"] == _FORMAT_1:
-        tensors = {k: v.transpose(-2, -1) if k.endswith(".experts.w1") else v
-                   for k, v in tensors.items()}
-    load_weights(model, tensors, str(path))
+    load_weights(model, upgrade_experts(tensors, meta["format"]), str(path))
     return model.to(device).eval()
 
 
@@ -163,7 +166,8 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise ClipmoeError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return read_safetensors(path)[0]
+        tensors, meta = read_safetensors(path)
+        return upgrade_experts(tensors, meta.get("format", ""))
     if is_torchscript(path):
         return _read_torchscript(path)
     if not _is_torch_save(path):  # torch.load's own error for these is a bare KeyError of the first byte

@@ -31,6 +31,7 @@ from torch.nn.utils import clip_grads_with_norm_
 from . import expert_parallel as ep
 from .config import RunConfig
 from .errors import ClipmoeError, first_line
+from .resume import EXPERTS_TRANSPOSED
 
 TAG = "deepspeed"  # the engine's folder inside a clipmoe training checkpoint
 
@@ -269,6 +270,11 @@ def check_resumable(folder: Path, shared: dict, under_deepspeed: bool, expert_pa
     if not under_deepspeed and shared.get("optimizer") is None:
         raise ClipmoeError(f"train.resume: {folder} was written under train.deepspeed (its optimizer state is "
                            "DeepSpeed's); resume with train.deepspeed")
+    if under_deepspeed and shared.get("format") == EXPERTS_TRANSPOSED:
+        raise ClipmoeError(f"train.resume: {folder} was written by an earlier clipmoe, which stored the experts' "
+                           "matrices as (E, hidden, width); DeepSpeed's optimizer state holds them so and cannot be "
+                           "converted: resume it with the clipmoe that wrote it, or train on from its model "
+                           f"(clipmoe.resume.load_model({str(folder)!r}))")
     written_with = shared.get("expert_optimizer") is not None
     if under_deepspeed and written_with != expert_parallel:
         raise ClipmoeError(f"train.resume: {folder} was written under train.deepspeed "

@@ -100,7 +100,7 @@ class ParallelExperts(Experts):
         if E % groups.ep_size:
             raise ClipmoeError(f"{E} experts cannot be split evenly over expert_parallel_size {groups.ep_size}")
         local = E // groups.ep_size
-        super().__init__(local, experts.w1.shape[2], experts.w1.shape[1], lambda: experts.act, experts.lanes)
+        super().__init__(local, experts.dim, experts.hidden, lambda: experts.act, experts.lanes)
         self.groups, self.num_experts, self.first = groups, E, groups.ep_rank * local
         with torch.no_grad():
             for name in ("w1", "b1", "w2", "b2"):
@@ -197,7 +197,7 @@ def gathered(model: nn.Module) -> nn.Module:
         return model
     state = full_state_dict(model)
     # deepcopy puts whole experts where the shards were (the memo answers for them)
-    memo = {id(m): Experts(m.num_experts, m.w1.shape[2], m.w1.shape[1], lambda m=m: m.act, m.lanes).to(m.w1)
+    memo = {id(m): Experts(m.num_experts, m.dim, m.hidden, lambda m=m: m.act, m.lanes).to(m.w1)
             for m in sharded.values()}
     out = copy.deepcopy(model, memo)
     out.load_state_dict(state)

@@ -1,7 +1,7 @@
 """The experts of an MoE layer: E two-layer MLPs run over tokens already sorted by expert.
 
-Both weight matrices are stacked as (E, F, D), as in MegaBlocks: `w1[e]` is nn.Linear(D, F).weight and
-`w2[e]` is nn.Linear(F, D).weight transposed, so y = act(x w1[e]^T + b1[e]) w2[e] + b2[e].
+Both weight matrices are stacked as (E, D, F): `w1[e]` is nn.Linear(D, F).weight transposed and `w2[e]` is
+nn.Linear(F, D).weight, so y = act(x w1[e] + b1[e]) w2[e]^T + b2[e].
 
 On CUDA with bf16 the experts run as two `grouped_mm` calls. On CUDA in other dtypes they run as two
 padded batched products when padding at most doubles the rows (`_padded_experts`): padded to the largest
@@ -9,12 +9,12 @@ group, or, while a CUDA graph is captured, to the routing's static capacity (the
 to the host). Everywhere else `_ExpertMLP` runs one matmul per expert on its contiguous slice and writes
 its outputs and weight gradients in place (no concatenation of E pieces, no stacking of E weight
 gradients); on CPU two experts run at a time, each on half of torch's threads (`Experts.lanes`, see
-`_run_lanes`). The layouts are chosen for oneDNN's bf16 kernels on CPU, whose speed on the same FLOPs
-varies up to 2x with operand layout: with both weights (E, F, D) and the hidden activations kept
-transposed, (F, c), the six products of 8 experts' forward and backward at c = 512 tokens took 29.7 ms
-against 44.3 for (E, D, F) / (E, F, D) weights with (c, F) activations, and 27.9 for the dense MLP's at
-4,096 tokens (the best of all 16 combinations of weight, activation and batching layouts measured). fp32
-keeps nn.Linear's (c, F) activations instead (`_hidden_f_major`).
+`_run_lanes`). The layout is chosen for oneDNN's bf16 kernels on CPU, which run a product whose first operand
+is transposed 1.5-2.2x slower: with (E, D, F) weights and (c, F) activations no product has one (the weight
+gradients are x^T h and gy^T a, with the small (c, D) x and gy transposed explicitly). Against the layout
+before, (E, F, D) weights and (F, c) activations, which had two such products per expert (BENCHMARKS.md):
+the bf16 layer at 16,384 tokens, k = 1, took 171 against 193 ms, at 4,096 tokens 53.1 against 55.2 (k = 1)
+and 87.2 against 92.2 (k = 2); fp32 (MKL) was level.
 """
 from __future__ import annotations
 
@@ -41,14 +41,22 @@ class Experts(nn.Module):
                  lanes: Optional[int] = None):
         super().__init__()
         self.lanes = lanes  # CPU: experts run on this many threads at once; None: 2 if torch has 2+ threads
-        self.w1 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
         self.act = act_layer()
         # the same init as the dense Mlp's Linears (see model._init_linear), so swapping is neutral
         nn.init.trunc_normal_(self.w1, std=0.02)
         nn.init.trunc_normal_(self.w2, std=0.02)
+
+    @property
+    def dim(self) -> int:
+        return self.w1.shape[1]
+
+    @property
+    def hidden(self) -> int:
+        return self.w1.shape[2]
 
     @staticmethod
     def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -104,9 +112,8 @@ class Experts(nn.Module):
                 valid_S = expert_S < counts_E.numel() if tail else None
                 if tail:  # grouped_mm leaves the input gradient of rows past offs[-1] undefined
                     x_SD = _ZeroTail.apply(x_SD, valid_S)
-                h_SF = self.act(_GroupedBias.apply(grouped_mm(x_SD, w1.transpose(1, 2), offs=offs_E), b1, expert_S,
-                                                   valid_S))
-                return _GroupedBias.apply(grouped_mm(h_SF, w2, offs=offs_E), b2, expert_S, valid_S)
+                h_SF = self.act(_GroupedBias.apply(grouped_mm(x_SD, w1, offs=offs_E), b1, expert_S, valid_S))
+                return _GroupedBias.apply(grouped_mm(h_SF, w2.transpose(1, 2), offs=offs_E), b2, expert_S, valid_S)
             E = counts_E.numel()
             if capacity is not None and x_SD.shape[0] and _static_padding(x_SD, E * capacity, x_SD.shape[0]) \
                     and _capturing(x_SD):
@@ -161,8 +168,8 @@ def _padded_experts(x_SD, counts_E, C: int, act, w1, b1, w2, b2, tail: bool = Fa
         pos_S = expert_S * C + torch.arange(S, device=x_SD.device) - starts_E[expert_S]
     spare = int(tail)
     x_ECD = x_SD.new_zeros(E * C + spare, x_SD.shape[1]).index_copy(0, pos_S, x_SD)[:E * C].view(E, C, -1)
-    h_ECF = act(torch.baddbmm(b1.unsqueeze(1), x_ECD, w1.transpose(1, 2)))
-    y_ECD = torch.baddbmm(b2.unsqueeze(1), h_ECF, w2)
+    h_ECF = act(torch.baddbmm(b1.unsqueeze(1), x_ECD, w1))
+    y_ECD = torch.baddbmm(b2.unsqueeze(1), h_ECF, w2.transpose(1, 2))
     y_PD = y_ECD.view(E * C, -1)
     if tail:
         y_PD = torch.cat([y_PD, y_PD.new_zeros(1, y_PD.shape[1])])
@@ -319,11 +326,10 @@ def _run_lanes(run: Callable[[int], None], splits: list[int], lanes: int) -> Non
         f.result()
 
 
-def _hidden_f_major(x: torch.Tensor) -> bool:
-    """Whether the per-expert products keep the hidden activations (F, c) in memory (oneDNN's fast layout for
-    bf16/fp16 on CPU) rather than (c, F), nn.Linear's. fp32 goes through MKL, which is faster the other way:
-    8 experts' forward + backward took 5-11% less with (c, F) at 4,096 tokens and 4-9% less at 16,384 on a
-    2-core AVX2 EPYC (the two layouts were level on a Xeon)."""
+def _transpose_explicitly(x: torch.Tensor) -> bool:
+    """Whether the weight gradients' small first operands (x^T, gy^T: (D, c)) are transposed into memory before
+    their products: oneDNN (CPU, bf16/fp16) runs a product whose first operand is a transposed view 1.5-2.2x
+    slower; the copy is (c, D), an eighth of the product's other operand. MKL (fp32) takes the view as it is."""
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
@@ -337,56 +343,53 @@ def _act_backward(act: nn.Module, g: torch.Tensor, h: torch.Tensor) -> torch.Ten
 
 
 class _ExpertMLP(torch.autograd.Function):
-    """y_c = act(x_c w1_e^T + b1_e) w2_e + b2_e on each expert's slice c of the sorted tokens."""
+    """y_c = act(x_c w1_e + b1_e) w2_e^T + b2_e on each expert's slice c of the sorted tokens."""
 
     @staticmethod
-    def forward(ctx, x_SD, splits: list[int], act, lanes: int, w1_EFD, b1_EF, w2_EFD, b2_ED):
+    def forward(ctx, x_SD, splits: list[int], act, lanes: int, w1_EDF, b1_EF, w2_EDF, b2_ED):
         x_SD = x_SD.contiguous()
         y_SD = x_SD.new_empty(x_SD.shape)
         x_E, y_E = x_SD.split(splits), y_SD.split(splits)
-        hidden = [None] * (2 * len(splits))  # per expert: pre-activation and activation, both (F, c) views
-        f_major = _hidden_f_major(x_SD)
+        hidden = [None] * (2 * len(splits))  # per expert: pre-activation and activation, both (c, F)
 
         def run(e):
-            if f_major:
-                h_Fc = torch.addmm(b1_EF[e].unsqueeze(1), w1_EFD[e], x_E[e].t())
-            else:  # stored (c, F); the (F, c) view costs nothing
-                h_Fc = torch.addmm(b1_EF[e], x_E[e], w1_EFD[e].t()).t()
-            a_Fc = act(h_Fc)
-            torch.addmm(b2_ED[e], a_Fc.t(), w2_EFD[e], out=y_E[e])
-            hidden[2 * e], hidden[2 * e + 1] = h_Fc, a_Fc
+            h_cF = torch.addmm(b1_EF[e], x_E[e], w1_EDF[e])
+            a_cF = act(h_cF)
+            torch.addmm(b2_ED[e], a_cF, w2_EDF[e].t(), out=y_E[e])
+            hidden[2 * e], hidden[2 * e + 1] = h_cF, a_cF
 
         _run_lanes(run, splits, lanes)
-        ctx.splits, ctx.act, ctx.lanes, ctx.f_major = splits, act, lanes, f_major
-        ctx.save_for_backward(x_SD, w1_EFD, w2_EFD, *hidden)  # freed by autograd unless retain_graph
+        ctx.splits, ctx.act, ctx.lanes = splits, act, lanes
+        ctx.save_for_backward(x_SD, w1_EDF, w2_EDF, *hidden)  # freed by autograd unless retain_graph
         return y_SD
 
     @staticmethod
     @first_order
     def backward(ctx, gy_SD):
-        x_SD, w1_EFD, w2_EFD, *hidden = ctx.saved_tensors
+        x_SD, w1_EDF, w2_EDF, *hidden = ctx.saved_tensors
         gy_SD = gy_SD.contiguous()
         need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4:])
         gx_SD = torch.empty_like(x_SD) if need_x else None
         gw1 = gb1 = gw2 = gb2 = None
         if need_w:
-            E, F_, D = w1_EFD.shape
-            gw1, gw2 = torch.empty_like(w1_EFD), torch.empty_like(w2_EFD)
-            gb1, gb2 = w1_EFD.new_empty(E, F_), w1_EFD.new_empty(E, D)
+            E, D, F_ = w1_EDF.shape
+            gw1, gw2 = torch.empty_like(w1_EDF), torch.empty_like(w2_EDF)
+            gb1, gb2 = w1_EDF.new_empty(E, F_), w1_EDF.new_empty(E, D)
         x_E, gy_E = x_SD.split(ctx.splits), gy_SD.split(ctx.splits)
         gx_E = gx_SD.split(ctx.splits) if need_x else None
+        explicit = _transpose_explicitly(x_SD)
 
         def run(e):
-            x_cD, gy_cD, h_Fc, a_Fc = x_E[e], gy_E[e], hidden[2 * e], hidden[2 * e + 1]
-            ga_Fc = torch.mm(w2_EFD[e], gy_cD.t()) if ctx.f_major else torch.mm(gy_cD, w2_EFD[e].t()).t()
-            gh_Fc = _act_backward(ctx.act, ga_Fc, h_Fc)
+            x_cD, gy_cD, h_cF, a_cF = x_E[e], gy_E[e], hidden[2 * e], hidden[2 * e + 1]
+            gh_cF = _act_backward(ctx.act, torch.mm(gy_cD, w2_EDF[e]), h_cF)
             if need_w:
-                torch.mm(a_Fc, gy_cD, out=gw2[e])
+                gy_Dc, x_Dc = (t.t().contiguous() if explicit else t.t() for t in (gy_cD, x_cD))
+                torch.mm(gy_Dc, a_cF, out=gw2[e])
                 torch.sum(gy_cD, 0, out=gb2[e])
-                torch.sum(gh_Fc, 1, out=gb1[e])
-                torch.mm(gh_Fc, x_cD, out=gw1[e])
+                torch.sum(gh_cF, 0, out=gb1[e])
+                torch.mm(x_Dc, gh_cF, out=gw1[e])
             if need_x:
-                torch.mm(gh_Fc.t(), w1_EFD[e], out=gx_E[e])
+                torch.mm(gh_cF, w1_EDF[e].t(), out=gx_E[e])
 
         if need_w:  # an expert with no tokens: zero gradient, as autograd would give
             for e in (e for e, n in enumerate(ctx.splits) if n == 0):

@@ -19,11 +19,14 @@ import torch.distributed as dist
 
 from .adapter import check_compatible
 from .architectures import get_model_config, list_architectures, model_config_from_dict
+from .checkpoint import upgrade_experts
 from .config import RunConfig, from_dict
 from .errors import ClipmoeError, first_line, write_failure
 from .model import CLIP
 
-FORMAT = "clipmoe-train/1"
+FORMAT = "clipmoe-train/2"
+# written before the experts' matrices became (E, width, hidden) (checkpoint.FORMAT): both were (E, hidden, width)
+EXPERTS_TRANSPOSED = "clipmoe-train/1"
 _PREFIX = "step_"
 
 
@@ -183,10 +186,28 @@ def _load(path: Path):
 
 def _read_shared(folder: Path, what: str = "train.resume") -> dict:
     shared = _read(folder / "state.pt", what)
-    if shared.get("format") != FORMAT:
+    if shared.get("format") not in (FORMAT, EXPERTS_TRANSPOSED):
         raise ClipmoeError(f"{what}: {folder / 'state.pt'} is not a clipmoe training checkpoint "
                            f"(format {shared.get('format')!r})")
+    if shared["format"] == EXPERTS_TRANSPOSED:  # the optimizer's state is upgraded by `optimizer_state`
+        shared["model"] = upgrade_experts(shared["model"], "clipmoe/2")
     return shared
+
+
+def optimizer_state(shared: dict, key: str, opt: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """The optimizer state `shared[key]` of a checkpoint for `opt`, which optimizes `model`'s parameters: with the
+    experts' state tensors (AdamW's moments) in today's layout where the checkpoint has the earlier one."""
+    state = shared[key]
+    if shared["format"] != EXPERTS_TRANSPOSED:
+        return state
+    names = {id(p): name for name, p in model.named_parameters()}
+    params = [p for group in opt.param_groups for p in group["params"]]  # the state's indices, in order
+    out = {**state, "state": dict(state["state"])}
+    for i, p in enumerate(params):
+        if i in out["state"] and names.get(id(p), "").endswith((".experts.w1", ".experts.w2")):
+            out["state"][i] = {k: v.transpose(-2, -1).contiguous() if torch.is_tensor(v) and v.ndim == 3 else v
+                               for k, v in out["state"][i].items()}
+    return out
 
 
 def load_model(path: str | Path) -> CLIP:

@@ -281,11 +281,12 @@ def train(cfg: RunConfig | str | Path | dict, model: Optional[CLIP] = None, prog
         if engine is not None:
             deepspeed_engine.load(engine, resume_from)
             if expert_opt is not None:
-                expert_opt.load_state_dict(ep.shard_optimizer_state(shared["expert_optimizer"], expert_opt, model))
+                expert_state = resume.optimizer_state(shared, "expert_optimizer", expert_opt, model)
+                expert_opt.load_state_dict(ep.shard_optimizer_state(expert_state, expert_opt, model))
                 expert_sched.load_state_dict(shared["scheduler"])
         else:
-            opt.load_state_dict(shared["optimizer"] if groups is None else
-                                ep.shard_optimizer_state(shared["optimizer"], opt, model))
+            opt_state = resume.optimizer_state(shared, "optimizer", opt, model)
+            opt.load_state_dict(opt_state if groups is None else ep.shard_optimizer_state(opt_state, opt, model))
         sched.load_state_dict(shared["scheduler"])
         start, history, zeroshot_runs = shared["step"], shared["history"], shared["zeroshot"]
         validation_runs = shared.get("validation", [])  # checkpoints from before validation have none

@@ -201,18 +201,18 @@ def _from_weights(state: dict, source: str, quick_gelu: Optional[bool] = None,
 
 
 def _drop_upcycle(w1, b1, w2, fraction: float, generator: torch.Generator):
-    """Re-initialises a random `fraction` of each expert's hidden units (rows of w1 and w2, b1) from
+    """Re-initialises a random `fraction` of each expert's hidden units (columns of w1 and w2, b1) from
     the dense weights' mean and std, so experts start different but keep most of the dense knowledge."""
-    E, F_, D = w1.shape
+    E, D, F_ = w1.shape
     n = int(round(fraction * F_))
     if n == 0:
         return
     m1, s1, m2, s2 = w1.mean(), w1.std(), w2.mean(), w2.std()
-    for e in range(E):
+    for e in range(E):  # the draws of the (E, F, D) layout before, so a seed gives the same experts
         idx = torch.randperm(F_, generator=generator)[:n].to(w1.device)
-        w1[e][idx, :] = (torch.randn(n, D, generator=generator) * s1 + m1).to(w1)
+        w1[e][:, idx] = (torch.randn(n, D, generator=generator) * s1 + m1).t().to(w1)
         b1[e][idx] = 0
-        w2[e][idx, :] = (torch.randn(n, D, generator=generator) * s2 + m2).to(w2)
+        w2[e][:, idx] = (torch.randn(n, D, generator=generator) * s2 + m2).t().to(w2)
 
 
 def _upcycled_state(dense: CLIP, new: CLIP, noise_std: float, reinit_fraction: float,
@@ -227,23 +227,24 @@ def _upcycled_state(dense: CLIP, new: CLIP, noise_std: float, reinit_fraction: f
                 continue
             E = nb.mlp.cfg.num_experts
             fc1, fc2 = db.mlp.fc1, db.mlp.fc2
-            if nb.mlp.experts.w1.shape[1:] != fc1.weight.shape:
-                raise ClipmoeError(f"{tower} block {i}: experts of hidden width {nb.mlp.experts.w1.shape[1]} cannot "
+            if (nb.mlp.experts.hidden, nb.mlp.experts.dim) != fc1.weight.shape:
+                raise ClipmoeError(f"{tower} block {i}: experts of hidden width {nb.mlp.experts.hidden} cannot "
                                    f"copy a dense MLP of hidden width {fc1.weight.shape[0]} (set expert_mlp_ratio "
                                    "to null, or to the tower's mlp_ratio, to upcycle)")
             if nb.mlp.shared is not None:  # the shared expert starts from the dense MLP with a zero output
                 state.update({prefix + "shared." + k: v for k, v in db.mlp.state_dict().items()})
                 state[prefix + "shared.fc2.weight"] = torch.zeros_like(fc2.weight)
                 state[prefix + "shared.fc2.bias"] = torch.zeros_like(fc2.bias)
-            experts = {  # both expert matrices are (E, hidden, width); see experts.py
-                "w1": fc1.weight.expand(E, -1, -1), "b1": fc1.bias.expand(E, -1),
-                "w2": fc2.weight.t().expand(E, -1, -1), "b2": fc2.bias.expand(E, -1),
+            experts = {  # both expert matrices are (E, width, hidden); see experts.py
+                "w1": fc1.weight.t().expand(E, -1, -1), "b1": fc1.bias.expand(E, -1),
+                "w2": fc2.weight.expand(E, -1, -1), "b2": fc2.bias.expand(E, -1),
             }
-            experts = {name: w.clone() for name, w in experts.items()}
+            experts = {name: w.clone(memory_format=torch.contiguous_format) for name, w in experts.items()}
             if noise_std > 0:
                 for name in ("w1", "w2"):
-                    w = experts[name]
-                    w += torch.randn(w.shape, generator=generator, dtype=w.dtype).to(w.device) * noise_std * w.std()
+                    w = experts[name]  # drawn (E, hidden, width), as before the layout changed: same seed, same noise
+                    noise = torch.randn(w.transpose(1, 2).shape, generator=generator, dtype=w.dtype).transpose(1, 2)
+                    w += noise.to(w.device) * noise_std * w.std()
             _drop_upcycle(experts["w1"], experts["b1"], experts["w2"], reinit_fraction, generator)
             state.update({prefix + "experts." + name: w for name, w in experts.items()})
             state[prefix + "router.weight"] = torch.zeros_like(nb.mlp.router.weight)

@@ -28,20 +28,29 @@ def test_file_holds_no_pickle(tmp_path):
     path = clipmoe.save(clipmoe.create_model("clipmoe-micro"), tmp_path / "m.safetensors")
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     header = json.loads(path.read_bytes()[8:8 + header_len])
-    assert header["__metadata__"]["format"] == "clipmoe/2"
+    assert header["__metadata__"]["format"] == "clipmoe/3"
     assert json.loads(header["__metadata__"]["config"])["name"] == "clipmoe-micro"
 
 
-def test_reads_first_format_with_experts_stacked_in_out(tmp_path):
-    """clipmoe/1 files stored experts.w1 as (E, width, hidden); they load into today's (E, hidden, width)."""
-    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=3, noise_std=0.05).eval()
-    old = {k: (v.transpose(-2, -1) if k.endswith(".experts.w1") else v).contiguous()
+@pytest.mark.parametrize("fmt, transposed", [("clipmoe/1", (".experts.w2",)),
+                                              ("clipmoe/2", (".experts.w1", ".experts.w2"))])
+def test_reads_earlier_formats_of_the_experts(tmp_path, fmt, transposed):
+    """clipmoe/1 files stored experts.w2 as (E, hidden, width), clipmoe/2 files both expert matrices so; they load
+    into today's (E, width, hidden), by clipmoe.load and as create_model's pretrained= weights. Hidden = width here
+    (mlp_ratio 1), so that only the format, not the shapes, can tell the layouts apart."""
+    overrides = {"vision": {"mlp_ratio": 1.0}, "text": {"mlp_ratio": 1.0}}
+    dense = clipmoe.create_model("clipmoe-micro", **overrides)
+    model = clipmoe.upcycle(dense, num_experts=3, noise_std=0.05).eval()
+    old = {k: (v.transpose(-2, -1) if k.endswith(transposed) else v).contiguous()
            for k, v in model.state_dict().items()}
-    meta = {"format": "clipmoe/1", "config": json.dumps(clipmoe.config.to_dict(model.config))}
+    assert any(not torch.equal(old[k], v) for k, v in model.state_dict().items())
+    meta = {"format": fmt, "config": json.dumps(clipmoe.config.to_dict(model.config))}
     save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
     back = clipmoe.load(tmp_path / "old.safetensors")
+    again = clipmoe.create_model(model.config, pretrained=str(tmp_path / "old.safetensors"))
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+        assert torch.equal(again.state_dict()[k], v), k
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])

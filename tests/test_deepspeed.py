@@ -70,6 +70,8 @@ def test_zero_1_with_expert_parallelism_trains_as_ddp_and_resumes_exactly(ddp_ba
         check_resumable(step2, shared, under_deepspeed=False, expert_parallel=True)
     with pytest.raises(ClipmoeError, match="by 2 ranks and this run has 1; DeepSpeed's optimizer state is per rank"):
         check_resumable(step2, shared, under_deepspeed=True, expert_parallel=True, world=1)
+    with pytest.raises(ClipmoeError, match=r"earlier clipmoe, .* \(E, hidden, width\); DeepSpeed's optimizer state"):
+        check_resumable(step2, {**shared, "format": "clipmoe-train/1"}, under_deepspeed=True, expert_parallel=True)
 
 
 def test_one_process_without_zero_and_checkpoint_mismatches(tiny_shards, tmp_path):

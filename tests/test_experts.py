@@ -12,7 +12,7 @@ from clipmoe.model import QuickGELU
 
 def loop(ex: Experts, x_SD, counts_E):
     """Autograd through F.linear, one expert at a time: the obvious implementation."""
-    outs = [ex.act(F.linear(x_cD, ex.w1[e], ex.b1[e])) @ ex.w2[e] + ex.b2[e]
+    outs = [F.linear(ex.act(F.linear(x_cD, ex.w1[e].t(), ex.b1[e])), ex.w2[e], ex.b2[e])
             for e, x_cD in enumerate(x_SD.split(counts_E.tolist()))]
     return torch.cat(outs)
 
@@ -114,7 +114,7 @@ def test_lanes_under_inference_mode_and_errors_reach_the_caller():
 
     class FailsOnFour(nn.Module):  # fails for the expert with 4 tokens, on whichever lane takes it
         def forward(self, h):
-            if h.shape[1] == 4:
+            if h.shape[0] == 4:  # (tokens, hidden)
                 raise RuntimeError("boom in a lane")
             return torch.relu(h)
 

@@ -40,7 +40,7 @@ def reference_moe(layer: MoE, x_ND: torch.Tensor):
                 dropped += 1
                 continue
             used[e] += 1
-            h = ex.act(F.linear(x_ND[n], ex.w1[e], ex.b1[e])) @ ex.w2[e] + ex.b2[e]
+            h = F.linear(ex.act(F.linear(x_ND[n], ex.w1[e].t(), ex.b1[e])), ex.w2[e], ex.b2[e])
             rows[n] = rows[n] + gates[n, k] * h
     return torch.stack(rows), dropped
 
@@ -53,7 +53,7 @@ def reference_expert_choice(layer: MoE, x_ND: torch.Tensor):
     rows = [torch.zeros(x_ND.shape[1]) for _ in range(x_ND.shape[0])]
     for e in range(layer.cfg.num_experts):
         for n in probs[:, e].topk(cap).indices.tolist():
-            h = ex.act(F.linear(x_ND[n], ex.w1[e], ex.b1[e])) @ ex.w2[e] + ex.b2[e]
+            h = F.linear(ex.act(F.linear(x_ND[n], ex.w1[e].t(), ex.b1[e])), ex.w2[e], ex.b2[e])
             rows[n] = rows[n] + probs[n, e] * h
     return torch.stack(rows), cap
 
@@ -290,9 +290,9 @@ def test_one_expert_equals_dense_mlp():
     mlp = Mlp(8, 16, nn.GELU)
     layer = MoE(8, 16, MoEConfig(num_experts=1, top_k=1, capacity_factor=None), nn.GELU)
     with torch.no_grad():
-        layer.experts.w1[0] = mlp.fc1.weight
+        layer.experts.w1[0] = mlp.fc1.weight.t()
         layer.experts.b1[0] = mlp.fc1.bias
-        layer.experts.w2[0] = mlp.fc2.weight.t()
+        layer.experts.w2[0] = mlp.fc2.weight
         layer.experts.b2[0] = mlp.fc2.bias
     x = torch.randn(5, 8)
     torch.testing.assert_close(layer(x)[0], mlp(x)[0], atol=1e-6, rtol=1e-6)
@@ -582,8 +582,10 @@ def test_expert_choice_eval_router_topk_is_batch_independent():
     probs = (x @ layer.router.weight.t()).softmax(-1)
     gates, experts = probs.topk(2, dim=-1)
     ex = layer.experts
-    expected = torch.stack([sum(gates[n, k] * (ex.act(F.linear(x[n], ex.w1[e], ex.b1[e])) @ ex.w2[e] + ex.b2[e])
-                                for k, e in enumerate(experts[n].tolist())) for n in range(40)])
+    def expert(e, x_D):
+        return F.linear(ex.act(F.linear(x_D, ex.w1[e].t(), ex.b1[e])), ex.w2[e], ex.b2[e])
+    expected = torch.stack([sum(gates[n, k] * expert(e, x[n]) for k, e in enumerate(experts[n].tolist()))
+                            for n in range(40)])
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer(x[:7])[0], y[:7], atol=1e-6, rtol=1e-6)  # another batch, same rows
     assert aux.tokens_per_expert.sum().item() == 80 and aux.dropped_fraction.item() == 0

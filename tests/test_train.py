@@ -593,6 +593,35 @@ def test_resume_is_exact(tiny_shards, tmp_path, num_workers):
     assert again.steps == 6 and torch.equal(again.model.logit_scale, straight.model.logit_scale)
 
 
+def test_resume_reads_checkpoints_of_the_earlier_experts_layout(tiny_shards, tmp_path):
+    """A training checkpoint of format clipmoe-train/1, which held the experts' matrices and their AdamW moments as
+    (E, hidden, width), resumes into today's (E, width, hidden) layout: the weights of the straight run, bit for bit."""
+    def cfg(out, **train_kw):
+        d = _cfg_dict(tiny_shards, tmp_path, steps=4, log_every=1, out_dir=str(tmp_path / out), **train_kw)
+        d["data"].update(batch_size=64)
+        return from_dict(RunConfig, d)
+
+    straight = train(cfg("a", save_every=2, keep_checkpoints=2), progress=False)
+    ckpt = tmp_path / "a" / "checkpoints" / "step_00000002"
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    experts = [name for name in state["model"] if name.endswith((".experts.w1", ".experts.w2"))]
+    assert experts
+    old = lambda t: t.transpose(-2, -1).contiguous()  # noqa: E731
+    state["model"].update({name: old(state["model"][name]) for name in experts})
+    moved = 0
+    for moments in state["optimizer"]["state"].values():  # the model's only 3-D parameters are the experts'
+        if moments["exp_avg"].ndim == 3:
+            moments.update({k: old(v) for k, v in moments.items() if v.ndim == 3})
+            moved += 1
+    assert moved == len(experts)
+    state["format"] = "clipmoe-train/1"
+    torch.save(state, ckpt / "state.pt")
+    resumed = train(cfg("b", resume=str(ckpt)), progress=False)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.history[-1]["loss"] == straight.history[-1]["loss"]
+
+
 def test_resume_with_another_data_layout_goes_on_with_a_fresh_epoch(tiny_shards, tmp_path):
     """A checkpoint whose data positions do not fit the resumed run (other loader workers; a shard list that grew)
     resumes the model, optimizer, schedule, step and log, says so once, and reads the data from the first epoch no

@@ -93,10 +93,10 @@ def test_drop_upcycling_reinitialises_a_fraction():
     up = clipmoe.upcycle(dense, num_experts=3, every=1, reinit_fraction=0.5)
     w1, fc1 = up.image.blocks[0].mlp.experts.w1, dense.image.blocks[0].mlp.fc1.weight
     F_ = fc1.shape[0]
-    changed = [(w1[e] != fc1).any(dim=1) for e in range(3)]  # hidden units (rows) re-drawn
+    changed = [(w1[e] != fc1.t()).any(dim=0) for e in range(3)]  # hidden units (columns) re-drawn
     assert all(int(c.sum()) == F_ // 2 for c in changed)
-    w2, fc2 = up.image.blocks[0].mlp.experts.w2, dense.image.blocks[0].mlp.fc2.weight.t()
-    assert all(torch.equal((w2[e] != fc2).any(dim=1), changed[e]) for e in range(3))  # the same units
+    w2, fc2 = up.image.blocks[0].mlp.experts.w2, dense.image.blocks[0].mlp.fc2.weight
+    assert all(torch.equal((w2[e] != fc2).any(dim=0), changed[e]) for e in range(3))  # the same units
     assert not torch.equal(changed[0], changed[1]) or not torch.equal(changed[1], changed[2])
 
 
@@ -198,7 +198,8 @@ def test_experts_are_copies_and_router_zero():
     for db, ub in zip(dense.text.blocks, up.text.blocks):
         assert torch.count_nonzero(ub.mlp.router.weight) == 0
         for e in range(3):
-            assert torch.equal(ub.mlp.experts.w1[e], db.mlp.fc1.weight)
+            assert torch.equal(ub.mlp.experts.w1[e], db.mlp.fc1.weight.t())
+            assert torch.equal(ub.mlp.experts.w2[e], db.mlp.fc2.weight)
             assert torch.equal(ub.mlp.experts.b2[e], db.mlp.fc2.bias)
     # the source model is untouched and the upcycled one trains
     assert not any(isinstance(m, MoE) for m in dense.modules())
