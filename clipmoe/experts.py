@@ -12,9 +12,10 @@ gradients); on CPU two experts run at a time, each on half of torch's threads (`
 `_run_lanes`). The layout is chosen for oneDNN's bf16 kernels on CPU, which run a product whose first operand
 is transposed 1.5-2.2x slower: with (E, D, F) weights and (c, F) activations no product has one (the weight
 gradients are x^T h and gy^T a, with the small (c, D) x and gy transposed explicitly). Against the layout
-before, (E, F, D) weights and (F, c) activations, which had two such products per expert (BENCHMARKS.md):
-the bf16 layer at 16,384 tokens, k = 1, took 171 against 193 ms, at 4,096 tokens 53.1 against 55.2 (k = 1)
-and 87.2 against 92.2 (k = 2); fp32 (MKL) was level.
+before, (E, F, D) weights and (F, c) activations, which had two such products per expert (BENCHMARKS.md,
+same process): the bf16 layer at 16,384 tokens and k = 1 took 188.7 against 201.9 ms (dropless) and 190.2
+against 202.0 (cf 1.25), at 4,096 tokens and k = 2 91.6 against 95.5; at 4,096 tokens and k = 1 (about 512
+rows per expert) the two are level within the runs' spread, and so is fp32 (MKL).
 """
 from __future__ import annotations
 

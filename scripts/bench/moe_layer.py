@@ -188,6 +188,12 @@ def other_clipmoe(package_dir: str):
     return importlib.import_module("clipmoe_against.moe"), importlib.import_module("clipmoe_against.config")
 
 
+def same_weights(ours: dict, theirs: dict) -> dict:
+    """Our layer's weights for another version's layer: versions before commit 8bd11d5 stored the experts' matrices
+    transposed, (E, hidden, width)."""
+    return {k: v.transpose(-2, -1) if v.shape != theirs[k].shape and v.ndim == 3 else v for k, v in ours.items()}
+
+
 def deepspeed_layer(k: int, cf, device, dtype):
     """DeepSpeed's MoE on one process (expert-parallel size 1); None when DeepSpeed is missing."""
     try:
@@ -268,7 +274,7 @@ def main():
                         other_moe, other_config = against
                         theirs = other_moe.MoE(D, F_, other_config.MoEConfig(
                             num_experts=E, top_k=k, capacity_factor=cf, eval_capacity_factor=cf), nn.GELU)
-                        theirs.load_state_dict(ours.state_dict())
+                        theirs.load_state_dict(same_weights(ours.state_dict(), theirs.state_dict()))
                         steps["against"] = fwd_bwd(theirs.to(device=device, dtype=dtype).train(), clipmoe_loss)
                     if device.type == "cuda" and ours.sync_free(xs[0]):  # the same layer, CUDA-graphed
                         graphed = cuda_graphs.capture(copy.deepcopy(ours), torch.randn_like(xs[0]).requires_grad_())
