@@ -208,7 +208,7 @@ def _drop_upcycle(w1, b1, w2, fraction: float, generator: torch.Generator):
     if n == 0:
         return
     m1, s1, m2, s2 = w1.mean(), w1.std(), w2.mean(), w2.std()
-    for e in range(E):  # the draws of the (E, F, D) layout before, so a seed gives the same experts
+    for e in range(E):  # the draws of the (E, F, D) layout before: a seed picks the same units, the same random numbers
         idx = torch.randperm(F_, generator=generator)[:n].to(w1.device)
         w1[e][:, idx] = (torch.randn(n, D, generator=generator) * s1 + m1).t().to(w1)
         b1[e][idx] = 0
