@@ -19,7 +19,8 @@ from .model import CLIP
 
 FORMAT = "clipmoe/3"  # experts.w1 and experts.w2 both (E, width, hidden)
 # the expert matrices that earlier formats stored transposed, as (E, hidden, width): read into today's layout
-_TRANSPOSED = {"clipmoe/1": (".experts.w2",), "clipmoe/2": (".experts.w1", ".experts.w2")}
+EXPERT_MATRICES = (".experts.w1", ".experts.w2")  # state-dict key suffixes of the experts' weight matrices
+_TRANSPOSED = {"clipmoe/1": (".experts.w2",), "clipmoe/2": EXPERT_MATRICES}
 
 
 def upgrade_experts(state: dict, fmt: str) -> dict:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from .adapter import check_compatible
 from .architectures import get_model_config, list_architectures, model_config_from_dict
-from .checkpoint import upgrade_experts
+from .checkpoint import EXPERT_MATRICES, upgrade_experts
 from .config import RunConfig, from_dict
 from .errors import ClipmoeError, first_line, write_failure
 from .model import CLIP
@@ -204,7 +204,7 @@ def optimizer_state(shared: dict, key: str, opt: torch.optim.Optimizer, model: t
     params = [p for group in opt.param_groups for p in group["params"]]  # the state's indices, in order
     out = {**state, "state": dict(state["state"])}
     for i, p in enumerate(params):
-        if i in out["state"] and names.get(id(p), "").endswith((".experts.w1", ".experts.w2")):
+        if i in out["state"] and names.get(id(p), "").endswith(EXPERT_MATRICES):
             out["state"][i] = {k: v.transpose(-2, -1).contiguous() if torch.is_tensor(v) and v.ndim == 3 else v
                                for k, v in out["state"][i].items()}
     return out
