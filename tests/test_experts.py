@@ -68,16 +68,21 @@ def test_gradcheck(lanes):
 
 
 @pytest.mark.parametrize("lanes", [1, 2])
-def test_bf16_matches_float64_loop(lanes):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_matches_float64_loop(lanes, autocast):
     """The bf16 path (oneDNN's kernels; the weight gradients' small operands transposed explicitly) against the
-    float64 loop on the same weights: outputs and every gradient within bf16's rounding."""
-    ex = make(nn.GELU, dtype=torch.bfloat16, E=3, D=32, F_=64)
+    float64 loop on the same weights: outputs and every gradient within bf16's rounding. Under autocast (fp32
+    weights cast to bf16) b1's gradient comes out as an extra row of w1's product; for bf16 weights (leaves),
+    as a sum."""
+    ex = make(nn.GELU, dtype=torch.float32 if autocast else torch.bfloat16, E=3, D=32, F_=64)
     ex.lanes = lanes
     ex64 = copy.deepcopy(ex).double()
     counts_E = torch.tensor([64, 0, 96])
     x = torch.randn(160, 32, dtype=torch.bfloat16, requires_grad=True)
     x64 = x.detach().double().requires_grad_()
-    y, y_ref = ex(x, counts_E), loop(ex64, x64, counts_E)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = ex(x, counts_E)
+    y_ref = loop(ex64, x64, counts_E)
     w = torch.randn(y.shape, dtype=torch.float64)
     (y.double() * w).sum().backward()
     (y_ref * w).sum().backward()
@@ -85,6 +90,8 @@ def test_bf16_matches_float64_loop(lanes):
     for got, want in pairs:
         error = (got.double() - want).norm() / want.norm()
         assert error <= 1e-2, (got.shape, error)  # ~0.3% here
+    assert all(p.grad.dtype == p.dtype and p.grad.is_contiguous() for p in ex.parameters())
+    assert not ex.b1.grad[1].any() and not ex.w1.grad[1].any()  # the expert without tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
