@@ -1,8 +1,11 @@
 """The benchmark scripts still run (tiny sizes; the numbers themselves are never asserted)."""
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +32,23 @@ def test_moe_layer_bench_against_another_version():
     """--against imports another checkout's package under its own name and times its layer beside this one's; here
     the same package, so the two layers compute the same thing."""
     package = str(ROOT / "clipmoe")
-    stdout = _bench("moe_layer.py", "--tokens", "64", "--dtypes", "fp32", "--ks", "1", "--cfs", "dropless", "--reps",
-                    "1", "--inputs", "1", "--against", package)
-    assert stdout.count(f"#   against {package}: ") == 1, stdout
+    stdout = _bench("moe_layer.py", "--tokens", "64", "--dtypes", "fp32", "amp", "--ks", "1", "--cfs", "dropless",
+                    "--reps", "1", "--inputs", "1", "--against", package)
+    assert stdout.count(f"#   against {package}: ") == 2, stdout
+    assert [line.split()[1] for line in stdout.splitlines() if line.startswith("    64")] == ["fp32", "amp"], stdout
+
+
+def test_moe_layer_bench_rotates_the_order_of_the_implementations():
+    """Each implementation follows each other one equally often, so none always runs in the state another left."""
+    spec = importlib.util.spec_from_file_location("bench_moe_layer", ROOT / "scripts/bench/moe_layer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    steps = {name: (lambda x, name=name: calls.append(name)) for name in "abc"}
+    times = bench.measure(steps, [None], reps=6, device=torch.device("cpu"))
+    assert set(times) == set("abc")
+    timed = calls[3:]  # after the warm-up
+    assert timed[:9] == list("abcbcacab") and timed[9:] == timed[:9]
 
 
 def test_train_step_bench_runs():

@@ -1,7 +1,7 @@
 """MoE layer benchmark: clipmoe's layer vs DeepSpeed's `deepspeed.moe.layer.MoE` vs k passes of one dense
 MLP (the compute no top-k layer can avoid), forward + backward, same process, same shapes.
 
-    python scripts/bench/moe_layer.py [--tokens 4096 16384] [--dtypes fp32 bf16] [--reps 8] [--device cpu] [--parts]
+    python scripts/bench/moe_layer.py [--tokens 4096 16384] [--dtypes fp32 bf16 amp] [--reps 8] [--device cpu] [--parts]
         [--against OTHER_CHECKOUT/clipmoe]
 
 Prints one row per setting with median times in ms (the implementations interleaved, inputs cycled so
@@ -51,15 +51,21 @@ def _sync(device):
 def measure(steps: dict, xs: list, reps: int, device, back_to_back: bool = False) -> dict:
     """Median ms of each step, the implementations interleaved rep by rep (so drifts of a shared machine
     hit all alike), cycling through `xs` (routing, hence per-expert counts, changes every step as in
-    training). Warm-up: every input once through every implementation. `back_to_back` (throughput, on a
-    GPU): each rep times len(xs) steps with one synchronisation at the end, so the CPU may queue ahead."""
+    training). The order rotates every rep, so that each implementation follows each other one equally
+    often: a step runs slower after one that leaves the caches and the allocator in another state
+    (DeepSpeed's E x C dispatch tensors), and in a fixed order the layer after DeepSpeed's lost 5-7 ms at
+    4,096 tokens and k = 2 to the same code run after the dense layer. Warm-up: every input once through
+    every implementation. `back_to_back` (throughput, on a GPU): each rep times len(xs) steps with one
+    synchronisation at the end, so the CPU may queue ahead."""
     for x in xs:
         for step in steps.values():
             step(x)
     times = {name: [] for name in steps}
+    names = list(steps)
     for i in range(reps):
         batch = xs if back_to_back else [xs[i % len(xs)]]
-        for name, step in steps.items():
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            step = steps[name]
             _sync(device)
             t = time.perf_counter()
             for x in batch:
@@ -219,8 +225,9 @@ def deepspeed_layer(k: int, cf, device, dtype):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    p.add_argument("--dtypes", nargs="+", default=None,
-                   help="default: fp32 bf16 (fp32 only on a CPU without bf16 matmul kernels)")
+    p.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16", "amp"],
+                   help="fp32, bf16 (weights and inputs in bf16) or amp (fp32 weights and inputs under bf16 autocast, "
+                        "as clipmoe trains); default: fp32 bf16 (fp32 only on a CPU without bf16 matmul kernels)")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--cfs", nargs="+", default=["1.25", "dropless"])
     p.add_argument("--reps", type=int, default=8)
@@ -252,62 +259,69 @@ def main():
           f"{'graphed':>9} | {'ours/dense':>10} {'ds/ours':>8} {'ds/graphed':>10}")
     for tokens in args.tokens:
         for dt in args.dtypes:
-            dtype = torch.bfloat16 if dt == "bf16" else torch.float32
             for k in args.ks:
                 for cf_s in args.cfs:
-                    cf = None if cf_s == "dropless" else float(cf_s)
-                    torch.manual_seed(0)
-                    xs = [torch.randn(tokens, D, device=device, dtype=dtype, requires_grad=True)
-                          for _ in range(args.inputs)]
-                    dense = Mlp(D, F_, nn.GELU).to(device=device, dtype=dtype)
-                    cfg = MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, eval_capacity_factor=cf)
-                    ours = MoE(D, F_, cfg, nn.GELU).to(device=device, dtype=dtype).train()
-                    steps = {"dense": fwd_bwd(dense, dense_loss), "ours": fwd_bwd(ours, clipmoe_loss)}
-                    ds = deepspeed_layer(k, cf, device, dtype)
-                    if ds is not None:
-                        steps["ds"] = fwd_bwd(ds, deepspeed_loss, batched=True)
-                    if args.parts:
-                        steps["experts"] = experts_step(ours, xs[0])
-                        if device.type == "cpu":  # the CPU's question: what fetching E experts' weights costs
-                            steps["shared"] = experts_step(ours, xs[0], shared_weights=True)
-                    if against is not None:
-                        other_moe, other_config = against
-                        theirs = other_moe.MoE(D, F_, other_config.MoEConfig(
-                            num_experts=E, top_k=k, capacity_factor=cf, eval_capacity_factor=cf), nn.GELU)
-                        theirs.load_state_dict(same_weights(ours.state_dict(), theirs.state_dict()))
-                        steps["against"] = fwd_bwd(theirs.to(device=device, dtype=dtype).train(), clipmoe_loss)
-                    if device.type == "cuda" and ours.sync_free(xs[0]):  # the same layer, CUDA-graphed
-                        graphed = cuda_graphs.capture(copy.deepcopy(ours), torch.randn_like(xs[0]).requires_grad_())
-                        steps["graphed"] = fwd_bwd(graphed, clipmoe_loss)
-                    t = measure(steps, xs, args.reps, device, args.back_to_back)
-                    nan = float("nan")
-                    t_dense, t_ours, t_ds, t_g = k * t["dense"], t["ours"], t.get("ds", nan), t.get("graphed", nan)
-                    print(f"{tokens:>6} {dt:>5} {k:>2} {cf_s:>8} | {t_dense:>9.1f} {t_ours:>9.1f} {t_ds:>9.1f} "
-                          f"{t_g:>9.1f} | {t_ours / t_dense:>10.2f} {t_ds / t_ours:>8.2f} {t_ds / t_g:>10.2f}",
-                          flush=True)
-                    if against is not None:
-                        t_a = t["against"]
-                        print(f"#   against {args.against}: {t_a:.1f} ms ({t_a / t_dense:.2f} x dense xk); "
-                              f"this one {t_ours - t_a:+.2f} ms", flush=True)
-                    if args.parts:
-                        t_e, rest = t["experts"], t_ours - t["experts"]
-                        print(f"#   parts: experts alone {t_e:.1f} ms ({t_e / t_dense:.2f} x dense xk), "
-                              f"the rest of the layer {rest:.1f} ms ({rest / t_dense:.2f})", flush=True)
-                        if "shared" in t:
-                            t_s = t["shared"]
-                            print(f"#   experts reading one expert's weights {t_s:.1f} ms ({t_s / t_dense:.2f} x dense "
-                                  f"xk): fetching the E experts' weights costs {t_e - t_s:.1f} ms", flush=True)
-                        hc = hot_and_cold({"dense": steps["dense"], "experts": steps["experts"]}, xs[0], args.reps,
-                                          device)
-                        print("#   caches (cold, hot ms; dense once): " + ", ".join(
-                            f"{name} {cold:.1f}, {hot:.1f}" for name, (cold, hot) in hc.items()), flush=True)
-                    if args.profile:
-                        out = Path(args.profile) / f"{tokens}_{dt}_k{k}_{cf_s}.txt"
-                        out.parent.mkdir(parents=True, exist_ok=True)
-                        prof = profile_steps(steps, xs[0], device, out)
-                        if device.type == "cuda":
-                            print("#   kernels, device ms: " + ", ".join(
-                                f"{name} {n} {ms:.2f}" for name, (n, ms) in prof.items()), flush=True)
+                    # amp: fp32 weights and inputs under bf16 autocast, as clipmoe trains (`precision: bf16`)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dt == "amp"):
+                        bench_row(args, device, tokens, dt, k, cf_s, against)
+
+
+def bench_row(args, device, tokens: int, dt: str, k: int, cf_s: str, against) -> None:
+    """Times and prints one row: dense x k, clipmoe, DeepSpeed (and what the flags add) at one setting."""
+    dtype = torch.bfloat16 if dt == "bf16" else torch.float32
+    cf = None if cf_s == "dropless" else float(cf_s)
+    torch.manual_seed(0)
+    xs = [torch.randn(tokens, D, device=device, dtype=dtype, requires_grad=True)
+          for _ in range(args.inputs)]
+    dense = Mlp(D, F_, nn.GELU).to(device=device, dtype=dtype)
+    cfg = MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, eval_capacity_factor=cf)
+    ours = MoE(D, F_, cfg, nn.GELU).to(device=device, dtype=dtype).train()
+    steps = {"dense": fwd_bwd(dense, dense_loss), "ours": fwd_bwd(ours, clipmoe_loss)}
+    ds = deepspeed_layer(k, cf, device, dtype)
+    if ds is not None:
+        steps["ds"] = fwd_bwd(ds, deepspeed_loss, batched=True)
+    if args.parts:
+        steps["experts"] = experts_step(ours, xs[0])
+        if device.type == "cpu":  # the CPU's question: what fetching E experts' weights costs
+            steps["shared"] = experts_step(ours, xs[0], shared_weights=True)
+    if against is not None:
+        other_moe, other_config = against
+        theirs = other_moe.MoE(D, F_, other_config.MoEConfig(
+            num_experts=E, top_k=k, capacity_factor=cf, eval_capacity_factor=cf), nn.GELU)
+        theirs.load_state_dict(same_weights(ours.state_dict(), theirs.state_dict()))
+        steps["against"] = fwd_bwd(theirs.to(device=device, dtype=dtype).train(), clipmoe_loss)
+    if device.type == "cuda" and dt != "amp" and ours.sync_free(xs[0]):  # the same layer, CUDA-graphed
+        graphed = cuda_graphs.capture(copy.deepcopy(ours), torch.randn_like(xs[0]).requires_grad_())
+        steps["graphed"] = fwd_bwd(graphed, clipmoe_loss)
+    t = measure(steps, xs, args.reps, device, args.back_to_back)
+    nan = float("nan")
+    t_dense, t_ours, t_ds, t_g = k * t["dense"], t["ours"], t.get("ds", nan), t.get("graphed", nan)
+    print(f"{tokens:>6} {dt:>5} {k:>2} {cf_s:>8} | {t_dense:>9.1f} {t_ours:>9.1f} {t_ds:>9.1f} "
+          f"{t_g:>9.1f} | {t_ours / t_dense:>10.2f} {t_ds / t_ours:>8.2f} {t_ds / t_g:>10.2f}",
+          flush=True)
+    if against is not None:
+        t_a = t["against"]
+        print(f"#   against {args.against}: {t_a:.1f} ms ({t_a / t_dense:.2f} x dense xk); "
+              f"this one {t_ours - t_a:+.2f} ms", flush=True)
+    if args.parts:
+        t_e, rest = t["experts"], t_ours - t["experts"]
+        print(f"#   parts: experts alone {t_e:.1f} ms ({t_e / t_dense:.2f} x dense xk), "
+              f"the rest of the layer {rest:.1f} ms ({rest / t_dense:.2f})", flush=True)
+        if "shared" in t:
+            t_s = t["shared"]
+            print(f"#   experts reading one expert's weights {t_s:.1f} ms ({t_s / t_dense:.2f} x dense "
+                  f"xk): fetching the E experts' weights costs {t_e - t_s:.1f} ms", flush=True)
+        hc = hot_and_cold({"dense": steps["dense"], "experts": steps["experts"]}, xs[0], args.reps,
+                          device)
+        print("#   caches (cold, hot ms; dense once): " + ", ".join(
+            f"{name} {cold:.1f}, {hot:.1f}" for name, (cold, hot) in hc.items()), flush=True)
+    if args.profile:
+        out = Path(args.profile) / f"{tokens}_{dt}_k{k}_{cf_s}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        prof = profile_steps(steps, xs[0], device, out)
+        if device.type == "cuda":
+            print("#   kernels, device ms: " + ", ".join(
+                f"{name} {n} {ms:.2f}" for name, (n, ms) in prof.items()), flush=True)
 
 
 if __name__ == "__main__":
