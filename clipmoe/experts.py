@@ -361,9 +361,6 @@ class _ExpertMLP(torch.autograd.Function):
 
         _run_lanes(run, splits, lanes)
         ctx.splits, ctx.act, ctx.lanes = splits, act, lanes
-        # b1's gradient as a row of w1's (see backward) where w1's gradient goes on to an op (autocast's cast
-        # back to fp32), which takes its strides as they are; a leaf's .grad would copy them to contiguous
-        ctx.fold_bias = _transpose_explicitly(x_SD) and not w1_EDF.is_leaf
         ctx.save_for_backward(x_SD, w1_EDF, w2_EDF, *hidden)  # freed by autograd unless retain_graph
         return y_SD
 
@@ -375,15 +372,10 @@ class _ExpertMLP(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4:])
         gx_SD = torch.empty_like(x_SD) if need_x else None
         gw1 = gb1 = gw2 = gb2 = None
-        fold = ctx.fold_bias
         if need_w:
             E, D, F_ = w1_EDF.shape
-            gw2, gb2 = torch.empty_like(w2_EDF), w1_EDF.new_empty(E, D)
-            if fold:  # row D of each expert's (D + 1, F) block is its b1 gradient
-                gw1b1 = w1_EDF.new_empty(E, D + 1, F_)
-                gw1, gb1 = gw1b1[:, :D], gw1b1[:, D]
-            else:
-                gw1, gb1 = torch.empty_like(w1_EDF), w1_EDF.new_empty(E, F_)
+            gw1, gw2 = torch.empty_like(w1_EDF), torch.empty_like(w2_EDF)
+            gb1, gb2 = w1_EDF.new_empty(E, F_), w1_EDF.new_empty(E, D)
         x_E, gy_E = x_SD.split(ctx.splits), gy_SD.split(ctx.splits)
         gx_E = gx_SD.split(ctx.splits) if need_x else None
         explicit = _transpose_explicitly(x_SD)
@@ -392,18 +384,11 @@ class _ExpertMLP(torch.autograd.Function):
             x_cD, gy_cD, h_cF, a_cF = x_E[e], gy_E[e], hidden[2 * e], hidden[2 * e + 1]
             gh_cF = _act_backward(ctx.act, torch.mm(gy_cD, w2_EDF[e]), h_cF)
             if need_w:
-                gy_Dc = gy_cD.t().contiguous() if explicit else gy_cD.t()
+                gy_Dc, x_Dc = (t.t().contiguous() if explicit else t.t() for t in (gy_cD, x_cD))
                 torch.mm(gy_Dc, a_cF, out=gw2[e])
                 torch.sum(gy_cD, 0, out=gb2[e])
-                if fold:  # [x^T; 1] gh: b1's gradient as an extra row of the product, not a separate pass over gh
-                    # (c = 512, F = 2,048, bf16, one thread: the row adds 0.014 ms to the product, the sum took 0.18)
-                    x1_Dc = x_cD.new_empty(D + 1, x_cD.shape[0])
-                    x1_Dc[:D].copy_(x_cD.t())
-                    x1_Dc[D].fill_(1)
-                    torch.mm(x1_Dc, gh_cF, out=gw1b1[e])
-                else:
-                    torch.sum(gh_cF, 0, out=gb1[e])
-                    torch.mm(x_cD.t().contiguous() if explicit else x_cD.t(), gh_cF, out=gw1[e])
+                torch.sum(gh_cF, 0, out=gb1[e])
+                torch.mm(x_Dc, gh_cF, out=gw1[e])
             if need_x:
                 torch.mm(gh_cF, w1_EDF[e].t(), out=gx_E[e])
 

@@ -71,9 +71,8 @@ def test_gradcheck(lanes):
 @pytest.mark.parametrize("autocast", [False, True])
 def test_bf16_matches_float64_loop(lanes, autocast):
     """The bf16 path (oneDNN's kernels; the weight gradients' small operands transposed explicitly) against the
-    float64 loop on the same weights: outputs and every gradient within bf16's rounding. Under autocast (fp32
-    weights cast to bf16) b1's gradient comes out as an extra row of w1's product; for bf16 weights (leaves),
-    as a sum."""
+    float64 loop on the same weights: outputs and every gradient within bf16's rounding, for bf16 weights and for
+    fp32 weights cast by autocast (whose gradients come back fp32)."""
     ex = make(nn.GELU, dtype=torch.float32 if autocast else torch.bfloat16, E=3, D=32, F_=64)
     ex.lanes = lanes
     ex64 = copy.deepcopy(ex).double()
