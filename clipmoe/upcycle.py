@@ -66,7 +66,9 @@ def upcycle(
         noise_std: relative std of Gaussian noise added to each expert copy to break their symmetry.
         reinit_fraction: Drop-Upcycling (Nakamura et al. 2025): this fraction of each expert's hidden
             units is re-initialised from the dense weights' statistics, a different subset per expert.
-        With noise_std = reinit_fraction = 0 and no dropped token, the result computes what `model` did.
+        With noise_std = reinit_fraction = 0 and no dropped token, the result computes what `model` did; in eval
+        mode with eval_router "topk" and top_k < num_experts it does not (with a warning): each token's output is
+        weighted by its top_k raw probabilities, which the zero router makes top_k / num_experts.
         The zero router makes every token's choice a tie (k = 1: it goes to expert 0; k > 1: as torch's topk
         breaks it): at first nearly every token goes to the same k experts, so with a capacity factor most are
         dropped until the router learns; dropless (the default) keeps them, and noise_std / reinit_fraction give the
@@ -81,6 +83,11 @@ def upcycle(
                     capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                     batch_priority=batch_priority, eval_router=eval_router, min_capacity=min_capacity, jitter=jitter,
                     shared_expert=shared_expert, k1_gate="straight_through")
+    if eval_router == "topk" and top_k < num_experts:
+        warnings.warn(f"eval_router='topk' with top_k={top_k} < num_experts={num_experts}: in eval mode each token's "
+                      f"output is weighted by its top-k router probabilities (all {1 / num_experts:g} from the zero "
+                      f"router), so the upcycled model does not equal its source there until the router learns",
+                      stacklevel=2)
     model = _source(model, arch)  # after the settings' checks: a bad one is said before a large checkpoint loads
     cfg = model.config
     tower_cfgs = {"image": cfg.vision, "text": cfg.text}
@@ -110,7 +117,8 @@ def load_upcycled(model: CLIP, state_dict: dict, source: str, noise_std: float =
     architecture (clipmoe or open_clip keys): what `create_model(..., pretrained=DENSE)` does for an MoE
     config. Unlike `upcycle`, the routing settings are the config's own: with top-1 and k1_gate "multiply"
     (the default) the gate scales each output, so the model starts equal to its source only with
-    k1_gate "straight_through" or top_k > 1 (and no dropped token)."""
+    k1_gate "straight_through" or top_k > 1 (and no dropped token; in eval mode, not with expert choice's
+    eval_router "topk" and top_k < num_experts, which weighs outputs by the raw probabilities)."""
     cfg = model.config
     dense = CLIP(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, moe=None),
                                      text=dataclasses.replace(cfg.text, moe=None)))

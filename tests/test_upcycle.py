@@ -51,11 +51,28 @@ def test_upcycled_vit_b32_equals_dense(dense_b32, k, every):
     {"router": "expert_choice", "capacity_factor": 4.0, "eval_capacity_factor": 4.0},  # C = N: nothing dropped
     {"router": "expert_choice"},  # dropless (the default None) expert choice is C = N too
     {"top_k": 2, "shared_expert": True},  # the shared expert starts with a zero output
+    {"router": "expert_choice", "eval_router": "topk", "top_k": 4},  # eval: all 4 experts, raw probabilities sum to 1
 ])
 def test_every_non_dropping_mode_equals_dense(kwargs):
     dense = clipmoe.create_model("clipmoe-tiny")
-    up = clipmoe.upcycle(dense, num_experts=4, every=1, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these modes is warned about
+        up = clipmoe.upcycle(dense, num_experts=4, every=1, **kwargs)
     _check_identity(dense, up, 64, 32)
+
+
+def test_expert_choice_eval_router_topk_below_num_experts_warns_and_scales_by_k_over_e():
+    """Evaluated as token choice, an expert-choice layer weighs a token's top_k experts by their raw probabilities
+    (as its training does): from the zero router, top_k / num_experts of the dense MLP's output. Said, not hidden."""
+    dense = clipmoe.create_model("clipmoe-tiny")
+    with pytest.warns(UserWarning, match="eval_router='topk' with top_k=2 < num_experts=4"):
+        up = clipmoe.upcycle(dense, num_experts=4, top_k=2, every=1, towers="text", router="expert_choice",
+                             eval_router="topk")
+    block = up.text.blocks[0]
+    x = torch.randn(5, 7, dense.text.blocks[0].mlp.fc1.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(block.mlp.train()(x)[0], dense.text.blocks[0].mlp(x)[0])  # training: C = N, equal
+        torch.testing.assert_close(block.mlp.eval()(x)[0], 0.5 * dense.text.blocks[0].mlp(x)[0])
 
 
 def test_upcycle_keeps_the_source_dtype():
@@ -74,8 +91,9 @@ def test_upcycle_keeps_the_source_dtype():
 
 
 def test_expert_choice_with_eval_router_topk_gives_batch_independent_embeddings():
-    up = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=4, every=1, router="expert_choice",
-                         capacity_factor=1.0, eval_router="topk", noise_std=0.2)
+    with pytest.warns(UserWarning, match="eval_router='topk'"):
+        up = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=4, every=1, router="expert_choice",
+                             capacity_factor=1.0, eval_router="topk", noise_std=0.2)
     assert up.config.text.moe.eval_router == "topk"
     with torch.no_grad():
         for m in up.modules():
