@@ -23,7 +23,7 @@ _LAZY = {
     ".encode": ["encode_image", "encode_text"],
     ".factory": ["create_model", "create_model_and_transforms", "create_transforms", "get_tokenizer"],
     ".model": ["CLIP", "CLIPOutput"],
-    ".moe": ["MoEAux", "moe_report"],
+    ".moe": ["MoE", "MoEAux", "moe_report"],
     ".upcycle": ["upcycle"],
     ".validation": ["validate"],
     ".zeroshot_eval": ["zeroshot_eval"],
@@ -67,7 +67,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .encode import encode_image, encode_text  # noqa: F401
     from .factory import create_model, create_model_and_transforms, create_transforms, get_tokenizer  # noqa: F401
     from .model import CLIP, CLIPOutput  # noqa: F401
-    from .moe import MoEAux, moe_report  # noqa: F401
+    from .moe import MoE, MoEAux, moe_report  # noqa: F401
     from .upcycle import upcycle  # noqa: F401
     from .validation import validate  # noqa: F401
     from .zeroshot_eval import zeroshot_eval  # noqa: F401

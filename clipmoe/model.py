@@ -83,8 +83,7 @@ def make_mlp(dim: int, mlp_ratio: float, moe: Optional[MoEConfig], act_layer, to
     if moe is None:
         return Mlp(dim, int(dim * mlp_ratio), act_layer)
     hidden = int(dim * (moe.expert_mlp_ratio or mlp_ratio))
-    shared = Mlp(dim, hidden, act_layer) if moe.shared_expert else None
-    return MoE(dim, hidden, moe, act_layer, tower=tower, block=block, shared=shared)
+    return MoE(dim, hidden, moe, act_layer, tower=tower, block=block)  # MoE builds its shared expert
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool, **kw):

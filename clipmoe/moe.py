@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoEConfig
+from .config import MoEConfig, from_dict
 from .dispatch import Combine, Dispatch, GradSink, Slots
 from .experts import Experts
 from .first_order import first_order
@@ -128,22 +128,34 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, factor: Optional[flo
 
 
 class MoE(nn.Module):
-    """A drop-in replacement for a block's MLP: `forward(x, token_mask) -> (y, MoEAux)`.
+    """A drop-in replacement for a block's MLP: `forward(x, token_mask) -> (y, MoEAux)`, x of shape (..., dim).
+    On its own: `MoE(512, 2048, MoEConfig(num_experts=8, top_k=1))`, or a dict of MoEConfig's fields as in a YAML
+    `moe:` section (default: MoEConfig()). The placement fields do not apply to one layer, and the auxiliary terms
+    of `aux` are raw: weight them into the loss yourself.
 
     Tokens where `token_mask` is False (text padding) are not routed, take no capacity, are not counted
     in the statistics and get y = 0 (the residual carries them). A token dropped by capacity also gets
     zero from the assignment that was dropped.
     """
 
-    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, act_layer: Callable[[], nn.Module],
-                 tower: str = "", block: int = -1, shared: Optional[nn.Module] = None):
+    def __init__(self, dim: int, hidden: int, cfg: Optional[MoEConfig | Mapping] = None,
+                 act_layer: Callable[[], nn.Module] = nn.GELU, tower: str = "", block: int = -1,
+                 shared: Optional[nn.Module] = None):
         super().__init__()
+        if cfg is None or isinstance(cfg, Mapping):  # a dict as a YAML `moe:` section: validated as one
+            cfg = from_dict(MoEConfig, dict(cfg or {}), "moe")
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"cfg must be a clipmoe.MoEConfig or a dict of its fields, not {type(cfg).__name__}")
         self.cfg = cfg
         self.tower, self.block = tower, block
         self.router = nn.Linear(dim, cfg.num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=0.02)
         self.experts = Experts(cfg.num_experts, dim, hidden, act_layer)
-        self.shared = shared  # an always-on dense MLP (cfg.shared_expert), built by the caller
+        if shared is None and cfg.shared_expert:  # an always-on dense MLP beside the experts; `shared` overrides it
+            from .model import Mlp  # here: model builds its MLPs from this module
+
+            shared = Mlp(dim, hidden, act_layer)
+        self.shared = shared
         self.last_aux: Optional[MoEAux] = None  # the report of the last call, detached (moe_report(model))
 
     @property

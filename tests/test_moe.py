@@ -198,6 +198,32 @@ def test_jitter_only_in_training_and_shared_expert_always_on():
     torch.testing.assert_close(with_shared(x)[0], plain(x)[0] + shared(x)[0])
 
 
+def test_layer_on_its_own_from_the_package():
+    """`clipmoe.MoE(dim, hidden, cfg)` with a dict config as YAML's `moe:` (checked as one) or MoEConfig()'s defaults;
+    `shared_expert` builds the always-on MLP as a model's block does, and it adds to the routed output."""
+    import clipmoe
+
+    layer = clipmoe.MoE(8, 16)
+    assert layer.cfg == MoEConfig() and isinstance(layer.experts.act, nn.GELU)
+    y, aux = layer(torch.randn(3, 5, 8))
+    assert y.shape == (3, 5, 8) and sum(aux.tokens_per_expert.tolist()) == 15 * MoEConfig().top_k
+
+    torch.manual_seed(0)
+    shared = clipmoe.MoE(8, 16, {"num_experts": 4, "top_k": 2, "capacity_factor": None, "shared_expert": True})
+    assert isinstance(shared.shared, Mlp) and shared.shared.fc1.weight.shape == (16, 8)
+    plain = MoE(8, 16, dataclasses.replace(shared.cfg, shared_expert=False))
+    plain.load_state_dict({k: v for k, v in shared.state_dict().items() if not k.startswith("shared.")})
+    x = torch.randn(10, 8)
+    torch.testing.assert_close(shared(x)[0], plain(x)[0] + shared.shared(x)[0])
+
+    with pytest.raises(ConfigError, match=r"moe\.top_k: 5 must be in 1\.\.num_experts \(4\)"):
+        clipmoe.MoE(8, 16, {"num_experts": 4, "top_k": 5})
+    with pytest.raises(ConfigError, match=r"moe\.topk: unknown key"):
+        clipmoe.MoE(8, 16, {"topk": 1})
+    with pytest.raises(TypeError, match="MoEConfig or a dict"):
+        clipmoe.MoE(8, 16, 4)
+
+
 def test_moe_report_keys():
     from clipmoe import moe_report
 
