@@ -271,8 +271,7 @@ def bench_row(args, device, tokens: int, dt: str, k: int, cf_s: str, against) ->
     dtype = torch.bfloat16 if dt == "bf16" else torch.float32
     cf = None if cf_s == "dropless" else float(cf_s)
     torch.manual_seed(0)
-    xs = [torch.randn(tokens, D, device=device, dtype=dtype, requires_grad=True)
-          for _ in range(args.inputs)]
+    xs = [torch.randn(tokens, D, device=device, dtype=dtype, requires_grad=True) for _ in range(args.inputs)]
     dense = Mlp(D, F_, nn.GELU).to(device=device, dtype=dtype)
     cfg = MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, eval_capacity_factor=cf)
     ours = MoE(D, F_, cfg, nn.GELU).to(device=device, dtype=dtype).train()
@@ -297,8 +296,7 @@ def bench_row(args, device, tokens: int, dt: str, k: int, cf_s: str, against) ->
     nan = float("nan")
     t_dense, t_ours, t_ds, t_g = k * t["dense"], t["ours"], t.get("ds", nan), t.get("graphed", nan)
     print(f"{tokens:>6} {dt:>5} {k:>2} {cf_s:>8} | {t_dense:>9.1f} {t_ours:>9.1f} {t_ds:>9.1f} "
-          f"{t_g:>9.1f} | {t_ours / t_dense:>10.2f} {t_ds / t_ours:>8.2f} {t_ds / t_g:>10.2f}",
-          flush=True)
+          f"{t_g:>9.1f} | {t_ours / t_dense:>10.2f} {t_ds / t_ours:>8.2f} {t_ds / t_g:>10.2f}", flush=True)
     if against is not None:
         t_a = t["against"]
         print(f"#   against {args.against}: {t_a:.1f} ms ({t_a / t_dense:.2f} x dense xk); "
@@ -311,8 +309,7 @@ def bench_row(args, device, tokens: int, dt: str, k: int, cf_s: str, against) ->
             t_s = t["shared"]
             print(f"#   experts reading one expert's weights {t_s:.1f} ms ({t_s / t_dense:.2f} x dense "
                   f"xk): fetching the E experts' weights costs {t_e - t_s:.1f} ms", flush=True)
-        hc = hot_and_cold({"dense": steps["dense"], "experts": steps["experts"]}, xs[0], args.reps,
-                          device)
+        hc = hot_and_cold({"dense": steps["dense"], "experts": steps["experts"]}, xs[0], args.reps, device)
         print("#   caches (cold, hot ms; dense once): " + ", ".join(
             f"{name} {cold:.1f}, {hot:.1f}" for name, (cold, hot) in hc.items()), flush=True)
     if args.profile:
