@@ -2,6 +2,8 @@
 import copy
 import dataclasses
 import math
+import random
+from typing import Optional
 
 import pytest
 import torch
@@ -14,18 +16,20 @@ from clipmoe.model import Mlp
 from clipmoe.moe import MoE, capacity
 
 
-def reference_moe(layer: MoE, x_ND: torch.Tensor):
-    """Token-by-token top-k routing with capacity, assignments taken choice-major, in token order."""
+def reference_moe(layer: MoE, x_ND: torch.Tensor, cap="layer", raw_gates=False):
+    """Token-by-token top-k routing with capacity (`cap`: None is dropless; by default the layer's rule),
+    assignments taken choice-major, in token order. `raw_gates`: the top-k probabilities as they are (an
+    expert-choice layer evaluated with token choice)."""
     cfg = layer.cfg
     E, K = cfg.num_experts, cfg.top_k
     logits = x_ND.float() @ layer.router.weight.float().t()
     probs = logits.softmax(-1)
     gates, experts = probs.topk(K, dim=-1)
-    if K > 1:
+    if K > 1 and not raw_gates:
         gates = gates / gates.sum(-1, keepdim=True)
-    elif cfg.k1_gate == "straight_through":
+    elif K == 1 and not raw_gates and cfg.k1_gate == "straight_through":
         gates = gates - gates.detach() + 1
-    cap = layer.capacity(x_ND.shape[0])
+    cap = layer.capacity(x_ND.shape[0]) if cap == "layer" else cap
     used = [0] * E
     rows = [torch.zeros(x_ND.shape[1]) for _ in range(x_ND.shape[0])]
     dropped = 0
@@ -45,10 +49,11 @@ def reference_moe(layer: MoE, x_ND: torch.Tensor):
     return torch.stack(rows), dropped
 
 
-def reference_expert_choice(layer: MoE, x_ND: torch.Tensor):
-    """Each expert takes its top-C tokens by router probability; outputs weighted by that probability."""
+def reference_expert_choice(layer: MoE, x_ND: torch.Tensor, cap: Optional[int] = None):
+    """Each expert takes its top-C tokens by router probability (`cap`; by default the layer's rule); outputs
+    weighted by that probability."""
     probs = (x_ND.float() @ layer.router.weight.float().t()).softmax(-1)
-    cap = layer.capacity(x_ND.shape[0])
+    cap = layer.capacity(x_ND.shape[0]) if cap is None else cap
     ex = layer.experts
     rows = [torch.zeros(x_ND.shape[1]) for _ in range(x_ND.shape[0])]
     for e in range(layer.cfg.num_experts):
@@ -104,6 +109,52 @@ def test_matches_reference_loop(K, cf, k1_gate, batch_priority, align):
     layer = make_layer(E=4, K=K, cf=cf, k1_gate=k1_gate, batch_priority=batch_priority).train()
     layer.experts.align = lambda x: align  # padded expert groups, as on CPU in bf16
     assert_matches_reference(layer, cf)
+
+
+@pytest.mark.parametrize("seed", range(32))
+def test_random_option_combinations_match_the_reference_loops(seed):
+    """Options drawn together (router, k, train and eval capacity factors, minimum capacity, batch priority, train
+    or eval mode, a token mask, expert choice evaluated with token choice): outputs, every gradient, counts and the
+    dropped fraction equal the loops', with the capacity computed here from the issue's rules, not by the layer."""
+    rng = random.Random(seed)
+    # the modes in turn (token choice twice, expert choice, expert choice evaluated with token choice; train, eval),
+    # the rest drawn
+    router, eval_router = [("topk", None), ("topk", None), ("expert_choice", None), ("expert_choice", "topk")][seed % 4]
+    training = seed // 4 % 2 == 0
+    E = rng.choice([2, 4, 8])
+    K = rng.randint(1, min(3, E))
+    cf, ecf = rng.choice([None, 0.5, 1.0, 1.25, 2.0]), rng.choice([None, 0.75, 1.5])
+    kw = dict(router=router, eval_router=eval_router, batch_priority=router == "topk" and rng.random() < 0.5)
+    layer = make_layer(E=E, K=K, cf=cf, k1_gate=rng.choice(["multiply", "straight_through"]), seed=seed, **kw)
+    layer.cfg = dataclasses.replace(layer.cfg, eval_capacity_factor=ecf, min_capacity=rng.choice([0, 1, 4]))
+    layer.train(training)
+    masked = rng.random() < 0.5
+    mask = torch.rand(3, 13, generator=torch.Generator().manual_seed(seed)) < 0.8
+    x = torch.randn(3, 13, 8, requires_grad=True)
+    y, aux = layer(x, mask if masked else None)
+    x_ND = x[mask] if masked else x.reshape(-1, 8)
+    N, factor, minimum = x_ND.shape[0], cf if training else ecf, layer.cfg.min_capacity
+    probs = (x_ND @ layer.router.weight.t()).softmax(-1)
+    if router == "expert_choice" and (training or eval_router is None):
+        factor = cf if factor is None else factor  # eval keeps training's C unless given its own
+        cap = N if factor is None else min(N, max(minimum, math.ceil(N * factor / E)))
+        y_ref, _ = reference_expert_choice(layer, x_ND, cap)
+        counts = [cap] * E
+        dropped = 1 - len(set(probs.t().topk(cap, dim=1).indices.flatten().tolist())) / N  # tokens no expert took
+    else:
+        cap = None if factor is None else max(minimum, math.ceil(K * N / E * factor))
+        y_ref, dropped = reference_moe(layer, x_ND, cap, raw_gates=router == "expert_choice")
+        counts = torch.bincount(probs.topk(K, dim=-1).indices.reshape(-1), minlength=E).tolist()
+        dropped /= N * K
+    y_ND = y[mask] if masked else y.reshape(-1, 8)
+    torch.testing.assert_close(y_ND, y_ref, atol=1e-5, rtol=1e-5)
+    if masked:
+        assert torch.all(y[~mask] == 0)
+    assert aux.tokens_per_expert.tolist() == counts
+    assert math.isclose(aux.dropped_fraction.item(), dropped, abs_tol=1e-6)
+    out = torch.zeros(3, 13, 8).index_put((mask,), y_ref) if masked else y_ref.reshape(3, 13, 8)
+    for g, g_ref in zip(_grads(layer, x, y), _grads(layer, x, out)):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
 
 
 @ROUTINGS
