@@ -54,6 +54,9 @@ class MoEConfig:
     batch_priority: bool = False  # V-MoE's Batch Prioritized Routing: confident tokens claim slots first
     jitter: float = 0.0  # Switch: router inputs times U(1 - jitter, 1 + jitter) in training
     shared_expert: bool = False  # an always-on dense MLP beside the experts
+    # Per layer: block index -> the settings that differ in that block's MoE layer, e.g. {11: {top_k: 1}}; any
+    # field above but the placement (every, last, blocks). The blocks named must be MoE blocks of the tower.
+    per_block: Optional[dict] = None
 
     def __post_init__(self):
         _check_ints(self, "num_experts", "top_k", "every", "min_capacity", *(() if self.last is None else ("last",)))
@@ -77,6 +80,12 @@ class MoEConfig:
         _check(self.eval_router is None or self.router == "expert_choice", "eval_router", self.eval_router,
                "applies to router 'expert_choice' only (token choice already evaluates with top-k)")
         _check(0 <= self.jitter < 1, "jitter", self.jitter, "must be in [0, 1)")
+        if self.per_block is not None:
+            self.per_block = _per_block_settings(self)
+
+    def for_block(self, block: int) -> "MoEConfig":
+        """The settings of the MoE layer in block `block`: these with its `per_block` entry, if any, applied."""
+        return dataclasses.replace(self, per_block=None, **(self.per_block or {}).get(block, {}))
 
     def moe_blocks(self, depth: int) -> list[int]:
         """Indices of the blocks whose MLP is an MoE layer, in a tower of `depth` blocks."""
@@ -85,6 +94,37 @@ class MoEConfig:
         if self.last is not None:
             return list(range(max(0, depth - self.last), depth))
         return [i for i in range(depth) if i % self.every == self.every - 1]
+
+
+_PLACEMENT = ("every", "last", "blocks", "per_block")
+
+
+def _per_block_settings(cfg: MoEConfig) -> dict:
+    """`per_block` checked and normalised: integer keys (JSON and `--set` give "11" for 11; both forms of one block
+    merge, the later winning), each entry's values typed and checked as the fields themselves, in the layer's
+    full settings (a per-block top_k must fit the per-block num_experts)."""
+    _check(isinstance(cfg.per_block, dict), "per_block", cfg.per_block,
+           "must map block indices to settings, e.g. {11: {top_k: 1}}")
+    merged: dict[int, dict] = {}
+    for key, settings in cfg.per_block.items():
+        block = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+        _check(isinstance(block, int) and not isinstance(block, bool), "per_block", key, "is not a block index")
+        _check(isinstance(settings, dict), f"per_block.{block}", settings,
+               "must be a mapping of MoE settings, e.g. {top_k: 1}")
+        merged.setdefault(block, {}).update(settings)
+    tower = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _PLACEMENT}
+    out = {}
+    for block, settings in sorted(merged.items()):
+        placed = next((k for k in settings if k in _PLACEMENT), None)
+        _check(placed is None, f"per_block.{block}.{placed}", settings.get(placed),
+               "places the MoE layers: set it for the tower, not per block")
+        try:
+            layer = from_dict(MoEConfig, {**tower, **settings}, f"per_block.{block}")
+        except ConfigError as e:  # re-raised as the field's error, which from_dict prefixes with the section's path
+            key, _, detail = str(e).partition(": ")
+            raise _FieldError(key, detail) from None
+        out[block] = {k: getattr(layer, k) for k in settings}
+    return out
 
 
 @dataclass
@@ -166,6 +206,10 @@ def _check_tower(cfg) -> None:
     if cfg.moe is not None and not cfg.moe.moe_blocks(cfg.depth):  # asked for MoE, would get none
         key = "blocks" if cfg.moe.blocks is not None else "every"
         _check(False, f"moe.{key}", getattr(cfg.moe, key), f"places no MoE layer in a tower of {cfg.depth} blocks")
+    if cfg.moe is not None and cfg.moe.per_block:
+        placed = cfg.moe.moe_blocks(cfg.depth)
+        stray = [b for b in cfg.moe.per_block if b not in placed]
+        _check(not stray, "moe.per_block", stray, f"names blocks without an MoE layer (this tower's: {placed})")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -582,14 +626,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         node = data
         for p in parts[:-1]:
+            p = _yaml_key(node, p)
             child = node.get(p)
             if child is None:
                 child = node[p] = {}
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {key}: {p} is not a section")
             node = child
-        node[parts[-1]] = value
+        node[_yaml_key(node, parts[-1])] = value
     return data
+
+
+def _yaml_key(node: dict, part: str):
+    """The key of `node` that a dotted path's `part` names: the number where YAML read one (moe.per_block.11)."""
+    return int(part) if part not in node and part.isdigit() and int(part) in node else part
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

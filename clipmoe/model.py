@@ -123,7 +123,7 @@ def build_blocks(cfg, act_layer, tower: str) -> nn.ModuleList:
     moe_at = set(cfg.moe.moe_blocks(cfg.depth)) if cfg.moe is not None else set()
     return nn.ModuleList(
         Block(cfg.width, cfg.num_heads,
-              make_mlp(cfg.width, cfg.mlp_ratio, cfg.moe if i in moe_at else None, act_layer, tower, i),
+              make_mlp(cfg.width, cfg.mlp_ratio, cfg.moe.for_block(i) if i in moe_at else None, act_layer, tower, i),
               cfg.ls_init_value)
         for i in range(cfg.depth))
 

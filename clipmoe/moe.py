@@ -130,8 +130,8 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, factor: Optional[flo
 class MoE(nn.Module):
     """A drop-in replacement for a block's MLP: `forward(x, token_mask) -> (y, MoEAux)`, x of shape (..., dim).
     On its own: `MoE(512, 2048, MoEConfig(num_experts=8, top_k=1))`, or a dict of MoEConfig's fields as in a YAML
-    `moe:` section (default: MoEConfig()). The placement fields do not apply to one layer, and the auxiliary terms
-    of `aux` are raw: weight them into the loss yourself.
+    `moe:` section (default: MoEConfig()). The placement fields do not apply to one layer (of `per_block`, the entry
+    of `block`, if any, does), and the auxiliary terms of `aux` are raw: weight them into the loss yourself.
 
     Tokens where `token_mask` is False (text padding) are not routed, take no capacity, are not counted
     in the statistics and get y = 0 (the residual carries them). A token dropped by capacity also gets
@@ -146,7 +146,7 @@ class MoE(nn.Module):
             cfg = from_dict(MoEConfig, dict(cfg or {}), "moe")
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a clipmoe.MoEConfig or a dict of its fields, not {type(cfg).__name__}")
-        self.cfg = cfg
+        self.cfg = cfg = cfg.for_block(block)  # its `per_block` entry for this block, if any
         self.tower, self.block = tower, block
         self.router = nn.Linear(dim, cfg.num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=0.02)

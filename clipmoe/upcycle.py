@@ -36,6 +36,7 @@ def upcycle(
     shared_expert: bool = False,
     last: Optional[int] = None,
     blocks: Optional[list[int]] = None,
+    per_block: Optional[dict] = None,
     noise_std: float = 0.0,
     reinit_fraction: float = 0.0,
     arch: Optional[str] = None,
@@ -53,6 +54,8 @@ def upcycle(
             for their shapes and GELU, with a warning (QuickGELU weights need arch='...-quickgelu').
         num_experts, top_k: experts per MoE layer and experts per token (token-choice routing).
         every / last / blocks: placement, per tower (every n-th block, the last n, or explicit indices).
+        per_block: settings that differ in some MoE blocks, e.g. {11: {"top_k": 1}} (MoEConfig.per_block); the
+            blocks must be MoE blocks of each tower upcycled.
         towers: which towers get MoE layers: "image", "text", or a sequence of them.
         router: "topk" (token choice) or "expert_choice".
         capacity_factor, eval_capacity_factor: None (default) is dropless, which keeps the model equal
@@ -82,12 +85,14 @@ def upcycle(
     moe = MoEConfig(num_experts=num_experts, top_k=top_k, every=every, last=last, blocks=blocks, router=router,
                     capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                     batch_priority=batch_priority, eval_router=eval_router, min_capacity=min_capacity, jitter=jitter,
-                    shared_expert=shared_expert, k1_gate="straight_through")
-    if eval_router == "topk" and top_k < num_experts:
-        warnings.warn(f"eval_router='topk' with top_k={top_k} < num_experts={num_experts}: in eval mode each token's "
-                      f"output is weighted by its top-k router probabilities (all {1 / num_experts:g} from the zero "
-                      f"router), so the upcycled model does not equal its source there until the router learns",
-                      stacklevel=2)
+                    shared_expert=shared_expert, k1_gate="straight_through", per_block=per_block)
+    for layer in [moe, *(moe.for_block(b) for b in moe.per_block or ())]:
+        if layer.eval_router == "topk" and layer.top_k < layer.num_experts:
+            warnings.warn(f"eval_router='topk' with top_k={layer.top_k} < num_experts={layer.num_experts}: in eval "
+                          f"mode each token's output is weighted by its top-k router probabilities (all "
+                          f"{1 / layer.num_experts:g} from the zero router), so the upcycled model does not equal "
+                          "its source there until the router learns", stacklevel=2)
+            break
     model = _source(model, arch)  # after the settings' checks: a bad one is said before a large checkpoint loads
     cfg = model.config
     tower_cfgs = {"image": cfg.vision, "text": cfg.text}

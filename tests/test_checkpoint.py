@@ -9,7 +9,8 @@ import clipmoe
 
 
 def test_round_trip_moe_model(tmp_path):
-    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=3, top_k=2, noise_std=0.05)
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=3, top_k=2, every=1, noise_std=0.05,
+                            per_block={1: {"num_experts": 2, "top_k": 1}})  # the file's JSON keys are strings
     path = clipmoe.save(model, tmp_path / "m.safetensors")
     back = clipmoe.load(path)
     assert back.config == model.config

@@ -159,6 +159,60 @@ def test_moe_placement_options():
         clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), last=2, blocks=[1])
 
 
+def test_per_block_settings(tmp_path):
+    """`moe.per_block`: some MoE layers of a tower route differently; keys are block indices (numbers from YAML,
+    strings from JSON and --set), values any MoE field but the placement, each checked in the layer's settings."""
+    import json
+
+    from clipmoe.config import ModelConfig, MoEConfig, to_dict
+
+    (tmp_path / "c.yaml").write_text(
+        "model:\n  arch: clipmoe-micro\n  overrides:\n    vision:\n      moe:\n        num_experts: 4\n"
+        "        every: 1\n        per_block:\n          1: {top_k: 1, capacity_factor: null}\n"
+        "    text: {moe: {last: 1}}\n")
+    overrides = ["model.overrides.vision.moe.per_block.1.k1_gate=straight_through",  # into the YAML's block 1
+                 "model.overrides.vision.moe.per_block.0.router=expert_choice"]  # a block of its own
+    cfg = load_run_config(tmp_path / "c.yaml", overrides)
+    model = clipmoe.create_model(cfg.model)
+    moe = model.config.vision.moe
+    assert moe.per_block == {0: {"router": "expert_choice"},
+                             1: {"top_k": 1, "capacity_factor": None, "k1_gate": "straight_through"}}
+    layers = [b.mlp.cfg for b in model.image.blocks]
+    assert [(c.router, c.top_k, c.capacity_factor, c.k1_gate, c.num_experts) for c in layers] == [
+        ("expert_choice", 2, 1.25, "multiply", 4), ("topk", 1, None, "straight_through", 4)]
+    assert all(c.per_block is None for c in layers)  # a layer's settings are its own
+    assert model.text.blocks[1].mlp.cfg.top_k == 2  # the text tower has settings of its own
+    # JSON (a checkpoint's config) turns the keys into strings: read back, the config is the same
+    assert from_dict(ModelConfig, json.loads(json.dumps(to_dict(model.config)))) == model.config
+    # the layers' shapes may differ too: a forward and backward through both kinds
+    model = clipmoe.create_model("clipmoe-micro", vision={"moe": {"num_experts": 4, "every": 1, "per_block": {
+        1: {"num_experts": 2, "expert_mlp_ratio": 1.0}}}}, text={"moe": {"last": 1}})
+    assert [tuple(b.mlp.experts.w1.shape) for b in model.image.blocks] == [(4, 32, 128), (2, 32, 32)]
+    out = model(torch.randn(2, 3, 16, 16), clipmoe.get_tokenizer(model)(["a b", "c"]))
+    assert [len(r["tokens_per_expert"]) for r in clipmoe.moe_report(out)] == [4, 2, 8]
+    (out.image_features.sum() + out.text_features.sum()).backward()
+    assert model.image.blocks[1].mlp.experts.w1.grad.abs().sum() > 0
+    with pytest.raises(clipmoe.ConfigError, match=r"^per_block.1.top_k: 3 must be in 1..num_experts \(2\)$"):
+        MoEConfig(num_experts=4, per_block={1: {"num_experts": 2, "top_k": 3}})
+
+
+@pytest.mark.parametrize("per_block,error", [
+    ({5: {"top_k": 1}}, r"model.overrides.vision.moe.per_block: \[5\] names blocks without an MoE layer "
+                        r"\(this tower's: \[1\]\)"),
+    ({1: {"blocks": [0]}}, r"model.overrides.vision.moe.per_block.1.blocks: \[0\] places the MoE layers"),
+    ({1: {"top_k": 9}}, r"model.overrides.vision.moe.per_block.1.top_k: 9 must be in 1..num_experts \(8\)"),
+    ({1: {"topk": 1}}, r"model.overrides.vision.moe.per_block.1.topk: unknown key \(did you mean "
+                       r"per_block.1.top_k\?\)"),
+    ({1: {"capacity_factor": "lots"}}, r"model.overrides.vision.moe.per_block.1.capacity_factor: expected a number"),
+    ({"last": {"top_k": 1}}, r"model.overrides.vision.moe.per_block: 'last' is not a block index"),
+    ({1: 3}, r"model.overrides.vision.moe.per_block.1: 3 must be a mapping of MoE settings"),
+    ([1], r"model.overrides.vision.moe.per_block: expected a mapping"),
+])
+def test_per_block_errors_name_the_key(per_block, error):
+    with pytest.raises(clipmoe.ConfigError, match="^" + error):
+        clipmoe.create_model("clipmoe-micro", vision={"moe": {"per_block": per_block}})
+
+
 def test_python_arguments_of_the_wrong_type_name_the_field():
     """From Python (no YAML type check on the way), an integer field given a float or a bool is one error naming
     it, not a TypeError from inside torch."""
@@ -208,3 +262,12 @@ def test_lr_schedule_errors():
                               ({"cooldown_end_lr": 1.0, "lr": 0.1}, {}, r"cooldown_end_lr: 1.0 must be in \[0, lr")]:
         with pytest.raises(ConfigError, match=why):
             from_dict(RunConfig, {"optim": optim, "train": train})
+
+
+def test_a_layer_on_its_own_takes_its_blocks_per_block_entry():
+    cfg = {"num_experts": 4, "top_k": 2, "per_block": {3: {"num_experts": 2, "top_k": 1, "shared_expert": True}}}
+    layer = MoE(16, 32, cfg, block=3)
+    assert (layer.cfg.num_experts, layer.cfg.top_k, layer.cfg.per_block) == (2, 1, None)
+    assert layer.experts.w1.shape == (2, 16, 32) and layer.router.weight.shape == (2, 16) and layer.shared is not None
+    other = MoE(16, 32, cfg, block=1)
+    assert (other.cfg.num_experts, other.cfg.top_k, other.shared) == (4, 2, None)

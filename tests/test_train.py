@@ -566,11 +566,12 @@ def test_train_with_grad_checkpointing(tiny_shards, tmp_path):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_is_exact(tiny_shards, tmp_path, num_workers):
     """6 steps straight equal 2 (or 4) steps, a checkpoint, and the rest from it (weights bit for bit, log rows),
-    with router jitter drawing from torch's RNG and the data split over loader workers; step 4 ends an epoch."""
+    with router jitter drawing from torch's RNG, layers of two sizes (per_block) and the data split over loader workers;
+    step 4 ends an epoch."""
     def cfg(out, **train_kw):
         d = _cfg_dict(tiny_shards, tmp_path, steps=6, log_every=1, out_dir=str(tmp_path / out), save_every=2,
                       **train_kw)
-        d["model"]["overrides"]["vision"]["moe"]["jitter"] = 0.1
+        d["model"]["overrides"]["vision"]["moe"].update(jitter=0.1, per_block={0: {"num_experts": 2, "top_k": 1}})
         d["data"].update(batch_size=64, num_workers=num_workers)  # 4 batches an epoch: step 5 is in epoch 2
         return from_dict(RunConfig, d)
 
@@ -583,6 +584,7 @@ def test_resume_is_exact(tiny_shards, tmp_path, num_workers):
         for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
             assert torch.equal(a, b), (step, name)
         assert _no_speed(resumed.history) == _no_speed(straight.history) and resumed.steps == 6
+        assert [b.mlp.experts.w1.shape[0] for b in resumed.model.image.blocks] == [2, 4]
         rows = (tmp_path / f"b{step}" / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in rows] == list(range(6))
         assert resumed.data_stats == straight.data_stats

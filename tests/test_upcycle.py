@@ -52,6 +52,7 @@ def test_upcycled_vit_b32_equals_dense(dense_b32, k, every):
     {"router": "expert_choice"},  # dropless (the default None) expert choice is C = N too
     {"top_k": 2, "shared_expert": True},  # the shared expert starts with a zero output
     {"router": "expert_choice", "eval_router": "topk", "top_k": 4},  # eval: all 4 experts, raw probabilities sum to 1
+    {"top_k": 2, "per_block": {0: {"top_k": 1}, 1: {"router": "expert_choice"}, 3: {"num_experts": 2}}},  # per layer
 ])
 def test_every_non_dropping_mode_equals_dense(kwargs):
     dense = clipmoe.create_model("clipmoe-tiny")
