@@ -97,13 +97,25 @@ def _upcycle(args) -> None:
             blocks = [int(b) for b in args.blocks.split(",") if b.strip()]
         except ValueError:
             raise ClipmoeError(f"--blocks must be comma-separated block indices, got {args.blocks!r}") from None
+    per_block = None
+    if args.per_block is not None:  # a YAML (or JSON) mapping, as the config file's moe.per_block
+        import yaml
+
+        try:
+            per_block = yaml.safe_load(args.per_block)
+        except yaml.YAMLError:
+            pass  # said below, as any other value that is no mapping
+        if not isinstance(per_block, dict):
+            raise ClipmoeError(f"--per-block must be a mapping of block indices to settings, e.g. "
+                               f"'{{11: {{top_k: 1}}}}', got {args.per_block!r}")
     if args.pretrained:  # --model ARCH --pretrained TAG_OR_FILE, as the other commands load a model
         if args.arch:
             raise ClipmoeError("--pretrained names the weights of the architecture given as INPUT; drop --arch")
         source = create_model(source, pretrained=args.pretrained)
     every = 2 if args.every is None else args.every  # None in the parser: see --every there
     model = upcycle(source, num_experts=args.experts, top_k=args.top_k, every=every, towers=towers,
-                    last=args.last, blocks=blocks, router=args.router, capacity_factor=args.capacity_factor,
+                    last=args.last, blocks=blocks, per_block=per_block, router=args.router,
+                    capacity_factor=args.capacity_factor,
                     eval_capacity_factor=args.eval_capacity_factor, batch_priority=args.batch_priority,
                     eval_router=args.eval_router, min_capacity=args.min_capacity, jitter=args.jitter,
                     shared_expert=args.shared_expert, noise_std=args.noise_std, reinit_fraction=args.reinit_fraction,
@@ -279,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--eval-router", choices=["topk"], default=None,
                    help="expert choice only: evaluate with token choice (batch-independent embeddings)")
     u.add_argument("--shared-expert", action="store_true", help="an always-on dense expert beside the routed ones")
+    u.add_argument("--per-block", metavar="YAML", help="settings that differ in some MoE blocks, as moe.per_block: "
+                                                     "'{11: {top_k: 1, capacity_factor: null}}'")
     u.add_argument("--noise-std", type=float, default=0.0, help="relative noise on the expert copies")
     u.add_argument("--reinit-fraction", type=float, default=0.0, help="Drop-Upcycling: hidden units re-initialised")
     u.add_argument("--seed", type=int, default=0)

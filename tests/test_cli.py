@@ -192,6 +192,14 @@ def test_upcycle_placement_and_capacity_flags(tmp_path):
     r = _run("upcycle", str(dense), str(out), "--router", "expert_choice", "--eval-router", "topk")
     assert r.returncode == 0, r.stderr
     assert clipmoe.load(out).config.vision.moe.eval_router == "topk"
+    r = _run("upcycle", str(dense), str(out), "--every", "1", "--per-block", "{0: {top_k: 1}, 1: {num_experts: 4}}")
+    assert r.returncode == 0, r.stderr
+    model = clipmoe.load(out)
+    assert model.config.vision.moe.per_block == {0: {"top_k": 1}, 1: {"num_experts": 4}}
+    assert [(b.mlp.cfg.top_k, b.mlp.cfg.num_experts) for b in model.text.blocks] == [(1, 8), (2, 4)]
+    for bad, word in (("[1]", "--per-block"), ("{0: {top_k: 9}}", "per_block.0.top_k"), ("{0: [", "--per-block")):
+        r = _run("upcycle", str(dense), str(tmp_path / "x.safetensors"), "--every", "1", "--per-block", bad)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and word in r.stderr, r.stderr
     r = _run("upcycle", str(dense), str(out), "--eval-router", "topk")  # token choice: nothing to switch
     assert r.returncode != 0 and "eval_router" in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     for bad in (["--blocks", "7"], ["--blocks", "one"]):
