@@ -184,8 +184,9 @@ def run_training(cfg: dict, out_dir, world: int = WORLD, stop=None, timeout: flo
 
 def baseline_config(tiny_shards, tmp_path, **train) -> dict:
     """The run that the expert-parallel and DeepSpeed tests compare with plain DDP: MoE in both towers (capacity
-    drops in the text tower), clipping that binds, the logit scale at its clamp (a step that raises it is clamped
-    back), zero-shot evaluation on a folder benchmark every 2 steps; output in TMP_PATH/run."""
+    drops in the text tower; image block 1 with 2 experts and top-1, block 0 with 4 and top-2), clipping that
+    binds, the logit scale at its clamp (a step that raises it is clamped back), zero-shot evaluation on a folder
+    benchmark every 2 steps; output in TMP_PATH/run."""
     from PIL import Image
 
     root = tmp_path / "colours"
@@ -196,7 +197,9 @@ def baseline_config(tiny_shards, tmp_path, **train) -> dict:
     return {
         "model": {"arch": "clipmoe-micro", "overrides": {
             "init_logit_scale": math.log(100),
-            "vision": {"moe": {"num_experts": 4, "top_k": 2, "every": 1}},
+            # block 1: a layer of its own size and routing (per_block), whose experts split differently over ranks
+            "vision": {"moe": {"num_experts": 4, "top_k": 2, "every": 1, "per_block": {1: {"num_experts": 2,
+                                                                                             "top_k": 1}}}},
             "text": {"moe": {"num_experts": 4, "top_k": 1, "every": 2, "capacity_factor": 1.0}}}},
         "data": {"train": tiny_shards["train"], "eval": tiny_shards["eval"], "batch_size": 16},
         "loss": {"balance_coef": 0.01, "z_coef": 0.001},
