@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 # what a reader needs to read a raw term's scale (the terms are summed over the MoE layers, unweighted)
 _TERM_TITLES = {"balance": "balance (sum over layers; 1 each if uniform)", "z": "router z-loss (sum over layers)",
@@ -115,10 +116,14 @@ def plot_routing(report: dict, path: str | Path, grid: int, words_shown: int = 6
         ax.axis("off")
     for ax, tower in zip(axes[0], towers):
         names = sorted((k for k in report if k.startswith(tower)), key=lambda k: int(k.split(".")[1]))
-        load = np.array([report[k]["load"] for k in names])
+        width = max(len(report[k]["load"]) for k in names)  # layers may have different numbers of experts
+        load = np.full((len(names), width), np.nan)  # past a layer's experts: NaN, drawn blank
+        for i, k in enumerate(names):
+            load[i, :len(report[k]["load"])] = report[k]["load"]
         ax.axis("on")
-        im = ax.imshow(load, cmap="viridis", vmin=0, aspect="auto")
+        im = ax.imshow(np.ma.masked_invalid(load), cmap="viridis", vmin=0, aspect="auto")
         ax.set_yticks(range(len(names)), [f"block {k.split('.')[1]}" for k in names])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # experts are whole numbers
         ax.set_xlabel("expert")
         ax.set_title(f"{tower} tower load")
         fig.colorbar(im, ax=ax, fraction=0.046)

@@ -238,7 +238,9 @@ def test_errors_are_one_line(tmp_path):  # in a process of its own: whatever rea
 def test_analyze_routing_writes_heatmap_and_words(tmp_path, tiny_shards):
     from clipmoe.analysis import analyze_routing
 
-    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=3, every=1, noise_std=0.1)
+    # block 1 with 2 experts (per_block): the heat map's rows differ in length
+    model = clipmoe.upcycle(clipmoe.create_model("clipmoe-micro"), num_experts=3, every=1, noise_std=0.1,
+                            per_block={1: {"num_experts": 2}})
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, MoE):
@@ -247,7 +249,7 @@ def test_analyze_routing_writes_heatmap_and_words(tmp_path, tiny_shards):
     assert model.training  # routed in eval mode (the saved model's report below is the same), left training
     assert set(report) == {"image.0", "image.1", "text.0", "text.1"}
     for name, entry in report.items():
-        assert abs(sum(entry["load"]) - 1) < 1e-5
+        assert abs(sum(entry["load"]) - 1) < 1e-5 and len(entry["load"]) == (2 if name.endswith(".1") else 3)
     words = [w for top in report["text.0"]["top_words"] for w, _, _ in top]
     assert words and all(isinstance(w, str) and w for w in words)
     for top in report["text.0"]["top_words"]:  # by the share of the word this expert took, largest first
