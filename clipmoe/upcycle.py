@@ -13,7 +13,7 @@ import torch
 from .architectures import canonical_name, config_from_weights, list_architectures
 from .checkpoint import is_clipmoe_file, is_torchscript, load, load_weights, read_checkpoint
 from .config import MoEConfig, UpcycleConfig
-from .errors import ClipmoeError
+from .errors import ClipmoeError, ConfigError
 from .model import CLIP
 
 TOWERS = ("image", "text")
@@ -99,11 +99,16 @@ def upcycle(
     for t in towers:
         if tower_cfgs[t].moe is not None:
             raise ClipmoeError(f"the {t} tower already has MoE layers; upcycle a dense model")
-    new_cfg = dataclasses.replace(
-        cfg,
-        vision=dataclasses.replace(cfg.vision, moe=moe) if "image" in towers else cfg.vision,
-        text=dataclasses.replace(cfg.text, moe=moe) if "text" in towers else cfg.text,
-    )
+    placed = {}
+    for t, field in (("image", "vision"), ("text", "text")):
+        if t in towers:
+            try:  # the placement checked against this tower's depth
+                placed[field] = dataclasses.replace(tower_cfgs[t], moe=moe)
+            except ConfigError as e:
+                hint = ("; for blocks of one tower only, upcycle the towers one at a time (towers='image', then "
+                        "towers='text')" if "per_block" in str(e) and len(towers) > 1 else "")
+                raise ConfigError(f"the {t} tower: {e}{hint}") from None
+    new_cfg = dataclasses.replace(cfg, **placed)
     new = CLIP(new_cfg).to(**_placement(model))
     _fill(new, model, noise_std, reinit_fraction, seed)
     return new.train(model.training)

@@ -278,3 +278,18 @@ def test_dense_pretrained_under_moe_overrides_is_upcycled(tmp_path):
     with pytest.raises(clipmoe.ClipmoeError, match="hidden width"):
         clipmoe.create_model("clipmoe-micro", pretrained=str(tmp_path / "dense.pt"),
                              vision={"moe": {**moe, "expert_mlp_ratio": 2.0}})
+
+
+def test_per_block_settings_of_one_tower_upcycle_it_alone():
+    """Towers of different depths: a block of the deeper tower named in per_block is an error that names the tower
+    and the way out, upcycling the towers one at a time."""
+    dense = clipmoe.create_model("clipmoe-micro", vision={"depth": 4})
+    with pytest.raises(clipmoe.ConfigError, match=r"^the text tower: moe.per_block: \[3\] names blocks without an MoE "
+                                                  r"layer \(this tower's: \[0, 1\]\); .* towers one at a time"):
+        clipmoe.upcycle(dense, every=1, per_block={3: {"top_k": 1}})
+    image = clipmoe.upcycle(dense, every=1, towers="image", per_block={3: {"top_k": 1}})
+    both = clipmoe.upcycle(image, every=1, towers="text")
+    assert [b.mlp.cfg.top_k for b in both.image.blocks] == [2, 2, 2, 1]
+    assert [b.mlp.cfg.top_k for b in both.text.blocks] == [2, 2]
+    _check_identity(dense, both, 16, 16)
+
