@@ -292,4 +292,3 @@ def test_per_block_settings_of_one_tower_upcycle_it_alone():
     assert [b.mlp.cfg.top_k for b in both.image.blocks] == [2, 2, 2, 1]
     assert [b.mlp.cfg.top_k for b in both.text.blocks] == [2, 2]
     _check_identity(dense, both, 16, 16)
-
