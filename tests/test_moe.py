@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import clipmoe.experts as experts_module
 from clipmoe.config import MoEConfig
 from clipmoe.errors import ConfigError
 from clipmoe.model import Mlp
@@ -407,18 +408,21 @@ def test_router_is_fp32_under_bf16_autocast():
     assert aux.z_loss.dtype == torch.float32 and torch.isfinite(y).all()
 
 
-def test_bf16_layer_pads_groups_and_matches_fp32():
-    """In bf16 on CPU every expert's group is padded to a multiple of 32; padding changes nothing."""
+@pytest.mark.parametrize("amx, align", [(True, 32), (False, 8)])
+def test_bf16_layer_pads_groups_and_matches_fp32(monkeypatch, amx, align):
+    """In bf16 on CPU every expert's group is padded to a multiple of 32 with AMX, of 8 without; padding changes
+    nothing."""
+    monkeypatch.setattr(experts_module, "_amx", lambda: amx)
     layer = make_layer(E=4, K=2, cf=None, D=16, F=32)
     x = torch.randn(50, 16)
-    assert layer.experts.align(x.bfloat16()) == 32 and layer.experts.align(x) == 1
+    assert layer.experts.align(x.bfloat16()) == align and layer.experts.align(x) == 1
     counts = []
     real = layer.experts.forward
     layer.experts.forward = lambda x_SD, counts_E, tail=False, capacity=None: (
         counts.append(counts_E.tolist()) or real(x_SD, counts_E, tail, capacity))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y16, _ = layer(x)
-    assert all(c % 32 == 0 for c in counts[0]) and sum(counts[0]) >= 100
+    assert all(c % align == 0 for c in counts[0]) and sum(counts[0]) > 100
     y32, _ = layer(x)
     torch.testing.assert_close(y16.float(), y32, atol=3e-2, rtol=3e-2)
 
@@ -621,7 +625,7 @@ def test_assignments_are_the_kept_choices(request, path, kw):
         request.getfixturevalue("static_padding" if path == "static_padding" else "emulated_grouped_mm")
     layer = make_layer(E=4, **kw).train()
     x = torch.randn(24, 8)
-    # bf16 on CPU pads each expert's group to 32 slots: padding slots are no assignment
+    # bf16 on CPU pads each expert's group to 8 or 32 slots: padding slots are no assignment
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "bf16_padded_groups"):
         _, aux = layer(x)
     probs = (x @ layer.router.weight.t()).softmax(-1)
